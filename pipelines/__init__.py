@@ -1,0 +1,1 @@
+"""Studies and benchmarks that drive wsr_med: ablations and speed/memory measurements."""

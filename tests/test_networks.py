@@ -1,0 +1,188 @@
+"""Wise-SrNet head, the head family and the MONAI backbones."""
+
+import pytest
+import torch
+from monai.networks.nets import DenseNet121
+
+from wsr_med.networks import (
+    HEADS,
+    WiseSrNet,
+    WiseSrNetHead,
+    attach_constraints,
+    default_pre_pool,
+    load_pretrained_weights,
+    project_constraints_,
+)
+
+TINY_DENSENET = {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    "channels, img, pool, kernel, expected",
+    [(1024, 224, 2, 3, 1024 * 9 + 1024), (2048, 512, 3, 5, 2048 * 25 + 2048)],
+)
+def test_depthwise_parameter_arithmetic_matches_paper(channels, img, pool, kernel, expected):
+    head = WiseSrNetHead(channels, [img // 32] * 2, out_channels=2)
+    assert head.compression.pre_pool == (pool, pool)
+    assert head.compression.kernel_size == (kernel, kernel)
+    assert n_params(head.compression) == expected
+
+
+def test_densenet121_reference_sizes():
+    for img, kernel in [(224, 3), (512, 5)]:
+        net = WiseSrNet("densenet121", img_size=img)
+        assert net.head.compression.kernel_size == (kernel, kernel)
+        assert n_params(net.head.compression) == 1024 * kernel * kernel + 1024
+
+
+def test_pre_pool_rule_for_other_sizes_and_override():
+    assert default_pre_pool([32]) == (5,)  # 1024 px -> 32 -> 6
+    assert default_pre_pool([4, 8, 64]) == (1, 2, 10)  # anisotropic / 3D: each axis alone
+    net = WiseSrNet(img_size=[64, 128], head="wise", pre_pool=1, backbone_kwargs=TINY_DENSENET)
+    assert net.head.compression.kernel_size == (2, 4)
+
+
+def test_projection_after_steps_that_push_weights_negative():
+    torch.manual_seed(0)
+    net = WiseSrNet(img_size=64, out_channels=2, backbone_kwargs=TINY_DENSENET)
+    depthwise = net.head.compression.depthwise
+    optimizer = torch.optim.SGD(net.parameters(), lr=10.0)
+    attach_constraints(optimizer, net)
+    x = torch.rand(2, 1, 64, 64)
+    for _ in range(3):
+        optimizer.zero_grad()
+        bias_before = depthwise.bias.detach().clone()
+        # gradient of +sum(w) pushes every weight down, and the bias with it
+        (net(x).sum() * 0 + depthwise.weight.sum() * 100 + depthwise.bias.sum() * 100).backward()
+        optimizer.step()
+        assert depthwise.weight.min() >= 0
+        assert (depthwise.weight == 0).float().mean() > 0.99
+        assert (depthwise.bias < bias_before).all()  # unconstrained: still moved, may be negative
+    assert (depthwise.bias < 0).all()
+
+
+def test_unconstrained_heads_keep_negative_weights():
+    for head in ("wise_unconstrained", "depthwise"):
+        net = WiseSrNet(img_size=64, head=head, backbone_kwargs=TINY_DENSENET)
+        project_constraints_(net)
+        assert net.head.compression.depthwise.weight.min() < 0
+
+
+@pytest.mark.parametrize("backbone", ["densenet121", "efficientnet-b0"])
+@pytest.mark.parametrize("spatial_dims, size", [(2, 64), (3, 32)])
+def test_forward_2d_3d(backbone, spatial_dims, size):
+    kwargs = {"backbone_kwargs": TINY_DENSENET} if backbone.startswith("densenet") else {}
+    net = WiseSrNet(backbone, spatial_dims=spatial_dims, in_channels=1, out_channels=3, img_size=size, **kwargs).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 1, *[size] * spatial_dims))
+    assert out.shape == (2, 3)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_trains_one_step(head):
+    net = WiseSrNet(img_size=[64, 96], head=head, out_channels=3, dropout=0.1, backbone_kwargs=TINY_DENSENET)
+    optimizer = torch.optim.Adam(net.parameters(), 1e-2)
+    before = [p.detach().clone() for p in net.head.parameters()]
+    loss = torch.nn.functional.cross_entropy(net(torch.rand(2, 1, 64, 96)), torch.tensor([0, 2]))
+    loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, net.head.parameters()))
+
+
+def test_flatten_head_sees_every_position():
+    net = WiseSrNet(img_size=64, head="flatten", out_channels=2, backbone_kwargs=TINY_DENSENET)
+    assert net.head.fc.in_features == net.backbone.out_channels * 2 * 2
+
+
+def test_size_mismatch_names_both_sizes():
+    net = WiseSrNet(img_size=64, backbone_kwargs=TINY_DENSENET)
+    with pytest.raises(ValueError, match=r"\[96, 96\].*\[64, 64\]"):
+        net(torch.rand(1, 1, 96, 96))
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(ValueError, match="densenet121"):
+        WiseSrNet("resnet50")
+    with pytest.raises(ValueError, match="wise_unconstrained"):
+        WiseSrNet(head="avg")
+
+
+def test_gap_head_equals_monai_densenet121():
+    torch.manual_seed(0)
+    reference = DenseNet121(spatial_dims=2, in_channels=1, out_channels=3).eval()
+    path_state = {k: v for k, v in reference.state_dict().items()}
+    net = WiseSrNet("densenet121", in_channels=1, out_channels=3, img_size=64, head="gap").eval()
+    net.backbone.load_state_dict({k: v for k, v in path_state.items() if k.startswith("features.")})
+    net.head.fc.load_state_dict({"weight": path_state["class_layers.out.weight"], "bias": path_state["class_layers.out.bias"]})
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(x))
+
+
+def test_pretrained_weights_from_local_monai_checkpoint(tmp_path):
+    reference = DenseNet121(spatial_dims=2, in_channels=3, out_channels=5)
+    path = tmp_path / "densenet121_rgb.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
+    net = WiseSrNet("densenet121", in_channels=1, img_size=64, pretrained_weights=path)
+    stem = reference.features.conv0.weight.sum(1, keepdim=True)
+    torch.testing.assert_close(net.backbone.features.conv0.weight, stem)
+    torch.testing.assert_close(net.backbone.features.norm5.weight, reference.features.norm5.weight)
+    report = load_pretrained_weights(net, path)
+    assert any("class_layers.out.weight" in k for k in report["skipped"])  # 5 classes != 2
+    assert set(report["missing"]) == {k for k in net.state_dict() if k.startswith("head.")}
+
+
+def test_pretrained_weights_missing_file():
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        WiseSrNet(img_size=64, pretrained_weights="nowhere.pt", backbone_kwargs=TINY_DENSENET)
+
+
+@pytest.mark.parametrize("backbone", ["densenet121", "efficientnet-b0"])
+def test_torchscript_round_trip(tmp_path, backbone):
+    kwargs = {"backbone_kwargs": TINY_DENSENET} if backbone.startswith("densenet") else {}
+    net = WiseSrNet(backbone, img_size=64, out_channels=3, **kwargs).eval()
+    path = tmp_path / "net.ts"
+    torch.jit.save(torch.jit.script(net), path)
+    loaded = torch.jit.load(path)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))
+    with pytest.raises(Exception, match="differs from the size"):
+        loaded(torch.rand(1, 1, 32, 32))
+
+
+def test_onnx_export_matches(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    net = WiseSrNet(img_size=64, out_channels=2, backbone_kwargs=TINY_DENSENET).eval()
+    x = torch.rand(1, 1, 64, 64)
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (x,), path, input_names=["image"], output_names=["logits"], dynamo=True)
+    session = onnxruntime.InferenceSession(str(path))
+    (out,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), net(x), atol=1e-4, rtol=1e-4)
+
+
+def test_constraint_handler_in_monai_trainer():
+    from monai.engines import SupervisedTrainer
+
+    from wsr_med.handlers import ConstraintHandler
+
+    net = WiseSrNet(img_size=32, out_channels=2, backbone_kwargs=TINY_DENSENET)
+    data = [{"image": torch.rand(2, 1, 32, 32), "label": torch.tensor([0, 1])} for _ in range(3)]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=100.0),
+        loss_function=lambda logits, y: logits.sum() + 100 * net.head.compression.depthwise.weight.sum(),
+        train_handlers=[ConstraintHandler()],
+    )
+    trainer.run()
+    assert trainer.state.iteration == 3
+    assert net.head.compression.depthwise.weight.min() >= 0

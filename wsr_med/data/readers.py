@@ -1,0 +1,203 @@
+"""Read one scan (DICOM, PNG, JPEG, TIFF, NIfTI, DICOM series) into a channel-first float array.
+
+2D scans come out as ``(C, H, W)``: row 0 is the top of the picture as a viewer shows it, for
+every format, so the same picture saved as PNG and as DICOM loads to the same array. Dense
+tissue is bright: MONOCHROME1 DICOM is inverted. Colour scans come out as RGB (C=3).
+3D volumes come out as ``(1, X, Y, Z)`` in RAS orientation (MONAI's readers + ``Orientation``).
+
+No metadata but geometry and the file name leaves this module: DICOM header fields such as
+PatientName or PatientID are never copied into the returned meta data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+__all__ = [
+    "ScanReadError",
+    "IMAGE_SUFFIXES",
+    "DICOM_SUFFIXES",
+    "VOLUME_SUFFIXES",
+    "SCAN_SUFFIXES",
+    "RADIOGRAPH_MODALITIES",
+    "read_scan",
+    "read_dicom",
+    "read_image",
+    "read_volume",
+    "dicom_patient_id",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DICOM_SUFFIXES = (".dcm", ".dicom", "")  # hospital exports often have no extension
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
+SCAN_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + VOLUME_SUFFIXES
+# Projection radiography: the VOI LUT / window in the header is what a reader looks at.
+RADIOGRAPH_MODALITIES = ("CR", "DX", "MG", "RF", "XA", "IO", "PX", "RG")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's convert("L")
+
+
+class ScanReadError(ValueError):
+    """A scan that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def suffix_of(path: str | Path) -> str:
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def _to_channels(array: np.ndarray, channels: int | None) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 3|4)`` -> ``(C, H, W)`` float32 with C = ``channels`` (None keeps the scan's own)."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        array = np.moveaxis(array[..., :3], -1, 0)
+    elif array.ndim == 2:
+        array = array[None]
+    else:
+        raise ValueError(f"unsupported pixel array shape {array.shape}")
+    if channels is None or array.shape[0] == channels:
+        return array
+    if channels == 1:
+        return np.tensordot(_LUMA, array, axes=1)[None].astype(np.float32)
+    if channels == 3:
+        return np.repeat(array, 3, axis=0)
+    raise ValueError(f"channels must be 1, 3 or None, got {channels}")
+
+
+def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None = None, frame: int | None = None):
+    """Read a single-frame DICOM image.
+
+    Grayscale: modality LUT (RescaleSlope/Intercept), then the VOI LUT or window centre/width
+    when the header has one and ``voi_lut`` asks for it (``None``: for radiograph modalities
+    only, :data:`RADIOGRAPH_MODALITIES`), then MONOCHROME1 is inverted so dense tissue is bright.
+    Colour: PALETTE COLOR goes through its palette, YBR is converted, both come out as RGB.
+
+    Args:
+        path: the file.
+        channels: 1 (colour converted to luma), 3 (grayscale replicated) or None (as stored).
+        voi_lut: apply the VOI LUT / window; ``None`` decides by modality.
+        frame: index of the frame to read from a multi-frame file; multi-frame files are
+            refused when it is None.
+
+    Returns:
+        ``(array (C, H, W) float32, meta dict)``.
+
+    Raises:
+        ScanReadError: not DICOM, no pixel data (e.g. a structured report), multi-frame
+            without ``frame``, or a decoding failure.
+    """
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as e:
+        raise ScanReadError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from None
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        modality = ds.get("Modality", "?")
+        raise ScanReadError(path, f"DICOM without pixel data (modality {modality}, e.g. a report or a structured document)")
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if n_frames > 1 and frame is None:
+        raise ScanReadError(path, f"multi-frame DICOM ({n_frames} frames): pass frame=<index> to read one frame")
+    try:
+        pixels = ds.pixel_array  # decodes any syntax with an installed plugin; YBR -> RGB
+    except Exception as e:  # decoders raise many types; all mean the same to the user
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = syntax.name if syntax is not None else "unknown transfer syntax"
+        raise ScanReadError(path, f"pixel data cannot be decoded ({name}: {type(e).__name__}: {e})") from None
+    if n_frames > 1:
+        if not 0 <= frame < n_frames:
+            raise ScanReadError(path, f"frame {frame} out of range: the file has {n_frames} frames")
+        pixels = pixels[frame]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    modality = str(ds.get("Modality", ""))
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    elif photometric.startswith("MONOCHROME"):
+        pixels = apply_modality_lut(pixels, ds).astype(np.float32)
+        if voi_lut or (voi_lut is None and modality in RADIOGRAPH_MODALITIES):
+            pixels = apply_voi_lut(pixels, ds).astype(np.float32)
+        if photometric == "MONOCHROME1":
+            pixels = pixels.max() + pixels.min() - pixels
+    meta = {"filename_or_obj": str(path), "format": "dicom", "modality": modality, "photometric": photometric,
+            "original_shape": tuple(pixels.shape[:2])}
+    return _to_channels(pixels, channels), meta
+
+
+def read_image(path: str | Path, channels: int | None = 1):
+    """Read a PNG/JPEG/TIFF/BMP picture; 16-bit grayscale keeps its full range. Returns ``(array (C, H, W), meta)``."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes now, so truncated files fail here
+            if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            elif img.mode in ("1", "LA"):
+                img = img.convert("L")
+            pixels = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ScanReadError(path, f"not a readable image ({type(e).__name__}: {e})") from None
+    meta = {"filename_or_obj": str(path), "format": suffix_of(path).lstrip("."), "original_shape": tuple(pixels.shape[:2])}
+    try:
+        return _to_channels(pixels, channels), meta
+    except ValueError as e:
+        raise ScanReadError(path, str(e)) from None
+
+
+def read_volume(path: str | Path):
+    """Read a NIfTI file or a folder holding one DICOM series as ``(1, X, Y, Z)`` in RAS orientation.
+
+    Uses MONAI's ``LoadImage`` (nibabel / pydicom readers) and ``Orientation``; of the meta data
+    only the affine and the file name are kept.
+    """
+    from monai.transforms import LoadImage, Orientation
+
+    reader = "PydicomReader" if Path(path).is_dir() else "NibabelReader"
+    try:
+        volume = LoadImage(reader=reader, image_only=True, ensure_channel_first=True)(str(path))
+    except Exception as e:
+        raise ScanReadError(path, f"not a readable volume ({type(e).__name__}: {e})") from None
+    volume = Orientation(axcodes="RAS")(volume)
+    array = np.asarray(volume.array, dtype=np.float32)
+    if array.ndim != 4:
+        raise ScanReadError(path, f"expected a 3D volume, got array shape {array.shape[1:]}")
+    meta = {"filename_or_obj": str(path), "format": "volume", "affine": np.asarray(volume.affine),
+            "original_shape": tuple(array.shape[1:])}
+    return array, meta
+
+
+def read_scan(path: str | Path, channels: int | None = 1, voi_lut: bool | None = None, spatial_dims: int = 2):
+    """Read any supported scan: the format is chosen from the suffix (DICOM for ``.dcm`` or none).
+
+    Returns ``(array, meta)``: ``(C, H, W)`` for ``spatial_dims=2``, ``(1, X, Y, Z)`` for 3.
+    Raises :class:`ScanReadError` naming the file and the problem.
+    """
+    path = Path(path)
+    if spatial_dims == 3:
+        return read_volume(path)
+    if not path.is_file():
+        raise ScanReadError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise ScanReadError(path, "empty file (0 bytes)")
+    suffix = suffix_of(path)
+    if suffix in IMAGE_SUFFIXES:
+        return read_image(path, channels)
+    if suffix in DICOM_SUFFIXES:
+        return read_dicom(path, channels, voi_lut)
+    raise ScanReadError(path, f"unknown extension '{suffix}' (expected one of {', '.join(s for s in SCAN_SUFFIXES if s)})")
+
+
+def dicom_patient_id(path: str | Path) -> str | None:
+    """The PatientID of a DICOM file (header only), or None. The caller must hash it before storing it."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    except Exception:
+        return None
+    value = str(ds.get("PatientID", "") or "").strip()
+    return value or None

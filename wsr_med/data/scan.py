@@ -1,0 +1,193 @@
+"""Find and check every scan of a dataset before training: hospital folders and CSV manifests.
+
+Each file is decoded once here (in worker processes); files that cannot be used are reported
+with the reason, in the log and in a CSV report, and left out, so that training never meets
+them. Patient identifiers are only ever kept hashed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wsr_med.data.readers import DICOM_SUFFIXES, SCAN_SUFFIXES, ScanReadError, dicom_patient_id, read_scan, suffix_of
+
+__all__ = ["DatasetScan", "scan_folder", "scan_manifest", "hash_id", "DEFAULT_PATIENT_PATTERN"]
+
+logger = logging.getLogger(__name__)
+
+# Patient id from a file name when neither the manifest nor the DICOM header has one: the name
+# without its trailing image counter, and any words just before it ("IM-0117-0001.jpeg" ->
+# "IM-0117", "person12_virus_3.jpeg" -> "person12", "NORMAL2-IM-0383-0001" -> "NORMAL2-IM-0383").
+# No match: every file is its own patient.
+DEFAULT_PATIENT_PATTERN = r"^(.*?\d+)[-_][^\d]*\d+$"
+_ID_SALT = "wsr_med/patient/v1"
+
+
+def hash_id(value: str) -> str:
+    """A stable pseudonym for a patient id (salted SHA-256, 16 hex digits)."""
+    return hashlib.sha256(f"{_ID_SALT}:{value}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class DatasetScan:
+    """What a scan found. ``items`` are ``{"image": path relative to root, "label": int, "patient": hash, "sha1": ...}``."""
+
+    root: Path
+    classes: list[str]
+    items: list[dict] = field(default_factory=list)
+    bad_files: list[dict] = field(default_factory=list)
+
+    def write_report(self, path: str | Path) -> Path:
+        """Write the bad-file report (``file,reason``; paths relative to the dataset root)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["file", "reason"])
+            writer.writeheader()
+            writer.writerows(self.bad_files)
+        return path
+
+    @property
+    def class_counts(self) -> dict[str, int]:
+        counts = {c: 0 for c in self.classes}
+        for item in self.items:
+            counts[self.classes[item["label"]]] += 1
+        return counts
+
+
+def _check_file(args: tuple[str, int, int | None]) -> tuple[str | None, str | None, str | None]:
+    """Decode one file: returns ``(sha1, dicom patient id, error reason)``."""
+    path, spatial_dims, channels = args
+    try:
+        read_scan(path, channels=channels, spatial_dims=spatial_dims)
+    except ScanReadError as e:
+        return None, None, e.reason
+    except Exception as e:  # a decoder bug must not stop the scan of thousands of files
+        return None, None, f"unexpected error while reading ({type(e).__name__}: {e})"
+    digest = hashlib.sha1()
+    if Path(path).is_file():
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    else:  # DICOM series folder: hash the file names and sizes
+        for p in sorted(Path(path).rglob("*")):
+            digest.update(f"{p.name}:{p.stat().st_size}".encode())
+    patient = dicom_patient_id(path) if Path(path).is_file() and suffix_of(path) in DICOM_SUFFIXES else None
+    return digest.hexdigest(), patient, None
+
+
+def _patient_from_name(path: Path, pattern: str) -> str:
+    stem = path.name[: -len(suffix_of(path))] if suffix_of(path) else path.name
+    match = re.match(pattern, stem)
+    return match.group(1) if match else str(path.parent / stem)
+
+
+def _check_all(root: Path, candidates: list[dict], spatial_dims: int, num_workers: int, patient_pattern: str,
+               scan: DatasetScan) -> None:
+    """Decode each candidate; good ones go to ``scan.items`` with a hashed patient id, bad ones to the report."""
+    jobs = [(str(root / c["image"]), spatial_dims, None) for c in candidates]
+    if num_workers > 0 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+            results = list(pool.map(_check_file, jobs, chunksize=8))
+    else:
+        results = [_check_file(job) for job in jobs]
+    for candidate, (sha1, dicom_patient, reason) in zip(candidates, results):
+        if reason is not None:
+            scan.bad_files.append({"file": candidate["image"], "reason": reason})
+            logger.warning("skipping %s: %s", candidate["image"], reason)
+            continue
+        patient = candidate.pop("patient_id", None) or dicom_patient or _patient_from_name(Path(candidate["image"]), patient_pattern)
+        scan.items.append({**candidate, "patient": hash_id(patient), "sha1": sha1})
+
+
+def _finish(scan: DatasetScan, source: Path) -> DatasetScan:
+    if not scan.items:
+        raise ValueError(f"{source}: no valid scans found ({len(scan.bad_files)} files rejected; see the report).")
+    logger.info("%s: %d valid scans in %d classes %s, %d rejected", source, len(scan.items), len(scan.classes),
+                scan.class_counts, len(scan.bad_files))
+    return scan
+
+
+def _is_scan_candidate(path: Path, spatial_dims: int) -> bool:
+    if spatial_dims == 3 and path.is_dir():
+        return any(p.is_file() for p in path.iterdir())
+    return path.is_file()
+
+
+def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
+                patient_pattern: str = DEFAULT_PATIENT_PATTERN) -> DatasetScan:
+    """Scan a hospital folder ``<root>/<class name>/**/<scan files>``; classes are the sorted folder names.
+
+    Every file is decoded once (``num_workers`` processes). Unreadable, truncated, empty, pixel-less
+    or unknown-extension files, empty class folders and files outside class folders are reported
+    and skipped. For ``spatial_dims=3`` a scan is a NIfTI file or a folder holding one DICOM series.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: no class folders, or no valid scan at all.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(f"{root}: no class folders; expected <root>/<class name>/<scan files>.")
+    scan = DatasetScan(root, [p.name for p in class_dirs])
+    for p in sorted(root.iterdir()):  # scans at the top level have no class; other files (a README) are fine
+        if p.is_file() and suffix_of(p) in SCAN_SUFFIXES and suffix_of(p):
+            scan.bad_files.append({"file": p.name, "reason": "not inside a class folder"})
+    candidates = []
+    for label, class_dir in enumerate(class_dirs):
+        if spatial_dims == 3:
+            entries = [p for p in class_dir.iterdir() if _is_scan_candidate(p, 3) and not p.name.startswith(".")]
+        else:
+            entries = [p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        if not entries:
+            scan.bad_files.append({"file": f"{class_dir.name}/", "reason": "empty class folder"})
+            logger.warning("class folder %s holds no files", class_dir.name)
+        for p in sorted(entries):
+            rel = p.relative_to(root).as_posix()
+            if p.is_file() and suffix_of(p) not in SCAN_SUFFIXES:
+                scan.bad_files.append({"file": rel, "reason": f"unknown extension '{suffix_of(p)}'"})
+                continue
+            candidates.append({"image": rel, "label": label})
+    _check_all(root, candidates, spatial_dims, num_workers, patient_pattern, scan)
+    return _finish(scan, root)
+
+
+def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int = 2,
+                  patient_pattern: str = DEFAULT_PATIENT_PATTERN, classes: list[str] | None = None) -> DatasetScan:
+    """Scan a CSV manifest ``path,label[,patient_id][,split]`` (paths relative to the CSV).
+
+    Classes are the sorted distinct labels unless ``classes`` fixes their order. A ``split``
+    column (``train``/``val``/``test``) is kept in the items and used by :func:`wsr_med.data.split_items`.
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest not found: {manifest}")
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise ValueError(f"{manifest}: a CSV with at least the columns 'path' and 'label' is expected.")
+    labels = sorted({r["label"].strip() for r in rows}) if classes is None else list(classes)
+    scan = DatasetScan(manifest.parent, labels)
+    candidates = []
+    for n, row in enumerate(rows, start=2):
+        label = row["label"].strip()
+        if label not in labels:
+            scan.bad_files.append({"file": row["path"], "reason": f"line {n}: label '{label}' not among {labels}"})
+            continue
+        candidate = {"image": row["path"].strip(), "label": labels.index(label)}
+        if (row.get("patient_id") or "").strip():
+            candidate["patient_id"] = row["patient_id"].strip()
+        if (row.get("split") or "").strip():
+            candidate["split"] = row["split"].strip().lower()
+        candidates.append(candidate)
+    _check_all(manifest.parent, candidates, spatial_dims, num_workers, patient_pattern, scan)
+    return _finish(scan, manifest)

@@ -1,0 +1,3 @@
+"""MONAI/ignite handlers for wsr_med workflows."""
+
+from wsr_med.handlers.constraint_handler import ConstraintHandler

@@ -1,0 +1,18 @@
+"""Wise-SrNet and comparison heads on MONAI backbones."""
+
+from wsr_med.networks.backbones import BACKBONES, DenseNetEncoder, EfficientNetEncoder, build_backbone
+from wsr_med.networks.constraints import attach_constraints, project_constraints_
+from wsr_med.networks.heads import (
+    HEADS,
+    AvgMaxPool,
+    CatAvgMaxPool,
+    ClassificationHead,
+    FlattenAll,
+    GeneralizedMeanPool,
+    GlobalPool,
+    WiseCompression,
+    WiseSrNetHead,
+    build_compression,
+    default_pre_pool,
+)
+from wsr_med.networks.wise_srnet import WiseSrNet, load_pretrained_weights

@@ -1,0 +1,100 @@
+"""Feature extractors built from MONAI's DenseNet and EfficientNet.
+
+Each encoder keeps MONAI's module names, so a MONAI classifier's state dict loads into it
+(prefixed ``backbone.`` inside :class:`~wsr_med.networks.WiseSrNet`), and returns the last
+feature map after the backbone's final activation: ``(B, in_channels, *S) -> (B, out_channels, *S/32)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.nets import DenseNet, EfficientNetBN
+from monai.networks.nets.efficientnet import efficientnet_params
+from monai.utils import look_up_option
+
+__all__ = ["DenseNetEncoder", "EfficientNetEncoder", "BACKBONES", "build_backbone"]
+
+DENSENET_BLOCKS = {
+    "densenet121": (6, 12, 24, 16),
+    "densenet169": (6, 12, 32, 32),
+    "densenet201": (6, 12, 48, 32),
+    "densenet264": (6, 12, 64, 48),
+}
+
+
+class DenseNetEncoder(nn.Module):
+    """MONAI DenseNet ``features`` followed by its final ReLU.
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_channels: input channels.
+        block_config: layers per dense block (e.g. ``(6, 12, 24, 16)`` for DenseNet121).
+        kwargs: other :class:`monai.networks.nets.DenseNet` arguments (``init_features``,
+            ``growth_rate``, ``bn_size``, ``dropout_prob``, ``act``, ``norm``); small values give
+            the reduced configurations used for CPU studies and tests.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, block_config: Sequence[int], **kwargs) -> None:
+        super().__init__()
+        net = DenseNet(spatial_dims, in_channels, out_channels=1, block_config=block_config, **kwargs)
+        self.features = net.features
+        self.act = net.class_layers.relu
+        self.out_channels: int = net.class_layers.out.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.features(x))
+
+
+class EfficientNetEncoder(nn.Module):
+    """MONAI EfficientNetBN (b0..b8) up to its head convolution, BatchNorm and swish.
+
+    Swish is ``nn.SiLU``: the same function as MONAI's memory-efficient swish, also memory
+    efficient in PyTorch's native kernel, and scriptable (TorchScript export).
+
+    Args:
+        model_name: ``efficientnet-b0`` .. ``efficientnet-b8``.
+        spatial_dims: 1, 2 or 3.
+        in_channels: input channels.
+        kwargs: other :class:`monai.networks.nets.EfficientNetBN` arguments (e.g. ``norm``).
+    """
+
+    def __init__(self, model_name: str, spatial_dims: int, in_channels: int, **kwargs) -> None:
+        super().__init__()
+        net = EfficientNetBN(model_name, pretrained=False, spatial_dims=spatial_dims, in_channels=in_channels, **kwargs)
+        for name in ("_conv_stem", "_conv_stem_padding", "_bn0", "_blocks", "_conv_head", "_conv_head_padding", "_bn1"):
+            setattr(self, name, getattr(net, name))
+        self._swish = nn.SiLU()
+        for block in self._blocks.modules():
+            if hasattr(block, "_swish"):
+                block._swish = nn.SiLU()
+        self.out_channels: int = net._fc.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._swish(self._bn0(self._conv_stem(self._conv_stem_padding(x))))
+        x = self._blocks(x)
+        return self._swish(self._bn1(self._conv_head(self._conv_head_padding(x))))
+
+
+def _densenet(name: str) -> Callable[..., nn.Module]:
+    # block_config may be overridden (reduced configurations); it defaults to the named network's
+    return lambda spatial_dims, in_channels, **kw: DenseNetEncoder(
+        spatial_dims, in_channels, **{"block_config": DENSENET_BLOCKS[name], **kw}
+    )
+
+
+def _efficientnet(name: str) -> Callable[..., nn.Module]:
+    return lambda spatial_dims, in_channels, **kw: EfficientNetEncoder(name, spatial_dims, in_channels, **kw)
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    **{name: _densenet(name) for name in DENSENET_BLOCKS},
+    **{name: _efficientnet(name) for name in efficientnet_params if name[-2:] != "l2"},
+}
+
+
+def build_backbone(name: str, spatial_dims: int, in_channels: int, **kwargs) -> nn.Module:
+    """Build the encoder called ``name`` (one of :data:`BACKBONES`); ``kwargs`` go to the MONAI network."""
+    return look_up_option(name, BACKBONES)(spatial_dims, in_channels, **kwargs)

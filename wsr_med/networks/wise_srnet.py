@@ -1,0 +1,145 @@
+"""WiseSrNet: a MONAI DenseNet/EfficientNet backbone with a selectable classification head."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from monai.utils import ensure_tuple_rep
+
+from wsr_med.networks.backbones import build_backbone
+from wsr_med.networks.heads import ClassificationHead
+
+__all__ = ["WiseSrNet", "load_pretrained_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+class WiseSrNet(nn.Module):
+    """Image classifier: backbone feature map -> head (Wise-SrNet by default) -> logits.
+
+    Args:
+        backbone: ``densenet121|169|201|264`` or ``efficientnet-b0`` .. ``efficientnet-b8`` (MONAI networks).
+        spatial_dims: 2 for images, 3 for volumes.
+        in_channels: input channels (1 for grayscale scans, 3 for RGB).
+        out_channels: number of classes.
+        img_size: the input's spatial size (int, or one per axis); the head is built for the
+            feature map this size gives, and other sizes are refused.
+        head: how the feature map is compressed, one of
+            :data:`wsr_med.networks.heads.HEADS` (``wise`` is Wise-SrNet, ``gap`` is MONAI's default).
+        dropout: dropout probability before the final Linear layer.
+        pretrained_weights: path of a local state dict (a WiseSrNet, a MONAI DenseNet/EfficientNet
+            or a torchvision DenseNet checkpoint) to initialise from; nothing is ever downloaded.
+            See :func:`load_pretrained_weights`.
+        backbone_kwargs: extra arguments of the MONAI backbone (e.g. ``{"init_features": 16,
+            "growth_rate": 8, "block_config": [2, 2, 2, 2]}`` for a small DenseNet).
+        head_kwargs: options of the head (``pre_pool``, ``max_kernel`` for ``wise``; ``p`` for ``gem``).
+
+    Shapes: ``(B, in_channels, *img_size) -> (B, out_channels)``.
+
+    Example::
+
+        net = WiseSrNet("densenet121", spatial_dims=2, in_channels=1, out_channels=3, img_size=512)
+        net.head.compression.kernel_size   # (5, 5): 16x16 map, average pool 3, depthwise 5x5
+    """
+
+    def __init__(
+        self,
+        backbone: str = "densenet121",
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        img_size: int | Sequence[int] = 224,
+        head: str = "wise",
+        dropout: float = 0.0,
+        pretrained_weights: str | Path | None = None,
+        backbone_kwargs: dict | None = None,
+        **head_kwargs,
+    ) -> None:
+        super().__init__()
+        self.img_size: list[int] = list(ensure_tuple_rep(img_size, spatial_dims))
+        backbone_kwargs = dict(backbone_kwargs or {})
+        self.backbone = build_backbone(backbone, spatial_dims, in_channels, **backbone_kwargs)
+        self.feature_size: list[int] = self._probe_feature_size(backbone, spatial_dims, in_channels, backbone_kwargs)
+        self.head = ClassificationHead(
+            head, self.backbone.out_channels, self.feature_size, out_channels, spatial_dims, dropout, **head_kwargs
+        )
+        if pretrained_weights is not None:
+            load_pretrained_weights(self, pretrained_weights)
+
+    def _probe_feature_size(self, backbone: str, spatial_dims: int, in_channels: int, kwargs: dict) -> list[int]:
+        # A copy on the meta device gives the output shape without memory or compute.
+        with torch.device("meta"):
+            probe = build_backbone(backbone, spatial_dims, in_channels, **kwargs).eval()
+            shape = probe(torch.empty(1, in_channels, *self.img_size)).shape
+        if min(shape[2:]) < 1:
+            raise ValueError(f"img_size {self.img_size} is too small for backbone '{backbone}'.")
+        return list(shape[2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if list(x.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"input spatial size {list(x.shape[2:])} differs from the size the network was built for "
+                f"{self.img_size} (img_size); resize the input or rebuild the network."
+            )
+        return self.head(self.backbone(x))
+
+
+_TORCHVISION_DENSE_LAYER = re.compile(r"^(.*denselayer\d+)\.(norm|relu|conv)\.?([12])\.(.+)$")
+
+
+def _model_key(key: str, target: dict) -> str | None:
+    """The model key a checkpoint key corresponds to, or None."""
+    key = key.removeprefix("module.")  # DistributedDataParallel / DataParallel
+    key = _TORCHVISION_DENSE_LAYER.sub(r"\1.layers.\2\3.\4", key)
+    for candidate in (key, f"backbone.{key}"):
+        if candidate in target:
+            return candidate
+    return None
+
+
+def load_pretrained_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Load the tensors of a local checkpoint that match ``model`` by name and shape, and say which.
+
+    Accepts a plain state dict or one nested under ``state_dict``/``model``/``network``; keys
+    of a MONAI backbone (``features.*``, ``_conv_stem.*``), of a DDP model (``module.*``) and
+    torchvision's DenseNet names are mapped. An RGB first convolution loaded into a
+    1-channel model is summed over its colour channels. Loading uses ``weights_only=True``.
+
+    Returns:
+        ``{"loaded": [...], "skipped": [...], "missing": [...]}``: model keys loaded, checkpoint
+        keys ignored (unknown name or incompatible shape), model keys left as initialised.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained_weights file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "network"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    target = model.state_dict()
+    new_state, skipped = {}, []
+    for key, value in state.items():
+        dest = _model_key(key, target)
+        if dest is None or not isinstance(value, torch.Tensor):
+            skipped.append(key)
+            continue
+        want = target[dest].shape
+        if value.shape != want and value.dim() > 2 and value.shape[1] == 3 and want[1] == 1 and value.shape[2:] == want[2:]:
+            value = value.sum(dim=1, keepdim=True)  # RGB stem -> grayscale stem
+        if value.shape != want:
+            skipped.append(f"{key} (shape {tuple(value.shape)} != {tuple(want)})")
+            continue
+        new_state[dest] = value
+    model.load_state_dict(new_state, strict=False)
+    report = {"loaded": sorted(new_state), "skipped": skipped, "missing": [k for k in target if k not in new_state]}
+    logger.info(
+        "pretrained_weights %s: loaded %d of the model's %d tensors, %d checkpoint tensors skipped%s; left as initialised: %s",
+        path, len(report["loaded"]), len(target), len(skipped), f" ({', '.join(skipped[:10])})" if skipped else "",
+        ", ".join(report["missing"][:10]) + (" ..." if len(report["missing"]) > 10 else "") or "none",
+    )
+    return report
