@@ -1,0 +1,130 @@
+"""A synthetic hospital folder whose class depends only on WHERE a lesion lies.
+
+The default task separates heads that keep spatial information from GAP: one small blob lies
+just beside the image centre, inside the central third, on the side that gives the class
+(``left``/``right``, then ``above``/``below`` for 3-4 classes); three identical distractor blobs
+lie anywhere outside the central third. A network must know where the central blob is relative
+to the centre line; what it looks like says nothing.
+
+Scans are written as DICOM (16-bit DX, MONOCHROME2 or MONOCHROME1 with a rescale) and PNG (8 or
+16 bit) with made-up patient identifiers (several images per patient), so the whole data path
+(readers, polarity, patient-level splits, identifier hashing) runs on them.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+from scipy.ndimage import zoom
+
+__all__ = ["SIDES", "synthetic_image", "make_synthetic_folder", "write_dicom"]
+
+SIDES = ("left", "right", "above", "below")
+
+
+def _blob(size: int, cy: float, cx: float, sigma: float) -> np.ndarray:
+    y, x = np.ogrid[:size, :size]
+    return np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma**2))
+
+
+def synthetic_image(side: str, size: int, rng: np.random.Generator, n_distractors: int = 3) -> np.ndarray:
+    """A ``(size, size)`` float image in [0, 1] for class ``side`` (one of :data:`SIDES`)."""
+    coarse = rng.normal(0.0, 1.0, (8, 8))
+    background = 0.45 + 0.08 * zoom(coarse, size / 8, order=3)[:size, :size]
+    background += np.linspace(-0.05, 0.05, size)[:, None]  # a gentle cranio-caudal gradient
+    sigma = size * 0.025
+    centre = size / 2
+    offset = rng.uniform(0.04, 0.14) * size  # beside the centre line, inside the central third
+    along = rng.uniform(-0.12, 0.12) * size
+    cy, cx = {"left": (centre + along, centre - offset), "right": (centre + along, centre + offset),
+              "above": (centre - offset, centre + along), "below": (centre + offset, centre + along)}[side]
+    lesions = _blob(size, cy, cx, sigma)
+    placed = 0
+    while placed < n_distractors:  # identical blobs outside the central third
+        y, x = rng.uniform(0.08, 0.92, 2) * size
+        if abs(y - centre) < size / 6 and abs(x - centre) < size / 6:
+            continue
+        lesions = np.maximum(lesions, _blob(size, y, x, sigma))
+        placed += 1
+    image = background + 0.3 * lesions + rng.normal(0.0, 0.03, (size, size))
+    return np.clip(image, 0.0, 1.0)
+
+
+def write_dicom(path: str | Path, image: np.ndarray, patient_id: str, monochrome1: bool = False,
+                slope: float = 1.0, intercept: float = 0.0) -> None:
+    """Write a ``[0, 1]`` image as a 16-bit (12 bits stored) DX DICOM file with made-up identifiers."""
+    stored = np.round(image * 4095).astype(np.uint16)
+    if monochrome1:
+        stored = (4095 - stored).astype(np.uint16)
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "DX"
+    ds.PatientID = patient_id
+    ds.PatientName = f"Doe^{patient_id}"
+    ds.PatientBirthDate = "19700101"
+    ds.AccessionNumber = f"ACC-{patient_id}"
+    ds.StudyDate = datetime.date.today().strftime("%Y%m%d")
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def make_synthetic_folder(root: str | Path, n_per_class: int = 100, image_size: int = 256, n_classes: int = 2,
+                          formats: tuple[str, ...] = ("dcm", "png"), seed: int = 0) -> Path:
+    """Write ``<root>/<side>/case<label><patient>_<n>.<dcm|png>``: ``n_per_class`` scans per class.
+
+    Args:
+        root: output folder (created).
+        n_per_class: scans per class.
+        image_size: side of the square scans in pixels.
+        n_classes: 2 to 4 (``left``, ``right``, ``above``, ``below``).
+        formats: file formats used in turn (``dcm``, ``png``).
+        seed: random seed; the same seed writes the same pixels.
+
+    Returns:
+        ``root``.
+    """
+    if not 2 <= n_classes <= len(SIDES):
+        raise ValueError(f"n_classes must be 2 to {len(SIDES)}, got {n_classes}")
+    unknown = set(formats) - {"dcm", "png"}
+    if unknown:
+        raise ValueError(f"unknown formats {sorted(unknown)}; use dcm and/or png")
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    n = 0
+    for label, side in enumerate(SIDES[:n_classes]):
+        (root / side).mkdir(parents=True, exist_ok=True)
+        patient, left_for_patient = 0, 0
+        for i in range(n_per_class):
+            if left_for_patient == 0:  # 1 to 3 scans per patient, all of one format
+                patient, left_for_patient = patient + 1, int(rng.integers(1, 4))
+            left_for_patient -= 1
+            fmt = formats[patient % len(formats)]
+            image = synthetic_image(side, image_size, rng)
+            # The DICOM header holds identifiers unlike the file name, so tests can check they never leak.
+            path = root / side / f"case{label}{patient:03d}_{i:03d}.{fmt}"
+            if fmt == "dcm":
+                write_dicom(path, image, f"PID-{label}{patient:03d}-X", monochrome1=n % 4 == 0,
+                            slope=1.0 if n % 3 else 0.5, intercept=0.0 if n % 3 else -100.0)
+            elif n % 4 == 1:
+                Image.fromarray(np.round(image * 65535).astype(np.uint16)).save(path)  # 16-bit grayscale
+            else:
+                Image.fromarray(np.round(image * 255).astype(np.uint8)).save(path)
+            n += 1
+    return root
