@@ -57,7 +57,8 @@ class DatasetScan:
     def class_counts(self) -> dict[str, int]:
         counts = {c: 0 for c in self.classes}
         for item in self.items:
-            counts[self.classes[item["label"]]] += 1
+            if "label" in item:
+                counts[self.classes[item["label"]]] += 1
         return counts
 
 
@@ -121,12 +122,18 @@ def _is_scan_candidate(path: Path, spatial_dims: int) -> bool:
 
 
 def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
-                patient_pattern: str = DEFAULT_PATIENT_PATTERN) -> DatasetScan:
+                patient_pattern: str = DEFAULT_PATIENT_PATTERN, classes: list[str] | None = None,
+                labelled: bool = True) -> DatasetScan:
     """Scan a hospital folder ``<root>/<class name>/**/<scan files>``; classes are the sorted folder names.
 
     Every file is decoded once (``num_workers`` processes). Unreadable, truncated, empty, pixel-less
     or unknown-extension files, empty class folders and files outside class folders are reported
     and skipped. For ``spatial_dims=3`` a scan is a NIfTI file or a folder holding one DICOM series.
+
+    Args:
+        classes: fix the class names and their order (e.g. a trained model's); folders with other
+            names are reported and skipped.
+        labelled: False scans every file under ``root`` without labels (inference).
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -135,15 +142,23 @@ def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise ValueError(f"{root}: no class folders; expected <root>/<class name>/<scan files>.")
-    scan = DatasetScan(root, [p.name for p in class_dirs])
-    for p in sorted(root.iterdir()):  # scans at the top level have no class; other files (a README) are fine
-        if p.is_file() and suffix_of(p) in SCAN_SUFFIXES and suffix_of(p):
-            scan.bad_files.append({"file": p.name, "reason": "not inside a class folder"})
+    if not labelled:
+        scan = DatasetScan(root, list(classes or []))
+        class_dirs = [root]
+    else:
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise ValueError(f"{root}: no class folders; expected <root>/<class name>/<scan files>.")
+        scan = DatasetScan(root, [p.name for p in class_dirs] if classes is None else list(classes))
+        for p in class_dirs:
+            if p.name not in scan.classes:
+                scan.bad_files.append({"file": f"{p.name}/", "reason": f"class '{p.name}' not among {scan.classes}"})
+        class_dirs = [p for p in class_dirs if p.name in scan.classes]
+        for p in sorted(root.iterdir()):  # scans at the top level have no class; other files (a README) are fine
+            if p.is_file() and suffix_of(p) in SCAN_SUFFIXES and suffix_of(p):
+                scan.bad_files.append({"file": p.name, "reason": "not inside a class folder"})
     candidates = []
-    for label, class_dir in enumerate(class_dirs):
+    for class_dir in class_dirs:
         if spatial_dims == 3:
             entries = [p for p in class_dir.iterdir() if _is_scan_candidate(p, 3) and not p.name.startswith(".")]
         else:
@@ -156,7 +171,7 @@ def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
             if p.is_file() and suffix_of(p) not in SCAN_SUFFIXES:
                 scan.bad_files.append({"file": rel, "reason": f"unknown extension '{suffix_of(p)}'"})
                 continue
-            candidates.append({"image": rel, "label": label})
+            candidates.append({"image": rel, "label": scan.classes.index(class_dir.name)} if labelled else {"image": rel})
     _check_all(root, candidates, spatial_dims, num_workers, patient_pattern, scan)
     return _finish(scan, root)
 

@@ -1,0 +1,63 @@
+"""Keep the weights of the best validation epoch, safely across interruptions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+__all__ = ["BestModelSaver", "atomic_save"]
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class BestModelSaver:
+    """On an evaluator: save the network's weights to ``<save_dir>/model.pt`` whenever ``metric`` improves.
+
+    The best value so far lives in ``best.json`` beside it, so a resumed run keeps comparing with
+    the best epoch before the interruption instead of overwriting it with a worse one.
+
+    Args:
+        network: the trained network (a DDP wrapper is unwrapped).
+        save_dir: the run's folder.
+        metric: the evaluator metric to maximise (e.g. ``val_auc``).
+    """
+
+    def __init__(self, network: torch.nn.Module, save_dir: str | Path, metric: str = "val_auc") -> None:
+        self.network = network
+        self.save_dir = Path(save_dir)
+        self.metric = metric
+        self.best_file = self.save_dir / "best.json"
+        self.best = json.loads(self.best_file.read_text()) if self.best_file.is_file() else None
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        value = float(engine.state.metrics[self.metric])
+        if self.best is not None and not value > self.best["value"]:
+            return
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        network = getattr(self.network, "module", self.network)
+        atomic_save({k: v.detach().cpu() for k, v in network.state_dict().items()}, self.save_dir / "model.pt")
+        self.best = {"metric": self.metric, "value": value, "epoch": int(engine.state.epoch)}
+        tmp = self.best_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.best))
+        os.replace(tmp, self.best_file)
+        logger.info("epoch %d: best %s %.4f, saved %s", self.best["epoch"], self.metric, value, self.save_dir / "model.pt")

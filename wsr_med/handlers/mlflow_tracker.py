@@ -1,0 +1,196 @@
+"""MONAI's MLFlowHandler made resumable, privacy-safe and tolerant of a tracking server that goes away."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from monai.handlers import MLFlowHandler
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+__all__ = ["MLflowTracker", "sanitised_datalist", "sanitised_report"]
+
+logger = logging.getLogger(__name__)
+
+
+def sanitised_datalist(path: Path) -> dict:
+    """The datalist with each image path replaced by its content hash: the split stays reproducible
+    (files are found again by content) while file names, which often carry patient ids, stay local."""
+    doc = json.loads(Path(path).read_text())
+    doc.pop("base_dir", None)
+    settings = doc.get("settings", {})
+    settings.pop("dataset_dir", None)
+    for key in ("training", "validation", "test"):
+        doc[key] = [{k: v for k, v in item.items() if k != "image"} for item in doc.get(key, [])]
+    return doc
+
+
+def sanitised_report(path: Path) -> list[dict]:
+    """The bad-file report with file names replaced by a hash (the local CSV keeps the names)."""
+    with open(path, newline="") as f:
+        return [{"file_hash": hashlib.sha256(r["file"].encode()).hexdigest()[:16], "reason": r["reason"]}
+                for r in csv.DictReader(f)]
+
+
+def _tolerant(method):
+    """Run an MLflow call; if the tracking store fails mid-run, warn once and stop tracking (training goes on)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.disabled:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            self.disabled = True
+            logger.warning(
+                "MLflow tracking at %s failed (%s: %s); training goes on, checkpoints and metrics stay in %s, "
+                "and nothing more is sent to MLflow in this run.", self.tracking_uri, type(e).__name__, str(e)[:200],
+                self.output_dir)
+            return None
+
+    return wrapper
+
+
+def _requirements() -> list[str]:
+    """The model's pip requirements, given rather than inferred (inference takes seconds and reads the whole environment)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("wsr_med", "torch", "monai", "numpy")]
+
+
+class MLflowTracker(MLFlowHandler):
+    """Track a wsr_med run in MLflow.
+
+    On top of :class:`monai.handlers.MLFlowHandler` (parameters, per-epoch metrics, learning rate):
+
+    * the MLflow run id is kept in ``<output_dir>/mlflow_run_id``: a resumed training, and later
+      evaluations of the same ``output_dir``, log to the same run;
+    * at start: the resolved run configuration, the class map, the data split and the bad-file
+      report (file names replaced by hashes, see :func:`sanitised_datalist`);
+    * with ``log_model``, at the end: the best model via ``mlflow.pytorch.log_model`` with signature
+      and input example, registered as ``registered_model_name``, and a picture of the learned
+      Wise-SrNet spatial weights;
+    * any MLflow failure after the start is a warning, not a crash.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        output_dir: the run folder (holds ``model.pt``, ``config.json``, ``classes.json``, ``datalist.json``).
+        params: parameters to log once (flat dict).
+        log_model: log and register the best model when the engine completes (put on the trainer).
+        registered_model_name: Model Registry name; empty to log without registering.
+        input_shape: ``(C, *spatial)`` of the network input, for the signature and example.
+        kwargs: other :class:`monai.handlers.MLFlowHandler` arguments (``experiment_name``, ``run_name``,
+            ``iteration_log``, ``epoch_log``, ``output_transform``, ``state_attributes``...).
+    """
+
+    def __init__(self, tracking_uri: str, output_dir: str | Path, params: dict | None = None, log_model: bool = False,
+                 registered_model_name: str = "", input_shape: Sequence[int] = (1, 224, 224), **kwargs) -> None:
+        super().__init__(tracking_uri=tracking_uri, experiment_param=params, **kwargs)
+        self.tracking_uri = tracking_uri
+        self.output_dir = Path(output_dir)
+        self.log_model = log_model
+        self.registered_model_name = registered_model_name
+        self.input_shape = tuple(input_shape)
+        self.disabled = False
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        super().attach(engine)
+        if hasattr(engine, "optimizer"):  # the epoch's learning rate, read before the scheduler steps
+            engine.add_event_handler(Events.EPOCH_STARTED, self._read_lr)
+        if self.log_model:
+            engine.add_event_handler(Events.COMPLETED, self.log_best_model)
+
+    def _read_lr(self, engine: Engine) -> None:
+        self._epoch_lr = float(engine.optimizer.param_groups[0]["lr"])
+
+    def _default_epoch_log(self, engine: Engine) -> None:
+        super()._default_epoch_log(engine)
+        if getattr(self, "_epoch_lr", None) is not None:
+            self._log_metrics({"learning_rate": self._epoch_lr}, step=self.global_epoch_transform(engine.state.epoch))
+
+    @property
+    def run_id_file(self) -> Path:
+        return self.output_dir / "mlflow_run_id"
+
+    @_tolerant
+    def start(self, engine: Engine) -> None:
+        if self.cur_run is None and self.run_id_file.is_file():
+            self.cur_run = self.client.get_run(self.run_id_file.read_text().strip())
+            self._set_experiment()
+        first = self.cur_run is None
+        super().start(engine)
+        if first or not self.run_id_file.is_file():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.run_id_file.write_text(self.cur_run.info.run_id)
+            self._log_run_files()
+
+    def _log_run_files(self) -> None:
+        run_id = self.cur_run.info.run_id
+        for name in ("config.json", "classes.json"):
+            if (self.output_dir / name).is_file():
+                self.client.log_artifact(run_id, str(self.output_dir / name), "run")
+        if (self.output_dir / "datalist.json").is_file():
+            self.client.log_dict(run_id, sanitised_datalist(self.output_dir / "datalist.json"), "run/datalist.json")
+        if (self.output_dir / "bad_files.csv").is_file():
+            rows = sanitised_report(self.output_dir / "bad_files.csv")
+            self.client.log_dict(run_id, {"n_bad_files": len(rows), "files": rows}, "run/bad_files.json")
+
+    iteration_completed = _tolerant(MLFlowHandler.iteration_completed)
+    epoch_completed = _tolerant(MLFlowHandler.epoch_completed)
+    complete = _tolerant(MLFlowHandler.complete)
+    close = _tolerant(MLFlowHandler.close)
+
+    @_tolerant
+    def log_best_model(self, engine: Engine) -> None:
+        """Log ``model.pt`` (the best epoch) as an MLflow PyTorch model, registered, plus the spatial-weight picture."""
+        import copy
+
+        import mlflow
+        from mlflow.models import infer_signature
+
+        weights = self.output_dir / "model.pt"
+        if not weights.is_file():
+            logger.warning("no %s to log: no validation epoch completed", weights)
+            return
+        model = copy.deepcopy(getattr(engine.network, "module", engine.network)).cpu().eval()
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        example = np.zeros((1, *self.input_shape), dtype=np.float32)
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        extra = [str(self.output_dir / n) for n in ("classes.json", "config.json") if (self.output_dir / n).is_file()]
+        with mlflow.start_run(run_id=self.cur_run.info.run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", signature=infer_signature(example, output), input_example=example,
+                registered_model_name=self.registered_model_name or None, extra_files=extra,
+                pip_requirements=_requirements(),
+            )
+        (self.output_dir / "mlflow_model_uri").write_text(info.model_uri)
+        self._log_spatial_weights(model)
+        logger.info("logged model %s%s", info.model_uri,
+                    f", registered as '{self.registered_model_name}'" if self.registered_model_name else "")
+
+    def _log_spatial_weights(self, model: torch.nn.Module) -> None:
+        from wsr_med.metrics import plot_spatial_weights
+        from wsr_med.networks import WiseCompression
+
+        compression = getattr(getattr(model, "head", None), "compression", None)
+        if not isinstance(compression, WiseCompression) or compression.depthwise.weight.dim() != 4:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = plot_spatial_weights(compression.depthwise.weight.detach().numpy(), Path(tmp) / "spatial_weights.png")
+            self.client.log_artifact(self.cur_run.info.run_id, str(path), "plots")

@@ -1,0 +1,161 @@
+"""Evaluator handlers that write the evaluation report and the predictions CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from wsr_med.metrics import (
+    classification_metrics,
+    plot_confusion,
+    plot_reliability,
+    plot_roc,
+    write_html_report,
+)
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+__all__ = ["EvaluationReporter", "PredictionWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Collector:
+    """Gathers probabilities (and labels, paths) of every case an evaluator sees."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self, engine: Engine | None = None) -> None:
+        self.probs: list[np.ndarray] = []
+        self.labels: list[int] = []
+        self.paths: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self.finish)
+
+    def _collect(self, engine: Engine) -> None:
+        for out, item in zip(engine.state.output, engine.state.batch if isinstance(engine.state.batch, list) else []):
+            self._add(out, item)
+        if not isinstance(engine.state.batch, list):  # not decollated: one dict of batched values
+            batch = engine.state.batch
+            for i, out in enumerate(engine.state.output):
+                self._add(out, {k: v[i] for k, v in batch.items() if isinstance(v, (list, torch.Tensor))})
+
+    def _add(self, out: dict, item: dict) -> None:
+        self.probs.append(torch.as_tensor(out["pred"]).float().cpu().numpy())
+        label = out.get("label")
+        if label is not None:
+            label = torch.as_tensor(label)
+            self.labels.append(int(label.argmax()) if label.numel() > 1 else int(label))
+        self.paths.append(str(item.get("relative_path", item.get("image", ""))))
+
+    def finish(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+
+def _mlflow_run(output_dir: Path, tracking_uri: str | None):
+    """The run a training logged to (``mlflow_run_id``), or None."""
+    run_file = output_dir / "mlflow_run_id"
+    if not tracking_uri or not run_file.is_file():
+        return None, None
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri), run_file.read_text().strip()
+
+
+class EvaluationReporter(_Collector):
+    """Write ``metrics.json``, ROC / confusion / reliability PNGs and ``report.html`` to ``report_dir``; log them to MLflow.
+
+    Args:
+        classes: class names, in the model's order.
+        report_dir: where the files go (created).
+        threshold: decision threshold on the positive class (binary tasks).
+        n_boot: bootstrap resamples for the AUC confidence interval.
+        run_dir: the training run folder; its MLflow run receives the report (prefix ``eval_``).
+        tracking_uri: MLflow tracking URI; None or empty for no MLflow logging.
+        tag: name of this evaluation in MLflow (metrics ``<tag>_auc``..., artifacts under ``<tag>/``).
+    """
+
+    def __init__(self, classes: list[str], report_dir: str | Path, threshold: float = 0.5, n_boot: int = 1000,
+                 run_dir: str | Path | None = None, tracking_uri: str | None = None, tag: str = "eval") -> None:
+        super().__init__()
+        self.classes = list(classes)
+        self.report_dir = Path(report_dir)
+        self.threshold = threshold
+        self.n_boot = n_boot
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.tracking_uri = tracking_uri
+        self.tag = tag
+        self.metrics: dict | None = None
+
+    def finish(self, engine: Engine) -> None:
+        if not self.labels:
+            raise ValueError("evaluation needs labelled cases; for unlabelled scans use the inference workflow")
+        labels, probs = np.array(self.labels), np.stack(self.probs)
+        self.metrics = classification_metrics(labels, probs, self.classes, self.threshold, self.n_boot)
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        (self.report_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=1))
+        plots = [plot_roc(labels, probs, self.classes, self.metrics, self.report_dir / "roc.png"),
+                 plot_confusion(self.metrics, self.report_dir / "confusion_matrix.png"),
+                 plot_reliability(self.metrics, self.report_dir / "reliability.png")]
+        report = write_html_report(self.metrics, plots, self.report_dir / "report.html")
+        low, high = self.metrics["auc_ci95"]
+        logger.info("evaluation on %d cases: AUC %.4f [%.4f, %.4f], accuracy %.4f; report %s",
+                    self.metrics["n"], self.metrics["auc"], low, high, self.metrics["accuracy"], report)
+        self._log_mlflow()
+
+    def _log_mlflow(self) -> None:
+        try:
+            client, run_id = _mlflow_run(self.run_dir, self.tracking_uri) if self.run_dir else (None, None)
+            if client is None:
+                return
+            m = self.metrics
+            values = {"auc": m["auc"], "auc_ci95_low": m["auc_ci95"][0], "auc_ci95_high": m["auc_ci95"][1],
+                      "accuracy": m["accuracy"], "ece": m["ece"]}
+            values.update({k: m[k] for k in ("sensitivity", "specificity") if k in m})
+            values.update({f"auc_{c}": v["auc"] for c, v in m["per_class"].items()})
+            for k, v in values.items():
+                if v == v:  # NaN is not a metric
+                    client.log_metric(run_id, f"{self.tag}_{k}", float(v))
+            for name in ("metrics.json", "report.html", "roc.png", "confusion_matrix.png", "reliability.png"):
+                client.log_artifact(run_id, str(self.report_dir / name), self.tag)
+        except Exception as e:
+            logger.warning("evaluation report not logged to MLflow (%s: %s); it is in %s", type(e).__name__, e, self.report_dir)
+
+
+class PredictionWriter(_Collector):
+    """Write ``predictions.csv``: path, predicted class, one probability column per class.
+
+    Args:
+        classes: class names in the model's order (the class map saved with the model).
+        output_file: the CSV path; written to a temporary name and renamed, never half-written.
+    """
+
+    def __init__(self, classes: list[str], output_file: str | Path) -> None:
+        super().__init__()
+        self.classes = list(classes)
+        self.output_file = Path(output_file)
+
+    def finish(self, engine: Engine) -> None:
+        self.output_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.output_file.with_name(self.output_file.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "predicted_class", *[f"prob_{c}" for c in self.classes]])
+            for path, probs in zip(self.paths, self.probs):
+                writer.writerow([path, self.classes[int(np.argmax(probs))], *[f"{p:.6f}" for p in probs]])
+        os.replace(tmp, self.output_file)
+        logger.info("predictions for %d scans written to %s", len(self.paths), self.output_file)

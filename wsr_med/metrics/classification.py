@@ -1,0 +1,101 @@
+"""Figures a clinical paper reports for a classifier: AUC with a bootstrap CI, sensitivity, specificity, calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+__all__ = ["roc_auc", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics"]
+
+
+def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC: binary (probability of class 1) for 2 classes, macro one-vs-rest otherwise.
+
+    Args:
+        labels: ``(N,)`` class indices.
+        probs: ``(N, K)`` class probabilities.
+    """
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=np.arange(probs.shape[1])))
+
+
+def bootstrap_auc_ci(labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000, alpha: float = 0.05,
+                     seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of :func:`roc_auc` (resampling cases; resamples missing a class are redrawn)."""
+    rng = np.random.default_rng(seed)
+    n, k = len(labels), probs.shape[1]
+    values = []
+    attempts = 0
+    while len(values) < n_boot and attempts < 20 * n_boot:
+        attempts += 1
+        idx = rng.integers(0, n, n)
+        if len(np.unique(labels[idx])) < k:
+            continue
+        values.append(roc_auc(labels[idx], probs[idx]))
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> tuple[float, dict]:
+    """ECE of the top-class confidence over ``n_bins`` equal-width bins, and the reliability-diagram bins."""
+    confidence = probs.max(1)
+    correct = (probs.argmax(1) == labels).astype(float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    bins = np.clip(np.digitize(confidence, edges[1:-1]), 0, n_bins - 1)
+    ece, table = 0.0, {"confidence": [], "accuracy": [], "count": []}
+    for b in range(n_bins):
+        mask = bins == b
+        count = int(mask.sum())
+        table["count"].append(count)
+        table["confidence"].append(float(confidence[mask].mean()) if count else float("nan"))
+        table["accuracy"].append(float(correct[mask].mean()) if count else float("nan"))
+        if count:
+            ece += count / len(labels) * abs(table["accuracy"][-1] - table["confidence"][-1])
+    return float(ece), table
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float = 0.5,
+                           n_boot: int = 1000, seed: int = 0) -> dict:
+    """Every evaluation figure, JSON-ready.
+
+    Binary: the positive class is ``classes[1]`` and a case is positive when its probability is
+    at least ``threshold``; multi-class: the predicted class is the most probable, and sensitivity
+    / specificity are given per class (one-vs-rest).
+    """
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=float)
+    k = probs.shape[1]
+    pred = (probs[:, 1] >= threshold).astype(int) if k == 2 else probs.argmax(1)
+    cm = confusion_matrix(labels, pred, labels=np.arange(k))
+    per_class = {}
+    for c, name in enumerate(classes):
+        tp, fn = cm[c, c], cm[c].sum() - cm[c, c]
+        fp, tn = cm[:, c].sum() - cm[c, c], cm.sum() - cm[c].sum() - cm[:, c].sum() + cm[c, c]
+        present = 0 < (labels == c).sum() < len(labels)
+        per_class[name] = {
+            "auc": float(roc_auc_score(labels == c, probs[:, c])) if present else float("nan"),
+            "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
+            "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+            "support": int((labels == c).sum()),
+        }
+    auc = roc_auc(labels, probs) if len(np.unique(labels)) == k else float("nan")
+    low, high = bootstrap_auc_ci(labels, probs, n_boot=n_boot, seed=seed) if auc == auc else (float("nan"),) * 2
+    ece, reliability = expected_calibration_error(labels, probs)
+    out = {
+        "n": int(len(labels)),
+        "classes": list(classes),
+        "auc": auc,
+        "auc_ci95": [low, high],
+        "accuracy": float((pred == labels).mean()),
+        "threshold": threshold if k == 2 else None,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "ece": ece,
+        "reliability": reliability,
+    }
+    if k == 2:
+        out["sensitivity"] = per_class[classes[1]]["sensitivity"]
+        out["specificity"] = per_class[classes[1]]["specificity"]
+    return out

@@ -1,0 +1,83 @@
+"""Figures for evaluation reports and MLflow: ROC, confusion matrix, reliability diagram, Wise-SrNet weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+__all__ = ["plot_roc", "plot_confusion", "plot_reliability", "plot_spatial_weights"]
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: list[str], metrics: dict, path: str | Path) -> Path:
+    """ROC curve(s): the positive class for binary tasks, one-vs-rest per class otherwise."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    shown = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    for c in shown:
+        if 0 < (labels == c).sum() < len(labels):
+            fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
+            ax.plot(fpr, tpr, label=f"{classes[c]} (AUC {metrics['per_class'][classes[c]]['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    low, high = metrics["auc_ci95"]
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, AUC {metrics['auc']:.3f} [{low:.3f}, {high:.3f}]")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_confusion(metrics: dict, path: str | Path) -> Path:
+    cm = np.array(metrics["confusion_matrix"])
+    classes = metrics["classes"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title=f"accuracy {metrics['accuracy']:.3f}")
+    return _save(fig, path)
+
+
+def plot_reliability(metrics: dict, path: str | Path) -> Path:
+    rel = metrics["reliability"]
+    n_bins = len(rel["count"])
+    centres = (np.arange(n_bins) + 0.5) / n_bins
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    acc = np.nan_to_num(np.array(rel["accuracy"], dtype=float))
+    ax.bar(centres, acc, width=1 / n_bins, edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfect calibration")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"reliability, ECE {metrics['ece']:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_spatial_weights(weights: np.ndarray, path: str | Path, mean_image: np.ndarray | None = None) -> Path:
+    """Learned Wise-SrNet depthwise kernels ``(C, 1, *k)`` (2D): their mean over channels and four channel groups.
+
+    Next to the mean input image when one is given, to read where the head looks.
+    """
+    w = weights.reshape(weights.shape[0], *weights.shape[-2:])
+    groups = np.array_split(np.arange(w.shape[0]), 4)
+    panels = [("mean over channels", w.mean(0))] + [(f"channels {g[0]}-{g[-1]}", w[g].mean(0)) for g in groups]
+    if mean_image is not None:
+        panels.insert(0, ("mean input", mean_image))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
+    for ax, (title, panel) in zip(axes, panels):
+        im = ax.imshow(panel, cmap="gray" if title == "mean input" else "magma")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+        if title != "mean input":
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)

@@ -1,0 +1,220 @@
+"""Turn a dataset location into the split items of a run, writing the datalist and the bad-file report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsr_med.data import (
+    DatasetScan,
+    make_synthetic_folder,
+    preprocessing_signature,
+    scan_folder,
+    scan_manifest,
+    split_items,
+    write_datalist,
+)
+from wsr_med.data.synthetic import SIDES
+
+__all__ = ["SYNTHETIC", "PreparedData", "class_names", "prepare_data", "prepare_evaluation", "prepare_unlabelled"]
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"  # dataset_dir value for the embedded synthetic hospital folder
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def class_names(dataset_dir: str, synthetic_classes: int = 2) -> list[str]:
+    """The class names of a dataset without decoding anything: folder names, manifest labels or the synthetic sides."""
+    if dataset_dir == SYNTHETIC:
+        return list(SIDES[:synthetic_classes])
+    path = Path(dataset_dir)
+    if path.suffix.lower() == ".csv":
+        import csv
+
+        with open(path, newline="") as f:
+            return sorted({row["label"].strip() for row in csv.DictReader(f)})
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset_dir not found: {path} (a class-per-folder directory, a CSV manifest, or 'synthetic')")
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _resolve_dataset(dataset_dir: str, output_dir: Path, synthetic: dict) -> str:
+    """``synthetic`` becomes a folder generated once under ``output_dir`` (by rank 0)."""
+    if dataset_dir != SYNTHETIC:
+        return dataset_dir
+    root = output_dir / "synthetic_data"
+    if _rank() == 0 and not (root / ".complete").exists():
+        logger.info("generating the synthetic hospital folder in %s", root)
+        make_synthetic_folder(root, **synthetic)
+        (root / ".complete").write_text(json.dumps(synthetic))
+    _barrier()
+    return str(root)
+
+
+@dataclass
+class PreparedData:
+    """The scanned, split dataset of a run; items carry absolute image paths."""
+
+    classes: list[str]
+    training: list[dict]
+    validation: list[dict]
+    test: list[dict]
+    signature: dict
+    datalist: Path | None = None
+    bad_files_report: Path | None = None
+    n_bad_files: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_weights(self, class_balance: str = "none", device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """Inverse-frequency loss weights (mean 1) for ``class_balance="weighted_loss"``, else None."""
+        if class_balance != "weighted_loss":
+            return None
+        counts = np.bincount([i["label"] for i in self.training], minlength=self.num_classes).astype(float)
+        weights = counts.sum() / np.maximum(counts, 1) / self.num_classes
+        return torch.tensor(weights, dtype=torch.float32, device=device)
+
+    def sampler(self, class_balance: str = "none", seed: int = 0) -> torch.utils.data.Sampler | None:
+        """A class-balanced ``WeightedRandomSampler`` for ``class_balance="sampler"``, else None."""
+        if class_balance not in ("none", "weighted_loss", "sampler"):
+            raise ValueError(f"class_balance must be none, weighted_loss or sampler, got '{class_balance}'")
+        if class_balance != "sampler":
+            return None
+        labels = np.array([i["label"] for i in self.training])
+        per_item = 1.0 / np.bincount(labels, minlength=self.num_classes)[labels]
+        return torch.utils.data.WeightedRandomSampler(per_item.tolist(), len(labels), generator=torch.Generator().manual_seed(seed))
+
+
+def _absolute(scan: DatasetScan, items: list[dict]) -> list[dict]:
+    return [{**i, "image": str(scan.root / i["image"])} for i in items]
+
+
+def _scan(dataset_dir: str, spatial_dims: int, num_workers: int, classes: list[str] | None, labelled: bool = True):
+    if Path(dataset_dir).suffix.lower() == ".csv":
+        return scan_manifest(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes)
+    return scan_folder(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes, labelled=labelled)
+
+
+def prepare_data(
+    dataset_dir: str,
+    output_dir: str,
+    image_size: int = 224,
+    in_channels: int = 1,
+    spatial_dims: int = 2,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    n_folds: int = 0,
+    fold: int = 0,
+    seed: int = 0,
+    num_workers: int = 2,
+    voi_lut: bool | None = None,
+    intensity_percentiles: tuple[float, float] = (0.5, 99.5),
+    classes: list[str] | None = None,
+    split: str = "train",
+    synthetic: dict | None = None,
+) -> PreparedData:
+    """Scan ``dataset_dir``, split it at the patient level and write ``datalist.json`` and ``bad_files.csv`` in ``output_dir``.
+
+    Args:
+        dataset_dir: a class-per-folder directory, a CSV manifest, or ``synthetic``.
+        output_dir: the run's folder.
+        image_size, in_channels, spatial_dims, voi_lut, intensity_percentiles: the preprocessing
+            (they form the cache signature).
+        val_fraction, test_fraction, n_folds, fold, seed: the split, see :func:`wsr_med.data.split_items`.
+        num_workers: processes that decode files during the scan.
+        classes: fix the class names (evaluation on another folder with a trained model's classes).
+        split: ``train`` splits the data; ``all`` puts every scan in ``test`` (evaluation of a whole folder).
+        synthetic: options of :func:`wsr_med.data.make_synthetic_folder` for ``dataset_dir=synthetic``.
+    """
+    output = Path(output_dir)
+    dataset_dir = _resolve_dataset(str(dataset_dir), output, dict(synthetic or {}))
+    scan = _scan(dataset_dir, spatial_dims, num_workers, classes)
+    if split == "all":
+        splits = {"training": [], "validation": [], "test": scan.items}
+    elif split == "train":
+        splits = split_items(scan.items, val_fraction, test_fraction, seed, n_folds, fold)
+        if not splits["training"] or not splits["validation"]:
+            raise ValueError(f"{dataset_dir}: too few patients for a training and a validation set ({splits and {k: len(v) for k, v in splits.items()}}).")
+    else:
+        raise ValueError(f"split must be 'train' or 'all', got '{split}'")
+    prefix = "" if split == "train" else "eval_"
+    settings = {"dataset_dir": str(dataset_dir), "seed": seed, "val_fraction": val_fraction,
+                "test_fraction": test_fraction, "n_folds": n_folds, "fold": fold, "split": split}
+    datalist = output / f"{prefix}datalist.json"
+    report = output / f"{prefix}bad_files.csv"
+    if _rank() == 0:
+        write_datalist(datalist, scan, splits, **settings)
+        scan.write_report(report)
+        if scan.bad_files:
+            logger.warning("%d files skipped; see %s", len(scan.bad_files), report)
+    return PreparedData(
+        classes=scan.classes,
+        training=_absolute(scan, splits["training"]),
+        validation=_absolute(scan, splits["validation"]),
+        test=_absolute(scan, splits["test"]),
+        signature=preprocessing_signature(image_size, in_channels, spatial_dims, voi_lut, intensity_percentiles),
+        datalist=datalist,
+        bad_files_report=report,
+        n_bad_files=len(scan.bad_files),
+    )
+
+
+def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[str], image_size: int = 224,
+                       in_channels: int = 1, spatial_dims: int = 2, num_workers: int = 2, voi_lut: bool | None = None,
+                       intensity_percentiles: tuple[float, float] = (0.5, 99.5)) -> PreparedData:
+    """Every readable scan under ``dataset_dir`` (recursively, no labels) for inference.
+
+    Unreadable files are reported in ``<predictions_file stem>_bad_files.csv`` beside the predictions.
+    """
+    scan = scan_folder(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes, labelled=False)
+    predictions_file = Path(predictions_file)
+    report = scan.write_report(predictions_file.with_name(predictions_file.stem + "_bad_files.csv"))
+    items = [{"image": str(scan.root / i["image"]), "relative_path": i["image"]} for i in scan.items]
+    return PreparedData(classes=list(classes), training=[], validation=[], test=items,
+                        signature=preprocessing_signature(image_size, in_channels, spatial_dims, voi_lut, intensity_percentiles),
+                        bad_files_report=report, n_bad_files=len(scan.bad_files))
+
+
+def prepare_evaluation(dataset_dir: str, run_dir: str, eval_dir: str, classes: list[str], eval_split: str = "all",
+                       **kwargs) -> PreparedData:
+    """The labelled cases to evaluate, in ``test``.
+
+    Args:
+        dataset_dir: a labelled folder or manifest (``eval_split="all"``: every readable scan in it).
+        run_dir: the training run folder (its ``datalist.json`` for ``eval_split="test"`` or ``"validation"``).
+        eval_dir: where the evaluation writes its datalist and bad-file report.
+        classes: the model's classes; folder names or labels must match them.
+        kwargs: preprocessing and scan options of :func:`prepare_data`.
+    """
+    if eval_split == "all":
+        return prepare_data(dataset_dir, eval_dir, classes=classes, split="all", **kwargs)
+    from wsr_med.data import read_datalist
+
+    key = {"test": "test", "validation": "validation"}.get(eval_split)
+    if key is None:
+        raise ValueError(f"eval_split must be all, test or validation, got '{eval_split}'")
+    items = read_datalist(Path(run_dir) / "datalist.json", key)
+    if not items:
+        raise ValueError(f"the run in {run_dir} has no '{key}' split (train with test_fraction > 0, or evaluate a folder with eval_split=all)")
+    signature = preprocessing_signature(kwargs.get("image_size", 224), kwargs.get("in_channels", 1),
+                                        kwargs.get("spatial_dims", 2), kwargs.get("voi_lut"),
+                                        kwargs.get("intensity_percentiles", (0.5, 99.5)))
+    return PreparedData(classes=list(classes), training=[], validation=[], test=items, signature=signature,
+                        datalist=Path(run_dir) / "datalist.json")
