@@ -7,11 +7,14 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import mlflow
 import numpy as np
 import torch
 from monai.handlers import MLFlowHandler
@@ -19,7 +22,7 @@ from monai.handlers import MLFlowHandler
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["MLflowTracker", "sanitised_datalist", "sanitised_report"]
+__all__ = ["MLflowTracker", "sanitised_datalist", "sanitised_report", "tracking_uri_context"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,23 @@ def sanitised_report(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return [{"file_hash": hashlib.sha256(r["file"].encode()).hexdigest()[:16], "reason": r["reason"]}
                 for r in csv.DictReader(f)]
+
+
+@contextmanager
+def tracking_uri_context(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for a block, then put back.
+
+    ``mlflow.set_tracking_uri`` also sets the ``MLFLOW_TRACKING_URI`` environment variable, which
+    would otherwise redirect every later run of the same process (a study, a test session).
+    """
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets the variable again
 
 
 def _tolerant(method):
@@ -98,6 +118,8 @@ class MLflowTracker(MLFlowHandler):
     def __init__(self, tracking_uri: str, output_dir: str | Path, params: dict | None = None, log_model: bool = False,
                  registered_model_name: str = "", input_shape: Sequence[int] = (1, 224, 224), **kwargs) -> None:
         super().__init__(tracking_uri=tracking_uri, experiment_param=params, **kwargs)
+        # The configured URI, not MONAI's preference for $MLFLOW_TRACKING_URI: the config already defaults to it.
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         self.output_dir = Path(output_dir)
         self.log_model = log_model
@@ -109,13 +131,13 @@ class MLflowTracker(MLFlowHandler):
         from ignite.engine import Events
 
         super().attach(engine)
-        if hasattr(engine, "optimizer"):  # the epoch's learning rate, read before the scheduler steps
-            engine.add_event_handler(Events.EPOCH_STARTED, self._read_lr)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._read_lr)  # before the scheduler steps
         if self.log_model:
             engine.add_event_handler(Events.COMPLETED, self.log_best_model)
 
     def _read_lr(self, engine: Engine) -> None:
-        self._epoch_lr = float(engine.optimizer.param_groups[0]["lr"])
+        optimizer = getattr(engine, "optimizer", None)  # trainers only
+        self._epoch_lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
 
     def _default_epoch_log(self, engine: Engine) -> None:
         super()._default_epoch_log(engine)
@@ -159,7 +181,6 @@ class MLflowTracker(MLFlowHandler):
         """Log ``model.pt`` (the best epoch) as an MLflow PyTorch model, registered, plus the spatial-weight picture."""
         import copy
 
-        import mlflow
         from mlflow.models import infer_signature
 
         weights = self.output_dir / "model.pt"
@@ -168,16 +189,16 @@ class MLflowTracker(MLFlowHandler):
             return
         model = copy.deepcopy(getattr(engine.network, "module", engine.network)).cpu().eval()
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        example = np.zeros((1, *self.input_shape), dtype=np.float32)
+        # batch of 2: torch.export would fix a batch of 1 into the saved program
+        example = np.random.default_rng(0).random((2, *self.input_shape), dtype=np.float32)
         with torch.no_grad():
             output = model(torch.from_numpy(example)).numpy()
-        mlflow.set_tracking_uri(self.tracking_uri)
         extra = [str(self.output_dir / n) for n in ("classes.json", "config.json") if (self.output_dir / n).is_file()]
-        with mlflow.start_run(run_id=self.cur_run.info.run_id):
+        with tracking_uri_context(self.tracking_uri), mlflow.start_run(run_id=self.cur_run.info.run_id):
             info = mlflow.pytorch.log_model(
                 model, name="model", signature=infer_signature(example, output), input_example=example,
                 registered_model_name=self.registered_model_name or None, extra_files=extra,
-                pip_requirements=_requirements(),
+                pip_requirements=_requirements(), serialization_format="pt2",  # torch.export: loads without unpickling code
             )
         (self.output_dir / "mlflow_model_uri").write_text(info.model_uri)
         self._log_spatial_weights(model)

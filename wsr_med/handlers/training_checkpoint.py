@@ -23,31 +23,41 @@ class TrainingCheckpoint:
     """MONAI ``CheckpointSaver`` + ``CheckpointLoader`` for a trainer, including the trainer's own state.
 
     Every epoch ``<save_dir>/checkpoint_epoch=N.pt`` is written (atomically, by ignite; only the
-    last is kept) with ``objects`` and the trainer. At attach time the last one, if any, is loaded
-    when the trainer starts, so the run continues after the last completed epoch. A finished run
-    is refused rather than restarted (see :func:`wsr_med.workflows.resume_checkpoint`).
-    Attach it first among the trainer's handlers, so that everything after it sees the restored state.
+    last is kept) with ``objects`` and the trainer, after every other end-of-epoch handler
+    (validation, learning-rate step, MLflow), so a checkpointed epoch is a fully recorded one. The
+    last checkpoint, if any, is loaded when the trainer starts, so the run continues after the last
+    completed epoch. A finished run is refused rather than restarted (see
+    :func:`wsr_med.workflows.resume_checkpoint`). Attach it first among the trainer's handlers, so
+    that everything after it sees the restored state.
 
     Args:
         save_dir: checkpoint folder.
         objects: ``{"model": network, "optimizer": ..., "lr_scheduler": ...}``.
         max_epochs: the run's ``max_epochs``.
-        save: write checkpoints (False on ranks other than 0; they still resume).
         map_location: device for loading.
+
+    Under torchrun every rank must attach it (ignite's saver synchronises the ranks and writes on rank 0 only).
     """
 
-    def __init__(self, save_dir: str | Path, objects: dict, max_epochs: int, save: bool = True,
+    def __init__(self, save_dir: str | Path, objects: dict, max_epochs: int,
                  map_location: torch.device | str | None = None) -> None:
         self.save_dir = Path(save_dir)
         self.objects = dict(objects)
         self.resume_from = resume_checkpoint(self.save_dir, max_epochs)
-        self.save = save
         self.map_location = map_location
 
     def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
         objects = {**self.objects, "trainer": engine}
         if self.resume_from is not None:
             logger.info("resuming from %s", self.resume_from)
             CheckpointLoader(self.resume_from, objects, map_location=self.map_location).attach(engine)
-        if self.save:
-            CheckpointSaver(str(self.save_dir), objects, save_interval=1, n_saved=1, epoch_level=True).attach(engine)
+        self._saver = CheckpointSaver(str(self.save_dir), objects, save_interval=1, n_saved=1, epoch_level=True)
+        # Registered at start, hence after the handlers attached later: the save is the epoch's last act.
+        engine.add_event_handler(Events.STARTED, self._attach_saver)
+
+    def _attach_saver(self, engine: Engine) -> None:
+        if self._saver is not None:
+            self._saver.attach(engine)
+            self._saver = None

@@ -1,0 +1,254 @@
+"""The MONAI bundle end to end: train, evaluate, predict, MLflow (local store and a real server), resume, torchrun."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from wsr_med.cli import BUNDLE, run_workflow
+from wsr_med.data import make_synthetic_folder
+
+CONFIGS = BUNDLE / "configs"
+TINY = {
+    "image_size": 64,
+    "backbone_kwargs": {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]},
+    "batch_size": 8,
+    "num_workers": 0,
+    "progress_bar": False,
+    "learning_rate": 0.01,
+}
+
+
+def cli_overrides(settings: dict) -> list[str]:
+    """``--key value`` pairs for ``python -m monai.bundle run``."""
+    args = []
+    for key, value in settings.items():
+        args += [f"--{key}", repr(value) if not isinstance(value, str) else value]
+    return args
+
+
+def bundle_command(config_files: list[str], settings: dict, launcher: list[str] | None = None) -> list[str]:
+    files = "[" + ",".join(f"'{CONFIGS / f}'" for f in config_files) + "]"
+    return [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", "--config_file", files,
+            "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
+            "--bundle_root", str(BUNDLE), *cli_overrides(settings)]
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory) -> Path:
+    """3 classes, DICOM and PNG mixed, plus one broken file."""
+    root = make_synthetic_folder(tmp_path_factory.mktemp("hospital"), n_per_class=10, image_size=64, n_classes=3)
+    (root / "left" / "broken.png").write_bytes(b"\x89PNG broken")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, hospital) -> dict:
+    """One training run (2 epochs) tracked in a local SQLite store, then evaluation and inference on it."""
+    out = tmp_path_factory.mktemp("run")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(out / "run"), "tracking_uri": uri,
+                "max_epochs": 2, "experiment_name": "test", "registered_model_name": "tiny_wise"}
+    run_workflow("train", **settings)
+    run_workflow("evaluate", **settings, eval_split="all")
+    unlabelled = make_synthetic_folder(out / "unlabelled", n_per_class=3, image_size=80, n_classes=2, seed=5)
+    run_workflow("inference", **{**settings, "dataset_dir": str(unlabelled)})
+    return {"settings": settings, "out": Path(settings["output_dir"]), "uri": uri, "unlabelled": unlabelled}
+
+
+def only_run(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_training_outputs_and_mlflow_record(trained):
+    out = trained["out"]
+    for name in ("model.pt", "best.json", "classes.json", "config.json", "datalist.json", "bad_files.csv"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "classes.json").read_text()) == ["above", "left", "right"]
+    assert "broken.png" in (out / "bad_files.csv").read_text()
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["image_size"] == 64 and "train.json" in next(iter(config["config_files"]))
+    client, run = only_run(trained["uri"], "test")
+    assert run.data.params["head"] == "wise" and run.data.params["image_size"] == "64"
+    for metric in ("val_auc", "val_accuracy", "val_loss", "train_loss", "learning_rate"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2], metric
+    artifacts = {a.path for folder in ("run", "plots", "eval_all") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"run/config.json", "run/datalist.json", "run/bad_files.json", "plots/spatial_weights.png",
+            "eval_all/report.html", "eval_all/metrics.json", "eval_all/roc.png"} <= artifacts
+    assert "eval_all_auc" in client.get_run(run.info.run_id).data.metrics
+
+
+def test_mlflow_holds_no_patient_identifiers(trained, hospital):
+    import pydicom
+
+    client, run = only_run(trained["uri"], "test")
+    local = Path(client.download_artifacts(run.info.run_id, "run"))
+    text = "".join(p.read_text() for p in local.rglob("*.json")) + json.dumps(run.data.params)
+    for path in hospital.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        for value in (ds.PatientID, str(ds.PatientName), ds.AccessionNumber, ds.PatientBirthDate):
+            assert value not in text
+    assert "case0" not in text  # file names stay local; MLflow gets content hashes
+
+
+def test_registered_model_reproduces_predictions(trained):
+    import mlflow.pytorch
+
+    from wsr_med.handlers import tracking_uri_context
+    from wsr_med.networks import WiseSrNet
+
+    client = MlflowClient(trained["uri"])
+    version = client.get_latest_versions("tiny_wise")[0]
+    with tracking_uri_context(trained["uri"]):
+        registry_model = mlflow.pytorch.load_model(f"models:/tiny_wise/{version.version}")  # exported in eval mode
+    local = WiseSrNet(out_channels=3, img_size=64, backbone_kwargs=TINY["backbone_kwargs"])
+    local.load_state_dict(torch.load(trained["out"] / "model.pt", weights_only=True))
+    x = torch.rand(4, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(registry_model(x), local.eval()(x))
+
+
+def test_evaluation_report(trained):
+    eval_dir = trained["out"] / "eval"
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["n"] == 30 and metrics["classes"] == ["above", "left", "right"]
+    assert len(metrics["auc_ci95"]) == 2 and set(metrics["per_class"]) == {"above", "left", "right"}
+    assert np.array(metrics["confusion_matrix"]).sum() == 30
+    html = (eval_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "AUC 95% CI" in html
+    for name in ("roc.png", "confusion_matrix.png", "reliability.png"):
+        assert (eval_dir / name).stat().st_size > 1000
+
+
+def test_predictions_csv(trained):
+    import csv
+
+    with open(trained["out"] / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    assert list(rows[0]) == ["path", "predicted_class", "prob_above", "prob_left", "prob_right"]
+    for row in rows:
+        probs = [float(row[f"prob_{c}"]) for c in ("above", "left", "right")]
+        assert abs(sum(probs) - 1) < 1e-4
+        assert row["predicted_class"] == ["above", "left", "right"][int(np.argmax(probs))]
+        assert (trained["unlabelled"] / row["path"]).is_file()
+
+
+def test_verify_net_in_out_and_ckpt_export(trained, hospital, tmp_path):
+    base = [sys.executable, "-m", "monai.bundle"]
+    meta = ["--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "train.json")]
+    subprocess.run([*base, "verify_net_in_out", "network_def", *meta], check=True, capture_output=True)
+    settings = {k: TINY[k] for k in ("image_size", "backbone_kwargs")}
+    ts = tmp_path / "model.ts"
+    subprocess.run([*base, "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(trained["out"] / "model.pt"),
+                    *meta, "--dataset_dir", str(hospital), *cli_overrides(settings)], check=True, capture_output=True)
+    exported = torch.jit.load(ts)
+    from wsr_med.networks import WiseSrNet
+
+    local = WiseSrNet(out_channels=3, img_size=64, backbone_kwargs=TINY["backbone_kwargs"]).eval()
+    local.load_state_dict(torch.load(trained["out"] / "model.pt", weights_only=True))
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), local(x))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_uri_fails_before_training(tmp_path, hospital):
+    port = free_port()  # nothing listens there
+    with pytest.raises(RuntimeError) as failure:  # MONAI wraps the error of the config expression
+        run_workflow("train", **TINY, dataset_dir=str(hospital), output_dir=str(tmp_path / "run"),
+                     tracking_uri=f"http://127.0.0.1:{port}", max_epochs=1)
+    assert isinstance(failure.value.__cause__, ConnectionError)
+    assert f"127.0.0.1:{port} cannot be reached" in str(failure.value.__cause__)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("mlflow server did not start")
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_real_mlflow_server(mlflow_server, tmp_path, hospital):
+    settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(tmp_path / "run"), "tracking_uri": mlflow_server,
+                "max_epochs": 1, "experiment_name": "served", "registered_model_name": "served_model"}
+    run_workflow("train", **settings)
+    client, run = only_run(mlflow_server, "served")
+    assert run.data.metrics["val_auc"] >= 0
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "run")} >= {"run/config.json", "run/datalist.json"}
+    assert client.get_latest_versions("served_model")[0].version == "1"
+
+
+def test_interrupted_training_resumes_same_run(tmp_path, hospital):
+    out = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(out), "tracking_uri": uri, "max_epochs": 6,
+                "experiment_name": "resume", "registered_model_name": ""}
+    cmd = bundle_command(["train.json"], settings)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("checkpoint_epoch=*.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # as hard as a power cut
+    proc.wait()
+    done = [int(p.stem.split("=")[1]) for p in (out / "checkpoints").glob("checkpoint_epoch=*.pt")]
+    assert done and max(done) < 6, "the run was not interrupted"
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert (out / "checkpoints" / "checkpoint_epoch=6.pt").is_file()
+    client, run = only_run(uri, "resume")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")]
+    assert set(steps) == set(range(1, 7))
+    again = subprocess.run(cmd, capture_output=True, text=True)  # a finished run is never overwritten
+    assert again.returncode != 0 and "finished run" in again.stdout + again.stderr
+
+
+def test_torchrun_two_processes_one_mlflow_run(tmp_path, hospital):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(tmp_path / "run"), "tracking_uri": uri,
+                "max_epochs": 2, "experiment_name": "ddp", "registered_model_name": "ddp_model"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port())]
+    result = subprocess.run(bundle_command(["train.json", "multi_gpu_train.json"], settings, torchrun),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, run = only_run(uri, "ddp")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint_epoch=2.pt").is_file()
+    assert client.get_latest_versions("ddp_model")
