@@ -313,3 +313,16 @@ def test_cache_reuses_and_invalidates(tmp_path, synthetic_dir):
     changed = preprocessing_signature(48, 1, 2, None, (0.5, 99.5))
     bigger = scan_dataset(items, scan_transforms(48), tmp_path / "cache", changed)[0]["image"]
     assert bigger.shape == (1, 48, 48) and len(list((tmp_path / "cache").glob("*.pt"))) == 5
+
+
+def test_jpeg_reduced_decode_keeps_enough_pixels(chest_dir):
+    path = max((chest_dir / "NORMAL").glob("*.jpeg"), key=lambda p: Image.open(p).size[0])
+    full, meta = read_scan(path)
+    reduced, meta_reduced = read_scan(path, min_size=256)
+    assert max(reduced.shape[1:]) >= 256 and max(reduced.shape[1:]) < max(full.shape[1:]) / 2
+    assert meta_reduced["original_shape"] == meta["original_shape"] == full.shape[1:]
+    from monai.transforms import Resize
+
+    a = Resize(256, size_mode="longest", mode="area")(torch.from_numpy(full))
+    b = Resize(256, size_mode="longest", mode="area")(torch.from_numpy(reduced))
+    assert a.shape == b.shape and (a - b).abs().mean() < 2.0  # same picture, 8-bit scale

@@ -2,7 +2,7 @@
 
 ``scan_transforms(...)`` is the one pipeline used by training, evaluation and inference:
 
-    LoadScand -> Resized(longest side = image_size, area) -> ScaleIntensityRangePercentilesd
+    LoadScand -> Resized(longest side = image_size, area) -> ScalePercentilesd
     -> SpatialPadd(image_size, centred) [-> augmentations when train=True] -> EnsureTyped
 
 The deterministic part is what :class:`monai.data.PersistentDataset` caches (MONAI caches up
@@ -26,14 +26,13 @@ from monai.transforms import (
     RandAffined,
     RandScaleIntensityd,
     Resized,
-    ScaleIntensityRangePercentilesd,
     SpatialPadd,
     Transform,
 )
 
 from wsr_med.data.readers import read_scan
 
-__all__ = ["LoadScan", "LoadScand", "scan_transforms", "preprocessing_signature"]
+__all__ = ["LoadScan", "LoadScand", "ScalePercentilesd", "scan_transforms", "preprocessing_signature"]
 
 
 class LoadScan(Transform):
@@ -43,15 +42,19 @@ class LoadScan(Transform):
         channels: 1 or 3 for 2D scans: colour is converted to luma, grayscale replicated.
         voi_lut: DICOM VOI LUT / window; None applies it for radiograph modalities only.
         spatial_dims: 2 for pictures and DICOM images, 3 for NIfTI files and DICOM series.
+        min_size: the size the image is resized to next; JPEG files may decode at a reduced
+            scale that keeps the longest side at least this large (None: full resolution).
     """
 
-    def __init__(self, channels: int = 1, voi_lut: bool | None = None, spatial_dims: int = 2) -> None:
+    def __init__(self, channels: int = 1, voi_lut: bool | None = None, spatial_dims: int = 2,
+                 min_size: int | None = None) -> None:
         self.channels = channels
         self.voi_lut = voi_lut
         self.spatial_dims = spatial_dims
+        self.min_size = min_size
 
     def __call__(self, path: str | Path) -> MetaTensor:
-        array, meta = read_scan(path, self.channels, self.voi_lut, self.spatial_dims)
+        array, meta = read_scan(path, self.channels, self.voi_lut, self.spatial_dims, self.min_size)
         affine = meta.pop("affine", None)
         return MetaTensor(torch.from_numpy(array), affine=affine, meta=meta)
 
@@ -65,10 +68,11 @@ class LoadScand(MapTransform):
         channels: int = 1,
         voi_lut: bool | None = None,
         spatial_dims: int = 2,
+        min_size: int | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadScan(channels, voi_lut, spatial_dims)
+        self.loader = LoadScan(channels, voi_lut, spatial_dims, min_size)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -77,11 +81,33 @@ class LoadScand(MapTransform):
         return d
 
 
+class ScalePercentilesd(MapTransform):
+    """Map intensities between two percentiles of each image to [0, 1], clipped outside.
+
+    The same mapping as MONAI's ``ScaleIntensityRangePercentilesd(lower, upper, 0, 1, clip=True)``,
+    computed with ``np.percentile`` (a partial sort): several times faster, which matters when
+    this runs once per image in the data loader. A constant image maps to zeros.
+    """
+
+    def __init__(self, keys: KeysCollection, lower: float = 0.5, upper: float = 99.5) -> None:
+        super().__init__(keys)
+        self.lower, self.upper = lower, upper
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            low, high = np.percentile(np.asarray(image), [self.lower, self.upper])
+            scaled = (image - float(low)) / max(float(high - low), 1e-12)
+            d[key] = scaled.clamp(0.0, 1.0) if isinstance(scaled, torch.Tensor) else np.clip(scaled, 0.0, 1.0)
+        return d
+
+
 def preprocessing_signature(image_size: int, in_channels: int, spatial_dims: int, voi_lut: bool | None,
                             intensity_percentiles: Sequence[float]) -> dict:
     """Everything that changes a cached, preprocessed image; part of the cache key."""
     return {"image_size": image_size, "in_channels": in_channels, "spatial_dims": spatial_dims,
-            "voi_lut": voi_lut, "intensity_percentiles": list(intensity_percentiles), "version": 1}
+            "voi_lut": voi_lut, "intensity_percentiles": list(intensity_percentiles), "version": 2}
 
 
 def scan_transforms(
@@ -116,9 +142,9 @@ def scan_transforms(
     keys = list(keys)
     lower, upper = intensity_percentiles
     steps = [
-        LoadScand(keys, channels=in_channels, voi_lut=voi_lut, spatial_dims=spatial_dims),
+        LoadScand(keys, channels=in_channels, voi_lut=voi_lut, spatial_dims=spatial_dims, min_size=image_size),
         Resized(keys, spatial_size=image_size, size_mode="longest", mode="area"),
-        ScaleIntensityRangePercentilesd(keys, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True),
+        ScalePercentilesd(keys, lower=lower, upper=upper),
         SpatialPadd(keys, spatial_size=[image_size] * spatial_dims, method="symmetric"),
     ]
     if train:
