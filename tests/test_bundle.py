@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from wsr_med.cli import BUNDLE, run_workflow
+from wsr_med.workflows import BUNDLE, run_workflow
 from wsr_med.data import make_synthetic_folder
 
 CONFIGS = BUNDLE / "configs"

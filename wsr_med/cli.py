@@ -20,9 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["main", "run_workflow", "BUNDLE"]
+from wsr_med.workflows.bundle import BUNDLE, run_workflow
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "wise_srnet_classification"
+__all__ = ["main"]
 
 # A short run that shows the whole pipeline in minutes on a laptop CPU.
 DEMO_SETTINGS = {
@@ -44,18 +44,6 @@ def _value(text: str):
         except (ValueError, SyntaxError):
             pass
     return text
-
-
-def run_workflow(workflow: str, bundle_root: Path = BUNDLE, **overrides) -> None:
-    """Run ``train``, ``evaluate`` or ``inference`` of the bundle with ``overrides`` (config ids -> values)."""
-    from monai.bundle import run
-
-    configs = bundle_root / "configs"
-    if not (configs / "train.json").is_file():
-        raise FileNotFoundError(f"bundle not found in {bundle_root}; pass --bundle-root (install wsr_med with 'pip install -e .')")
-    files = [str(configs / "train.json")] + ([str(configs / f"{workflow}.json")] if workflow != "train" else [])
-    run(config_file=files, meta_file=str(configs / "metadata.json"), logging_file=str(configs / "logging.conf"),
-        bundle_root=str(bundle_root), **overrides)
 
 
 def _overrides(args: argparse.Namespace) -> dict:

@@ -83,7 +83,7 @@ def write_datalist(path: str | Path, scan: DatasetScan, splits: dict[str, list[d
 
 
 def read_datalist(path: str | Path, key: str) -> list[dict]:
-    """The items of one split of a datalist, with ``image`` resolved against its ``base_dir``."""
+    """The items of one split of a datalist: ``image`` resolved against its ``base_dir``, ``relative_path`` as stored."""
     doc = json.loads(Path(path).read_text())
     base = Path(doc["base_dir"])
-    return [{**item, "image": str(base / item["image"])} for item in doc[key]]
+    return [{**item, "image": str(base / item["image"]), "relative_path": item["image"]} for item in doc[key]]

@@ -2,8 +2,8 @@
 
 ``scan_transforms(...)`` is the one pipeline used by training, evaluation and inference:
 
-    LoadScand -> Resized(longest side = image_size, area) -> ScalePercentilesd
-    -> SpatialPadd(image_size, centred) [-> augmentations when train=True] -> EnsureTyped
+    LoadScand -> ResizeLongestd(image_size) -> ScalePercentilesd -> PadToSquared(image_size)
+    [-> augmentations when train=True] -> EnsureTyped
 
 The deterministic part is what :class:`monai.data.PersistentDataset` caches (MONAI caches up
 to the first random transform).
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -25,18 +25,20 @@ from monai.transforms import (
     RandAdjustContrastd,
     RandAffined,
     RandScaleIntensityd,
-    Resized,
-    SpatialPadd,
     Transform,
 )
 
 from wsr_med.data.readers import read_scan
 
-__all__ = ["LoadScan", "LoadScand", "ScalePercentilesd", "scan_transforms", "preprocessing_signature"]
+__all__ = ["LoadScan", "LoadScand", "ResizeLongestd", "ScalePercentilesd", "PadToSquared", "scan_transforms",
+           "preprocessing_signature"]
 
 
 class LoadScan(Transform):
-    """Load a scan file as a ``MetaTensor`` (``(C, H, W)`` or ``(1, X, Y, Z)``), see :func:`wsr_med.data.readers.read_scan`.
+    """Load a scan file as a float tensor (``(C, H, W)`` or ``(1, X, Y, Z)``), see :func:`wsr_med.data.readers.read_scan`.
+
+    A plain tensor rather than a ``MetaTensor``: nothing downstream needs the meta data (and it
+    must not carry header fields), and plain tensors skip MONAI's per-operation meta tracking.
 
     Args:
         channels: 1 or 3 for 2D scans: colour is converted to luma, grayscale replicated.
@@ -53,10 +55,9 @@ class LoadScan(Transform):
         self.spatial_dims = spatial_dims
         self.min_size = min_size
 
-    def __call__(self, path: str | Path) -> MetaTensor:
-        array, meta = read_scan(path, self.channels, self.voi_lut, self.spatial_dims, self.min_size)
-        affine = meta.pop("affine", None)
-        return MetaTensor(torch.from_numpy(array), affine=affine, meta=meta)
+    def __call__(self, path: str | Path) -> torch.Tensor:
+        array, _ = read_scan(path, self.channels, self.voi_lut, self.spatial_dims, self.min_size)
+        return torch.from_numpy(array)
 
 
 class LoadScand(MapTransform):
@@ -81,12 +82,65 @@ class LoadScand(MapTransform):
         return d
 
 
+class ResizeLongestd(MapTransform):
+    """Resize so that the longest side is ``size``, keeping the aspect ratio. ``(C, *S) -> (C, *S')``.
+
+    Area (box) interpolation: each output pixel averages the input pixels it covers, so a 3000 px
+    radiograph shrunk to 512 px does not alias. 2D goes through PIL's box filter per channel
+    (float32, single-threaded C, the fastest here), 3D through torch's area interpolation. Not
+    MONAI's ``Resize``: its meta-data tracking alone costs a few milliseconds per image, a third
+    of the whole preprocessing of a radiograph.
+    """
+
+    def __init__(self, keys: KeysCollection, size: int) -> None:
+        super().__init__(keys)
+        self.size = size
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key], dtype=torch.float32)
+            spatial = image.shape[1:]
+            scale = self.size / max(spatial)
+            target = [max(1, round(s * scale)) for s in spatial]
+            if list(spatial) == target:
+                pass
+            elif len(spatial) == 2:
+                size = (target[1], target[0])  # PIL sizes are (width, height)
+                channels = [np.asarray(Image.fromarray(c.numpy(), mode="F").resize(size, Image.Resampling.BOX)) for c in image]
+                image = torch.from_numpy(np.stack(channels))
+            else:
+                image = torch.nn.functional.interpolate(image[None], size=target, mode="area")[0]
+            d[key] = image
+        return d
+
+
+class PadToSquared(MapTransform):
+    """Zero-pad every spatial axis to ``size``, centred (the extra pixel of an odd margin goes after). ``(C, *S) -> (C, size, ...)``."""
+
+    def __init__(self, keys: KeysCollection, size: int) -> None:
+        super().__init__(keys)
+        self.size = size
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            pads = []
+            for s in reversed(image.shape[1:]):  # F.pad takes the last axis first
+                margin = max(self.size - s, 0)
+                pads += [margin // 2, margin - margin // 2]
+            d[key] = torch.nn.functional.pad(image, pads)
+        return d
+
+
 class ScalePercentilesd(MapTransform):
     """Map intensities between two percentiles of each image to [0, 1], clipped outside.
 
-    The same mapping as MONAI's ``ScaleIntensityRangePercentilesd(lower, upper, 0, 1, clip=True)``,
-    computed with ``np.percentile`` (a partial sort): several times faster, which matters when
-    this runs once per image in the data loader. A constant image maps to zeros.
+    The mapping of MONAI's ``ScaleIntensityRangePercentilesd(lower, upper, 0, 1, clip=True)``,
+    with the percentiles estimated on a regular subsample of at most ~65k pixels (a strided grid,
+    deterministic): an order of magnitude faster on a 512 px image, and the same up to the
+    estimate's precision. A constant image maps to zeros.
     """
 
     def __init__(self, keys: KeysCollection, lower: float = 0.5, upper: float = 99.5) -> None:
@@ -96,10 +150,13 @@ class ScalePercentilesd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         for key in self.key_iterator(d):
-            image = d[key]
-            low, high = np.percentile(np.asarray(image), [self.lower, self.upper])
-            scaled = (image - float(low)) / max(float(high - low), 1e-12)
-            d[key] = scaled.clamp(0.0, 1.0) if isinstance(scaled, torch.Tensor) else np.clip(scaled, 0.0, 1.0)
+            image = torch.as_tensor(d[key], dtype=torch.float32)
+            values = image.numpy()
+            stride = max(1, int(np.ceil((values.size / 65536) ** (1 / max(values.ndim - 1, 1)))))
+            sample = values[(slice(None),) + (slice(None, None, stride),) * (values.ndim - 1)]
+            low, high = np.percentile(sample, [self.lower, self.upper])
+            scaled = torch.sub(image, float(low))  # a new tensor: the input is left as it was
+            d[key] = scaled.mul_(1.0 / max(float(high - low), 1e-12)).clamp_(0.0, 1.0)
         return d
 
 
@@ -107,7 +164,7 @@ def preprocessing_signature(image_size: int, in_channels: int, spatial_dims: int
                             intensity_percentiles: Sequence[float]) -> dict:
     """Everything that changes a cached, preprocessed image; part of the cache key."""
     return {"image_size": image_size, "in_channels": in_channels, "spatial_dims": spatial_dims,
-            "voi_lut": voi_lut, "intensity_percentiles": list(intensity_percentiles), "version": 2}
+            "voi_lut": voi_lut, "intensity_percentiles": list(intensity_percentiles), "version": 3}
 
 
 def scan_transforms(
@@ -126,9 +183,8 @@ def scan_transforms(
     """The preprocessing (and, with ``train=True``, augmentation) pipeline for dictionaries ``{"image": path, ...}``.
 
     Args:
-        image_size: side of the square (cube) input; the longest side is resized to it with
-            area interpolation (anti-aliased), the aspect ratio kept, and the rest zero-padded
-            symmetrically.
+        image_size: side of the square (cube) input; the longest side is resized to it
+            (anti-aliased), the aspect ratio kept, and the rest zero-padded, centred.
         in_channels: 1 or 3 (2D); volumes are single channel.
         spatial_dims: 2 or 3.
         train: add random augmentations suitable for radiographs: small rotation, zoom and shift
@@ -143,9 +199,9 @@ def scan_transforms(
     lower, upper = intensity_percentiles
     steps = [
         LoadScand(keys, channels=in_channels, voi_lut=voi_lut, spatial_dims=spatial_dims, min_size=image_size),
-        Resized(keys, spatial_size=image_size, size_mode="longest", mode="area"),
+        ResizeLongestd(keys, image_size),
         ScalePercentilesd(keys, lower=lower, upper=upper),
-        SpatialPadd(keys, spatial_size=[image_size] * spatial_dims, method="symmetric"),
+        PadToSquared(keys, image_size),
     ]
     if train:
         rotate = np.deg2rad(rotate_degrees)

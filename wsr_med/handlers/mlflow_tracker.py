@@ -111,12 +111,14 @@ class MLflowTracker(MLFlowHandler):
         log_model: log and register the best model when the engine completes (put on the trainer).
         registered_model_name: Model Registry name; empty to log without registering.
         input_shape: ``(C, *spatial)`` of the network input, for the signature and example.
+        parent_run_id: nest this run under another (a study's parent run); empty for none.
         kwargs: other :class:`monai.handlers.MLFlowHandler` arguments (``experiment_name``, ``run_name``,
             ``iteration_log``, ``epoch_log``, ``output_transform``, ``state_attributes``...).
     """
 
     def __init__(self, tracking_uri: str, output_dir: str | Path, params: dict | None = None, log_model: bool = False,
-                 registered_model_name: str = "", input_shape: Sequence[int] = (1, 224, 224), **kwargs) -> None:
+                 registered_model_name: str = "", input_shape: Sequence[int] = (1, 224, 224), parent_run_id: str = "",
+                 **kwargs) -> None:
         super().__init__(tracking_uri=tracking_uri, experiment_param=params, **kwargs)
         # The configured URI, not MONAI's preference for $MLFLOW_TRACKING_URI: the config already defaults to it.
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -125,6 +127,7 @@ class MLflowTracker(MLFlowHandler):
         self.log_model = log_model
         self.registered_model_name = registered_model_name
         self.input_shape = tuple(input_shape)
+        self.parent_run_id = parent_run_id
         self.disabled = False
 
     def attach(self, engine: Engine) -> None:
@@ -158,6 +161,8 @@ class MLflowTracker(MLFlowHandler):
         if first or not self.run_id_file.is_file():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.run_id_file.write_text(self.cur_run.info.run_id)
+            if self.parent_run_id:
+                self.client.set_tag(self.cur_run.info.run_id, "mlflow.parentRunId", self.parent_run_id)
             self._log_run_files()
 
     def _log_run_files(self) -> None:

@@ -66,6 +66,17 @@ class _Collector:
         raise NotImplementedError
 
 
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    """Write a CSV under a temporary name, then rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 def _mlflow_run(output_dir: Path, tracking_uri: str | None):
     """The run a training logged to (``mlflow_run_id``), or None."""
     run_file = output_dir / "mlflow_run_id"
@@ -77,7 +88,8 @@ def _mlflow_run(output_dir: Path, tracking_uri: str | None):
 
 
 class EvaluationReporter(_Collector):
-    """Write ``metrics.json``, ROC / confusion / reliability PNGs and ``report.html`` to ``report_dir``; log them to MLflow.
+    """Write ``metrics.json``, ROC / confusion / reliability PNGs, ``report.html`` and the per-case
+    ``cases.csv`` (label and probabilities, for paired comparisons) to ``report_dir``; log them to MLflow.
 
     Args:
         classes: class names, in the model's order.
@@ -108,6 +120,8 @@ class EvaluationReporter(_Collector):
         self.metrics = classification_metrics(labels, probs, self.classes, self.threshold, self.n_boot)
         self.report_dir.mkdir(parents=True, exist_ok=True)
         (self.report_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=1))
+        _write_csv(self.report_dir / "cases.csv", ["path", "label", *[f"prob_{c}" for c in self.classes]],
+                   [[p, self.classes[y], *[f"{v:.6f}" for v in pr]] for p, y, pr in zip(self.paths, self.labels, self.probs)])
         plots = [plot_roc(labels, probs, self.classes, self.metrics, self.report_dir / "roc.png"),
                  plot_confusion(self.metrics, self.report_dir / "confusion_matrix.png"),
                  plot_reliability(self.metrics, self.report_dir / "reliability.png")]
@@ -150,12 +164,7 @@ class PredictionWriter(_Collector):
         self.output_file = Path(output_file)
 
     def finish(self, engine: Engine) -> None:
-        self.output_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_file.with_name(self.output_file.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "predicted_class", *[f"prob_{c}" for c in self.classes]])
-            for path, probs in zip(self.paths, self.probs):
-                writer.writerow([path, self.classes[int(np.argmax(probs))], *[f"{p:.6f}" for p in probs]])
-        os.replace(tmp, self.output_file)
+        _write_csv(self.output_file, ["path", "predicted_class", *[f"prob_{c}" for c in self.classes]],
+                   [[path, self.classes[int(np.argmax(probs))], *[f"{p:.6f}" for p in probs]]
+                    for path, probs in zip(self.paths, self.probs)])
         logger.info("predictions for %d scans written to %s", len(self.paths), self.output_file)

@@ -103,7 +103,7 @@ class PreparedData:
 
 
 def _absolute(scan: DatasetScan, items: list[dict]) -> list[dict]:
-    return [{**i, "image": str(scan.root / i["image"])} for i in items]
+    return [{**i, "image": str(scan.root / i["image"]), "relative_path": i["image"]} for i in items]
 
 
 def _scan(dataset_dir: str, spatial_dims: int, num_workers: int, classes: list[str] | None, labelled: bool = True):

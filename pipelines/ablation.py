@@ -1,0 +1,284 @@
+"""Ablation study: heads x backbones x image sizes x patient-level folds, each cell a run of the bundle.
+
+    python -m pipelines.ablation --dataset-dir ../shared/data/chest_xray_pneumonia/labels_3class.csv \\
+        --output-dir runs/ablation_chest3 --heads gap wise wise_unconstrained depthwise gem flatten \\
+        --sizes 128 256 --folds 5 --set "backbone_kwargs={'init_features':16,'growth_rate':8,'block_config':[2,2,2,2]}" max_epochs=15
+
+All cells are child runs of one MLflow parent run. Each cell trains on k-1 folds, is evaluated on
+its validation fold (``eval/metrics.json``, per-case ``eval/cases.csv``) and probed with the
+spatial-shuffle diagnostic. The study writes ``summary.csv`` / ``summary.md`` (mean and spread of AUC
+and accuracy, parameters, seconds per epoch, shuffle drop, and each head's paired AUC difference to
+``gap`` over the same cases with a bootstrap CI), ``auc_by_head.png`` and ``val_curves.png``, and logs
+them to the parent run. Run the same command again after an interruption: finished cells are
+skipped, an interrupted cell resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsr_med.cli import _value
+from wsr_med.handlers import tracking_uri_context
+from wsr_med.metrics import roc_auc
+from wsr_med.workflows import parse_bundle, run_workflow, sqlite_uri
+
+logger = logging.getLogger("wsr_med.ablation")
+
+
+@dataclass(frozen=True)
+class Cell:
+    backbone: str
+    image_size: int
+    head: str
+    fold: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone}-{self.image_size}-{self.head}-fold{self.fold}"
+
+
+def _parent_run(client, experiment_name: str, output: Path, grid: dict) -> str:
+    path = output / "parent_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    experiment = client.get_experiment_by_name(experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+    run = client.create_run(experiment_id, run_name=f"ablation-{output.name}")
+    for key, value in grid.items():
+        client.log_param(run.info.run_id, key, json.dumps(value) if not isinstance(value, str) else value)
+    output.mkdir(parents=True, exist_ok=True)
+    path.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def _read_cases(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = [k[len("prob_"):] for k in rows[0] if k.startswith("prob_")]
+    paths = [r["path"] for r in rows]
+    labels = np.array([classes.index(r["label"]) for r in rows])
+    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    return paths, labels, probs, classes
+
+
+def shuffle_auc(cell_dir: Path, settings: dict, repeats: int = 3, seed: int = 0) -> float:
+    """Validation AUC when the final feature map's positions are randomly permuted (mean over ``repeats``)."""
+    from monai.data import DataLoader
+
+    from wsr_med.data import read_datalist, scan_dataset, scan_transforms
+    from wsr_med.networks import logits_with_shuffled_positions
+    from wsr_med.workflows import load_model
+
+    parser = parse_bundle("train", **settings)
+    net = load_model(parser.get_parsed_content("network_def"), cell_dir / "model.pt", "cpu")
+    items = read_datalist(cell_dir / "datalist.json", "validation")
+    doc = json.loads((cell_dir / "datalist.json").read_text())
+    transform = scan_transforms(settings["image_size"], settings.get("in_channels", 1))
+    dataset = scan_dataset(items, transform, str(cell_dir / "cache"), parser.get_parsed_content("data").signature)
+    labels, batches = [], []
+    for batch in DataLoader(dataset, batch_size=32, num_workers=0):
+        batches.append(batch["image"])
+        labels.append(batch["label"])
+    labels = torch.cat(labels).numpy()
+    generator = torch.Generator().manual_seed(seed)
+    aucs = []
+    for _ in range(repeats):
+        logits = torch.cat([logits_with_shuffled_positions(net, x, generator) for x in batches])
+        aucs.append(roc_auc(labels, torch.softmax(logits, 1).numpy()))
+    assert len(doc["classes"]) == logits.shape[1]
+    return float(np.mean(aucs))
+
+
+def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: dict) -> dict:
+    cell_dir = Path(args.output_dir) / cell.name
+    done = cell_dir / "cell.json"
+    if done.is_file():
+        logger.info("skipping finished cell %s", cell.name)
+        return json.loads(done.read_text())
+    settings = {**extra, "backbone": cell.backbone, "image_size": cell.image_size, "head": cell.head}
+    common = {**settings, "dataset_dir": args.dataset_dir, "output_dir": str(cell_dir), "tracking_uri": args.tracking_uri,
+              "experiment_name": args.experiment_name, "run_name": cell.name, "registered_model_name": "",
+              "parent_run_id": parent_run_id, "n_folds": args.folds, "fold": cell.fold, "seed": args.seed}
+    logger.info("cell %s", cell.name)
+    start = time.perf_counter()
+    if not (cell_dir / "checkpoints" / f"checkpoint_epoch={common.get('max_epochs', 30)}.pt").is_file():
+        run_workflow("train", **common)
+    seconds = time.perf_counter() - start
+    run_workflow("evaluate", **common, eval_split="validation")
+    metrics = json.loads((cell_dir / "eval" / "metrics.json").read_text())
+    shuffled = shuffle_auc(cell_dir, {**settings, "dataset_dir": args.dataset_dir})
+    net = parse_bundle("train", **{**settings, "dataset_dir": args.dataset_dir}).get_parsed_content("network_def")
+    epochs = len(_val_curve(cell_dir, args))
+    result = {**asdict(cell), "auc": metrics["auc"], "accuracy": metrics["accuracy"], "auc_shuffled": shuffled,
+              "params": sum(p.numel() for p in net.parameters()), "head_params": sum(p.numel() for p in net.head.parameters()),
+              "seconds_per_epoch": seconds / max(epochs, 1), "val_auc_curve": _val_curve(cell_dir, args)}
+    from mlflow import MlflowClient
+
+    run_id = (cell_dir / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(args.tracking_uri)
+    client.log_metric(run_id, "eval_validation_auc_shuffled", shuffled)
+    client.log_metric(run_id, "seconds_per_epoch", result["seconds_per_epoch"])
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(done)
+    return result
+
+
+def _val_curve(cell_dir: Path, args: argparse.Namespace) -> list[float]:
+    from mlflow import MlflowClient
+
+    run_id = (cell_dir / "mlflow_run_id").read_text().strip()
+    history = MlflowClient(args.tracking_uri).get_metric_history(run_id, "val_auc")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def paired_difference(output: Path, cells: list[Cell], head: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """AUC(head) - AUC(gap) over the pooled validation cases of all folds (same cases), with a paired bootstrap 95% CI."""
+    def pooled(h: str):
+        paths, labels, probs = [], [], []
+        for c in cells:
+            p, y, pr, _ = _read_cases(output / Cell(c.backbone, c.image_size, h, c.fold).name / "eval" / "cases.csv")
+            paths += p
+            labels.append(y)
+            probs.append(pr)
+        order = np.argsort(paths)
+        return np.array(paths)[order], np.concatenate(labels)[order], np.concatenate(probs)[order]
+
+    paths_h, y, probs_h = pooled(head)
+    paths_g, y_g, probs_g = pooled("gap")
+    if not (np.array_equal(paths_h, paths_g) and np.array_equal(y, y_g)):
+        raise ValueError(f"{head} and gap were evaluated on different cases")
+    diff = roc_auc(y, probs_h) - roc_auc(y, probs_g)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[idx])) < probs_h.shape[1]:
+            continue
+        diffs.append(roc_auc(y[idx], probs_h[idx]) - roc_auc(y[idx], probs_g[idx]))
+    return diff, float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
+
+
+def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path]:
+    """Write summary.csv / summary.md and the plots; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["backbone"], r["image_size"], r["head"]), []).append(r)
+    rows = []
+    for (backbone, size, head), rs in groups.items():
+        aucs, accs = [r["auc"] for r in rs], [r["accuracy"] for r in rs]
+        row = {"backbone": backbone, "image_size": size, "head": head, "folds": len(rs),
+               "auc_mean": statistics.mean(aucs), "auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+               "accuracy_mean": statistics.mean(accs), "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+               "auc_shuffled_mean": statistics.mean(r["auc_shuffled"] for r in rs),
+               "params": rs[0]["params"], "head_params": rs[0]["head_params"],
+               "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs)}
+        same = [c for c in cells if (c.backbone, c.image_size, c.head) == (backbone, size, head)]
+        has_gap = all((output / Cell(c.backbone, c.image_size, "gap", c.fold).name / "eval" / "cases.csv").is_file() for c in same)
+        if head != "gap" and has_gap:
+            row["auc_vs_gap"], row["auc_vs_gap_ci_low"], row["auc_vs_gap_ci_high"] = paired_difference(output, same, head)
+        rows.append(row)
+    fields = ["backbone", "image_size", "head", "folds", "auc_mean", "auc_sd", "accuracy_mean", "accuracy_sd",
+              "auc_vs_gap", "auc_vs_gap_ci_low", "auc_vs_gap_ci_high", "auc_shuffled_mean", "params", "head_params",
+              "seconds_per_epoch"]
+    with open(output / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| backbone | size | head | folds | AUC mean ± sd | accuracy mean ± sd | ΔAUC vs gap [95% CI] | AUC, positions shuffled | params | head params | s/epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        delta = (f"{r['auc_vs_gap']:+.3f} [{r['auc_vs_gap_ci_low']:+.3f}, {r['auc_vs_gap_ci_high']:+.3f}]"
+                 if "auc_vs_gap" in r else "—")
+        lines.append(f"| {r['backbone']} | {r['image_size']} | {r['head']} | {r['folds']} | {r['auc_mean']:.3f} ± {r['auc_sd']:.3f} | "
+                     f"{r['accuracy_mean']:.3f} ± {r['accuracy_sd']:.3f} | {delta} | {r['auc_shuffled_mean']:.3f} | "
+                     f"{r['params']:,} | {r['head_params']:,} | {r['seconds_per_epoch']:.1f} |")
+    (output / "summary.md").write_text("\n".join(lines) + "\n")
+
+    configs = sorted({(r["backbone"], r["image_size"]) for r in rows})
+    fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
+    for ax, (backbone, size) in zip(axes[0], configs):
+        sub = [r for r in rows if (r["backbone"], r["image_size"]) == (backbone, size)]
+        ax.errorbar(range(len(sub)), [r["auc_mean"] for r in sub], yerr=[1.96 * r["auc_sd"] / max(r["folds"], 1) ** 0.5 for r in sub],
+                    fmt="o", capsize=4)
+        ax.set_xticks(range(len(sub)), [r["head"] for r in sub], rotation=45, ha="right")
+        ax.set(title=f"{backbone}, {size} px", ylabel="validation AUC (mean, 95% CI over folds)")
+    fig.tight_layout()
+    fig.savefig(output / "auc_by_head.png", dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
+    for ax, (backbone, size) in zip(axes[0], configs):
+        for head in sorted({r["head"] for r in results}):
+            curves = [r["val_auc_curve"] for r in results if (r["backbone"], r["image_size"], r["head"]) == (backbone, size, head)]
+            if curves:
+                n = min(len(c) for c in curves)
+                ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], 0), label=head)
+        ax.set(title=f"{backbone}, {size} px", xlabel="epoch", ylabel="validation AUC (mean over folds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output / "val_curves.png", dpi=110)
+    plt.close(fig)
+    return [output / n for n in ("summary.csv", "summary.md", "auc_by_head.png", "val_curves.png")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset-dir", default="synthetic", help="folder, CSV manifest or 'synthetic'")
+    parser.add_argument("--output-dir", default="runs/ablation")
+    parser.add_argument("--heads", nargs="+", default=["gap", "wise", "wise_unconstrained", "depthwise", "gem", "flatten"])
+    parser.add_argument("--backbones", nargs="+", default=["densenet121"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224])
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--experiment-name", default="wsr_med_ablation")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="bundle overrides for every cell")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.tracking_uri = args.tracking_uri or sqlite_uri("mlflow.db")
+    extra = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if args.dataset_dir == "synthetic":  # one generated folder for the whole study, not one per cell
+        from wsr_med.data import make_synthetic_folder
+
+        root = Path(args.output_dir) / "synthetic_data"
+        if not (root / ".complete").is_file():
+            make_synthetic_folder(root, **{"n_per_class": 150, "image_size": 256, "n_classes": 2, "seed": 1234, **extra.pop("synthetic", {})})
+            (root / ".complete").write_text("")
+        args.dataset_dir = str(root)
+    output = Path(args.output_dir)
+    heads = ["gap"] + [h for h in args.heads if h != "gap"]  # the reference first
+    cells = [Cell(b, s, h, f) for b, s, h, f in itertools.product(args.backbones, args.sizes, heads, range(args.folds))]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(args.tracking_uri)
+    grid = {"dataset_dir": args.dataset_dir, "heads": heads, "backbones": args.backbones, "sizes": args.sizes,
+            "folds": args.folds, "seed": args.seed, "overrides": extra}
+    parent = _parent_run(client, args.experiment_name, output, grid)
+    start = time.perf_counter()
+    results = [run_cell(c, args, parent, extra) for c in cells]
+    files = summarise(output, results, cells)
+    with tracking_uri_context(args.tracking_uri):
+        for path in files:
+            client.log_artifact(parent, str(path), "summary")
+    print((output / "summary.md").read_text())
+    print(f"study wall time this invocation: {time.perf_counter() - start:.0f} s; results in {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Run the bundle's workflows from Python: the one door used by the CLI, the pipelines and the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["BUNDLE", "config_files", "run_workflow", "parse_bundle"]
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "wise_srnet_classification"
+
+
+def config_files(workflow: str, bundle_root: Path = BUNDLE) -> list[str]:
+    """``train.json``, plus ``<workflow>.json`` (an override on it) for ``evaluate``, ``inference``, ``multi_gpu_train``."""
+    configs = Path(bundle_root) / "configs"
+    if not (configs / "train.json").is_file():
+        raise FileNotFoundError(f"bundle not found in {bundle_root}; pass bundle_root (install wsr_med with 'pip install -e .')")
+    return [str(configs / "train.json")] + ([str(configs / f"{workflow}.json")] if workflow != "train" else [])
+
+
+def run_workflow(workflow: str, bundle_root: Path = BUNDLE, **overrides) -> None:
+    """``monai.bundle.run`` of ``train``, ``evaluate`` or ``inference`` with ``overrides`` (config ids -> values)."""
+    from monai.bundle import run
+
+    configs = Path(bundle_root) / "configs"
+    run(config_file=config_files(workflow, bundle_root), meta_file=str(configs / "metadata.json"),
+        logging_file=str(configs / "logging.conf"), bundle_root=str(bundle_root), **overrides)
+
+
+def parse_bundle(workflow: str = "train", bundle_root: Path = BUNDLE, **overrides):
+    """A MONAI ``ConfigParser`` holding the bundle config with ``overrides``; ``parser.get_parsed_content(id)`` builds parts."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_files(workflow, bundle_root))
+    parser.read_meta(str(Path(bundle_root) / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(bundle_root)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
