@@ -72,32 +72,72 @@ def _read_cases(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str
     return paths, labels, probs, classes
 
 
-def shuffle_auc(cell_dir: Path, settings: dict, repeats: int = 3, seed: int = 0) -> float:
-    """Validation AUC when the final feature map's positions are randomly permuted (mean over ``repeats``)."""
+def load_cell(cell_dir: Path, settings: dict) -> tuple[torch.nn.Module, torch.Tensor, np.ndarray, list[str]]:
+    """A finished cell's best model (eval mode), its validation images ``(N, C, *S)``, labels and class names."""
     from monai.data import DataLoader
 
-    from wsr_med.data import read_datalist, scan_dataset, scan_transforms
-    from wsr_med.networks import logits_with_shuffled_positions
-    from wsr_med.workflows import load_model
+    from wsr_med.data import preprocessing_signature, read_datalist, scan_dataset, scan_transforms
+    from wsr_med.workflows import load_classes, load_model
 
-    parser = parse_bundle("train", **settings)
-    net = load_model(parser.get_parsed_content("network_def"), cell_dir / "model.pt", "cpu")
+    net = load_model(parse_bundle("train", **settings).get_parsed_content("network_def"), cell_dir / "model.pt", "cpu")
     items = read_datalist(cell_dir / "datalist.json", "validation")
-    doc = json.loads((cell_dir / "datalist.json").read_text())
-    transform = scan_transforms(settings["image_size"], settings.get("in_channels", 1))
-    dataset = scan_dataset(items, transform, str(cell_dir / "cache"), parser.get_parsed_content("data").signature)
-    labels, batches = [], []
-    for batch in DataLoader(dataset, batch_size=32, num_workers=0):
-        batches.append(batch["image"])
-        labels.append(batch["label"])
-    labels = torch.cat(labels).numpy()
+    size, channels = settings["image_size"], settings.get("in_channels", 1)
+    dataset = scan_dataset(items, scan_transforms(size, channels), str(cell_dir / "cache"),
+                           preprocessing_signature(size, channels, 2, None, (0.5, 99.5)))
+    batches = list(DataLoader(dataset, batch_size=64, num_workers=0))
+    images = torch.cat([b["image"] for b in batches])
+    labels = torch.cat([b["label"] for b in batches]).numpy()
+    return net, images, labels, load_classes(cell_dir)
+
+
+def shuffle_auc(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, repeats: int = 3, seed: int = 0) -> float:
+    """Validation AUC when the final feature map's positions are randomly permuted (mean over ``repeats``)."""
+    from wsr_med.networks import logits_with_shuffled_positions
+
     generator = torch.Generator().manual_seed(seed)
     aucs = []
     for _ in range(repeats):
-        logits = torch.cat([logits_with_shuffled_positions(net, x, generator) for x in batches])
+        logits = torch.cat([logits_with_shuffled_positions(net, x, generator) for x in images.split(64)])
         aucs.append(roc_auc(labels, torch.softmax(logits, 1).numpy()))
-    assert len(doc["classes"]) == logits.shape[1]
     return float(np.mean(aucs))
+
+
+def cell_figure(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, classes: list[str], path: Path,
+                per_class: int = 2) -> Path:
+    """Mean validation image, the learned Wise-SrNet spatial weights (if any) and MONAI Grad-CAM of a few cases per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from monai.visualize import GradCAM
+
+    from wsr_med.networks import WiseCompression, gradcam_layer
+
+    cases = [i for c in range(len(classes)) for i in np.flatnonzero(labels == c)[:per_class]]
+    cam = GradCAM(nn_module=net, target_layers=gradcam_layer(net))
+    with torch.enable_grad():
+        heat = cam(images[cases].clone().requires_grad_(False))
+    compression = net.head.compression
+    weights = compression.depthwise.weight.detach().mean(0)[0] if isinstance(compression, WiseCompression) else None
+    panels = 1 + (weights is not None) + len(cases)
+    fig, axes = plt.subplots(1, panels, figsize=(2.4 * panels, 2.8))
+    axes[0].imshow(images[:, 0].mean(0), cmap="gray")
+    axes[0].set_title("mean input", fontsize=8)
+    k = 1
+    if weights is not None:
+        axes[1].imshow(weights, cmap="magma")
+        axes[1].set_title("spatial weights (mean)", fontsize=8)
+        k = 2
+    for ax, i, h in zip(axes[k:], cases, heat):
+        ax.imshow(images[i, 0], cmap="gray")
+        ax.imshow(h[0].detach(), cmap="jet", alpha=0.35)
+        ax.set_title(f"Grad-CAM, {classes[labels[i]]}", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: dict) -> dict:
@@ -117,8 +157,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
     seconds = time.perf_counter() - start
     run_workflow("evaluate", **common, eval_split="validation")
     metrics = json.loads((cell_dir / "eval" / "metrics.json").read_text())
-    shuffled = shuffle_auc(cell_dir, {**settings, "dataset_dir": args.dataset_dir})
-    net = parse_bundle("train", **{**settings, "dataset_dir": args.dataset_dir}).get_parsed_content("network_def")
+    net, images, labels, classes = load_cell(cell_dir, {**settings, "dataset_dir": args.dataset_dir})
+    shuffled = shuffle_auc(net, images, labels)
+    figure = cell_figure(net, images, labels, classes, cell_dir / "eval" / "diagnostics.png")
     epochs = len(_val_curve(cell_dir, args))
     result = {**asdict(cell), "auc": metrics["auc"], "accuracy": metrics["accuracy"], "auc_shuffled": shuffled,
               "params": sum(p.numel() for p in net.parameters()), "head_params": sum(p.numel() for p in net.head.parameters()),
@@ -129,6 +170,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
     client = MlflowClient(args.tracking_uri)
     client.log_metric(run_id, "eval_validation_auc_shuffled", shuffled)
     client.log_metric(run_id, "seconds_per_epoch", result["seconds_per_epoch"])
+    client.log_artifact(run_id, str(figure), "plots")
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(done)

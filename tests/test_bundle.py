@@ -83,7 +83,7 @@ def test_training_outputs_and_mlflow_record(trained):
     assert config["settings"]["image_size"] == 64 and "train.json" in next(iter(config["config_files"]))
     client, run = only_run(trained["uri"], "test")
     assert run.data.params["head"] == "wise" and run.data.params["image_size"] == "64"
-    for metric in ("val_auc", "val_accuracy", "val_loss", "train_loss", "learning_rate"):
+    for metric in ("val_auc", "val_accuracy", "val_loss", "train_loss", "learning_rate", "val_auc_left"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2], metric
     artifacts = {a.path for folder in ("run", "plots", "eval_all") for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"run/config.json", "run/datalist.json", "run/bad_files.json", "plots/spatial_weights.png",
@@ -181,38 +181,63 @@ def test_unreachable_tracking_uri_fails_before_training(tmp_path, hospital):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend, in its own process group."""
+
+    def __init__(self, folder: Path) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts"),
+             "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("mlflow server did not start")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    server = MlflowServer(tmp_path)
+    yield server
+    server.stop()
 
 
 def test_real_mlflow_server(mlflow_server, tmp_path, hospital):
-    settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(tmp_path / "run"), "tracking_uri": mlflow_server,
+    settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(tmp_path / "run"), "tracking_uri": mlflow_server.url,
                 "max_epochs": 1, "experiment_name": "served", "registered_model_name": "served_model"}
     run_workflow("train", **settings)
-    client, run = only_run(mlflow_server, "served")
+    client, run = only_run(mlflow_server.url, "served")
     assert run.data.metrics["val_auc"] >= 0
     assert {a.path for a in client.list_artifacts(run.info.run_id, "run")} >= {"run/config.json", "run/datalist.json"}
     assert client.get_latest_versions("served_model")[0].version == "1"
+
+
+def test_tracking_server_lost_mid_run(mlflow_server, tmp_path, hospital):
+    out = tmp_path / "run"
+    settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(out), "tracking_uri": mlflow_server.url,
+                "max_epochs": 4, "experiment_name": "lost", "registered_model_name": "lost_model"}
+    proc = subprocess.Popen(bundle_command(["train.json"], settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("checkpoint_epoch=*.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    mlflow_server.stop()
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    assert "training goes on, checkpoints and metrics stay in" in log
+    assert (out / "checkpoints" / "checkpoint_epoch=4.pt").is_file() and (out / "model.pt").is_file()
 
 
 def test_interrupted_training_resumes_same_run(tmp_path, hospital):

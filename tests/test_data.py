@@ -326,3 +326,47 @@ def test_jpeg_reduced_decode_keeps_enough_pixels(chest_dir):
     a = Resize(256, size_mode="longest", mode="area")(torch.from_numpy(full))
     b = Resize(256, size_mode="longest", mode="area")(torch.from_numpy(reduced))
     assert a.shape == b.shape and (a - b).abs().mean() < 2.0  # same picture, 8-bit scale
+
+
+def test_generated_jpeg_lossless_fixture(tmp_path):
+    imagecodecs = pytest.importorskip("imagecodecs")
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+
+    image = gradient_image()
+    write_dicom(tmp_path / "plain.dcm", image, "PID-1")
+    ds = pydicom.dcmread(tmp_path / "plain.dcm")
+    stored = ds.pixel_array
+    ds.PixelData = encapsulate([imagecodecs.jpeg8_encode(stored, lossless=True, predictor=1, bitspersample=12)])
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.save_as(tmp_path / "lossless.dcm")
+    np.testing.assert_array_equal(read_scan(tmp_path / "lossless.dcm")[0], read_scan(tmp_path / "plain.dcm")[0])
+
+
+def test_16bit_tiff_and_rgb_png(tmp_path):
+    values = (np.arange(32 * 40).reshape(32, 40) * 50).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "x.tif")
+    np.testing.assert_array_equal(read_scan(tmp_path / "x.tif")[0][0], values)
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    gray, _ = read_scan(tmp_path / "c.png", channels=1)
+    np.testing.assert_allclose(gray[0], np.asarray(Image.fromarray(rgb).convert("L")), atol=1.0)
+    assert read_scan(tmp_path / "c.png", channels=3)[0].shape == (3, 20, 30)
+
+
+def test_dicom_series_volume(tmp_path):
+    series = tmp_path / "series"
+    series.mkdir()
+    volume = np.random.default_rng(0).random((6, 16, 20))
+    uid = pydicom.uid.generate_uid()
+    for z, plane in enumerate(volume):
+        path = series / f"slice{z}.dcm"
+        write_dicom(path, plane, "PID-3")
+        ds = pydicom.dcmread(path)
+        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", uid, z + 1
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, float(z)], [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [1, 1], 1
+        ds.save_as(path)
+    loaded, meta = read_scan(series, spatial_dims=3)
+    assert loaded.ndim == 4 and sorted(loaded.shape[1:]) == [6, 16, 20]
+    assert "PID-3" not in json.dumps({k: str(v) for k, v in meta.items()})

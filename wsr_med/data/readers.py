@@ -128,7 +128,8 @@ def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None 
             pixels = pixels.astype(np.float32)
             if slope != 1 or intercept != 0:
                 pixels = pixels * np.float32(slope) + np.float32(intercept)
-        if voi_lut or (voi_lut is None and modality in RADIOGRAPH_MODALITIES):
+        has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
+        if has_voi and (voi_lut or (voi_lut is None and modality in RADIOGRAPH_MODALITIES)):
             pixels = apply_voi_lut(pixels, ds).astype(np.float32)
         if photometric == "MONOCHROME1":
             pixels = pixels.max() + pixels.min() - pixels

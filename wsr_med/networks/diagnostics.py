@@ -30,6 +30,7 @@ def logits_with_shuffled_positions(net: nn.Module, x: torch.Tensor, generator: t
 
 
 def gradcam_layer(net: nn.Module) -> str:
-    """The name of the last feature layer of a WiseSrNet backbone, for ``monai.visualize.GradCAM``."""
+    """The name of the layer giving a WiseSrNet backbone's last feature map, for ``monai.visualize.GradCAM``:
+    the final ReLU of a DenseNet, the last BatchNorm of an EfficientNet (its swish module is shared)."""
     net = getattr(net, "module", net)
-    return "backbone.features.norm5" if hasattr(net.backbone, "features") else "backbone._bn1"
+    return "backbone.act" if hasattr(net.backbone, "features") else "backbone._bn1"

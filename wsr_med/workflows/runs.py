@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["sqlite_uri", "check_tracking_uri", "resume_checkpoint", "metric_inputs", "save_run_info"]
+__all__ = ["sqlite_uri", "check_tracking_uri", "resume_checkpoint", "metric_inputs", "per_class_auc_metrics", "save_run_info"]
 
 
 def sqlite_uri(path: str | Path) -> str:
@@ -77,6 +77,24 @@ def metric_inputs(kind: str = "probs") -> Callable:
         return (pred.clamp_min(1e-12).log(), index) if kind == "log_probs" else (pred, index)
 
     return transform
+
+
+def per_class_auc_metrics(classes: list[str]) -> dict:
+    """``{"val_auc_<class>": ROCAUC}`` one-vs-rest per class for multi-class tasks (none for binary ones,
+    where the single AUC says it all), to add to an evaluator's ``additional_metrics``."""
+    from monai.handlers import ROCAUC
+
+    if len(classes) <= 2:
+        return {}
+
+    def column(c: int) -> Callable:
+        def transform(output: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+            pred, label = metric_inputs("probs")(output)
+            return pred[:, c], label[:, c]
+
+        return transform
+
+    return {f"val_auc_{re.sub(r'[^0-9A-Za-z_.-]', '_', name)}": ROCAUC(output_transform=column(c)) for c, name in enumerate(classes)}
 
 
 def save_run_info(output_dir: str | Path, classes: list[str], settings: dict, config_files: list[str] | None = None) -> Path:
