@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsr_med.cli import _value
+from wsr_med.cli import parse_value
 from wsr_med.handlers import tracking_uri_context
 from wsr_med.metrics import roc_auc
 from wsr_med.workflows import parse_bundle, run_workflow, sqlite_uri
@@ -82,7 +82,7 @@ def load_cell(cell_dir: Path, settings: dict) -> tuple[torch.nn.Module, torch.Te
     net = load_model(parse_bundle("train", **settings).get_parsed_content("network_def"), cell_dir / "model.pt", "cpu")
     items = read_datalist(cell_dir / "datalist.json", "validation")
     size, channels = settings["image_size"], settings.get("in_channels", 1)
-    dataset = scan_dataset(items, scan_transforms(size, channels), str(cell_dir / "cache"),
+    dataset = scan_dataset(items, scan_transforms(size, channels), settings.get("cache_dir") or str(cell_dir / "cache"),
                            preprocessing_signature(size, channels, 2, None, (0.5, 99.5)))
     batches = list(DataLoader(dataset, batch_size=64, num_workers=0))
     images = torch.cat([b["image"] for b in batches])
@@ -147,17 +147,20 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
         logger.info("skipping finished cell %s", cell.name)
         return json.loads(done.read_text())
     settings = {**extra, "backbone": cell.backbone, "image_size": cell.image_size, "head": cell.head}
-    common = {**settings, "dataset_dir": args.dataset_dir, "output_dir": str(cell_dir), "tracking_uri": args.tracking_uri,
+    common = {"cache_dir": str(Path(args.output_dir) / "cache"),  # shared: keys hold the preprocessing
+              **settings, "dataset_dir": args.dataset_dir, "output_dir": str(cell_dir), "tracking_uri": args.tracking_uri,
               "experiment_name": args.experiment_name, "run_name": cell.name, "registered_model_name": "",
               "parent_run_id": parent_run_id, "n_folds": args.folds, "fold": cell.fold, "seed": args.seed}
     logger.info("cell %s", cell.name)
-    start = time.perf_counter()
+    timing = cell_dir / "train_seconds.txt"
     if not (cell_dir / "checkpoints" / f"checkpoint_epoch={common.get('max_epochs', 30)}.pt").is_file():
+        start = time.perf_counter()
         run_workflow("train", **common)
-    seconds = time.perf_counter() - start
+        timing.write_text(str(time.perf_counter() - start))  # a resumed cell counts its last sitting only
+    seconds = float(timing.read_text()) if timing.is_file() else float("nan")
     run_workflow("evaluate", **common, eval_split="validation")
     metrics = json.loads((cell_dir / "eval" / "metrics.json").read_text())
-    net, images, labels, classes = load_cell(cell_dir, {**settings, "dataset_dir": args.dataset_dir})
+    net, images, labels, classes = load_cell(cell_dir, {**settings, "dataset_dir": args.dataset_dir, "cache_dir": common["cache_dir"]})
     shuffled = shuffle_auc(net, images, labels)
     figure = cell_figure(net, images, labels, classes, cell_dir / "eval" / "diagnostics.png")
     epochs = len(_val_curve(cell_dir, args))
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.tracking_uri = args.tracking_uri or sqlite_uri("mlflow.db")
-    extra = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    extra = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.dataset_dir == "synthetic":  # one generated folder for the whole study, not one per cell
         from wsr_med.data import make_synthetic_folder
 

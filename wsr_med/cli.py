@@ -36,7 +36,7 @@ DEMO_SETTINGS = {
 }
 
 
-def _value(text: str):
+def parse_value(text: str):
     """Parse an override value as JSON / a Python literal, else keep the string."""
     for parse in (json.loads, ast.literal_eval):
         try:
@@ -56,7 +56,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         if "=" not in item:
             raise SystemExit(f"--set expects key=value, got '{item}'")
         key, value = item.split("=", 1)
-        out[key] = _value(value)
+        out[key] = parse_value(value)
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +77,6 @@ class PreparedData:
     datalist: Path | None = None
     bad_files_report: Path | None = None
     n_bad_files: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -151,7 +150,8 @@ def prepare_data(
     elif split == "train":
         splits = split_items(scan.items, val_fraction, test_fraction, seed, n_folds, fold)
         if not splits["training"] or not splits["validation"]:
-            raise ValueError(f"{dataset_dir}: too few patients for a training and a validation set ({splits and {k: len(v) for k, v in splits.items()}}).")
+            counts = {k: len(v) for k, v in splits.items()}
+            raise ValueError(f"{dataset_dir}: too few patients for a training and a validation set {counts}.")
     else:
         raise ValueError(f"split must be 'train' or 'all', got '{split}'")
     prefix = "" if split == "train" else "eval_"
