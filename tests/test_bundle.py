@@ -277,3 +277,13 @@ def test_torchrun_two_processes_one_mlflow_run(tmp_path, hospital):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_epoch=2.pt").is_file()
     assert client.get_latest_versions("ddp_model")
+
+
+def test_incomplete_checkpoint_is_not_resumed(tmp_path):
+    from wsr_med.workflows import resume_checkpoint
+
+    torch.save({"x": torch.zeros(3)}, tmp_path / "checkpoint_epoch=2.pt")
+    data = (tmp_path / "checkpoint_epoch=2.pt").read_bytes()
+    (tmp_path / "checkpoint_epoch=3.pt").write_bytes(data[: len(data) // 2])  # a save cut short
+    assert resume_checkpoint(tmp_path, max_epochs=5).endswith("checkpoint_epoch=2.pt")
+    assert resume_checkpoint(tmp_path / "none", max_epochs=5) is None

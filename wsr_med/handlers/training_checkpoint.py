@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointLoader
 
 from wsr_med.workflows.runs import resume_checkpoint
 
@@ -20,10 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingCheckpoint:
-    """MONAI ``CheckpointSaver`` + ``CheckpointLoader`` for a trainer, including the trainer's own state.
+    """Save and resume a trainer's whole state: ignite ``Checkpoint`` to save, MONAI ``CheckpointLoader`` to load.
 
-    Every epoch ``<save_dir>/checkpoint_epoch=N.pt`` is written (atomically, by ignite; only the
-    last is kept) with ``objects`` and the trainer, after every other end-of-epoch handler
+    Every epoch ``<save_dir>/checkpoint_epoch=N.pt`` is written atomically (ignite ``DiskSaver``
+    with ``atomic=True``: a temporary file, then a rename; MONAI's ``CheckpointSaver`` writes in
+    place, so a kill during the save would leave a truncated file) with ``objects`` and the
+    trainer; the previous one is removed after. The save comes after every other end-of-epoch handler
     (validation, learning-rate step, MLflow), so a checkpointed epoch is a fully recorded one. The
     last checkpoint, if any, is loaded when the trainer starts, so the run continues after the last
     completed epoch. A finished run is refused rather than restarted (see
@@ -53,11 +56,19 @@ class TrainingCheckpoint:
         if self.resume_from is not None:
             logger.info("resuming from %s", self.resume_from)
             CheckpointLoader(self.resume_from, objects, map_location=self.map_location).attach(engine)
-        self._saver = CheckpointSaver(str(self.save_dir), objects, save_interval=1, n_saved=1, epoch_level=True)
+        self._saver = Checkpoint(
+            objects,
+            DiskSaver(str(self.save_dir), atomic=True, require_empty=False),
+            n_saved=1,
+            filename_pattern="checkpoint_epoch={global_step}.{ext}",
+            global_step_transform=lambda e, _: e.state.epoch,
+        )
         # Registered at start, hence after the handlers attached later: the save is the epoch's last act.
         engine.add_event_handler(Events.STARTED, self._attach_saver)
 
     def _attach_saver(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
         if self._saver is not None:
-            self._saver.attach(engine)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._saver)
             self._saver = None

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["sqlite_uri", "check_tracking_uri", "resume_checkpoint", "metric_inputs", "per_class_auc_metrics", "save_run_info"]
 
@@ -49,6 +53,10 @@ def resume_checkpoint(ckpt_dir: str | Path, max_epochs: int) -> str | None:
     again would start over and overwrite its results. Raise ``max_epochs`` to train further.
     """
     found = sorted(Path(ckpt_dir).glob("checkpoint_epoch=*.pt"), key=lambda p: int(_EPOCH.search(p.name).group(1)))
+    complete = [p for p in found if zipfile.is_zipfile(p)]  # torch.save writes a zip; a truncated one is not
+    for p in sorted(set(found) - set(complete)):
+        logger.warning("ignoring incomplete checkpoint %s", p)
+    found = complete
     if not found:
         return None
     epoch = int(_EPOCH.search(found[-1].name).group(1))
