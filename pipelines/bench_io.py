@@ -101,12 +101,12 @@ def make_dicoms(folder: Path, n: int, compress: bool) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--limit", type=int, default=500, help="chest X-rays used (of 500)")
+    parser.add_argument("--limit", type=int, default=500, help="chest X-rays used (of 500; 0 skips them)")
     parser.add_argument("--n-dicom", type=int, default=20, help="generated DICOM files per encoding")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wsr_bench_io_"))
     datasets = {}
-    if SHARED.is_dir():
+    if SHARED.is_dir() and args.limit > 0:
         datasets["chest X-ray JPEG (real, 1-3 kpx)"] = sorted(str(p) for p in SHARED.rglob("*.jpeg"))[: args.limit]
     datasets["DICOM 3000x2500 16-bit, uncompressed"] = make_dicoms(work, args.n_dicom, compress=False)
     datasets["DICOM 3000x2500 16-bit, JPEG 2000"] = make_dicoms(work, args.n_dicom, compress=True)
