@@ -82,7 +82,15 @@ class LoadScand(MapTransform):
         return d
 
 
-class ResizeLongestd(MapTransform):
+class _SizedMapTransform(MapTransform):
+    """A dictionary transform parameterised by one target ``size``."""
+
+    def __init__(self, keys: KeysCollection, size: int) -> None:
+        super().__init__(keys)
+        self.size = size
+
+
+class ResizeLongestd(_SizedMapTransform):
     """Resize so that the longest side is ``size``, keeping the aspect ratio. ``(C, *S) -> (C, *S')``.
 
     Area (box) interpolation: each output pixel averages the input pixels it covers, so a 3000 px
@@ -92,10 +100,6 @@ class ResizeLongestd(MapTransform):
     of the whole preprocessing of a radiograph.
     """
 
-    def __init__(self, keys: KeysCollection, size: int) -> None:
-        super().__init__(keys)
-        self.size = size
-
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         for key in self.key_iterator(d):
@@ -103,24 +107,18 @@ class ResizeLongestd(MapTransform):
             spatial = image.shape[1:]
             scale = self.size / max(spatial)
             target = [max(1, round(s * scale)) for s in spatial]
-            if list(spatial) == target:
-                pass
-            elif len(spatial) == 2:
+            if list(spatial) != target and len(spatial) == 2:
                 size = (target[1], target[0])  # PIL sizes are (width, height)
                 channels = [np.asarray(Image.fromarray(c.numpy(), mode="F").resize(size, Image.Resampling.BOX)) for c in image]
                 image = torch.from_numpy(np.stack(channels))
-            else:
+            elif list(spatial) != target:
                 image = torch.nn.functional.interpolate(image[None], size=target, mode="area")[0]
             d[key] = image
         return d
 
 
-class PadToSquared(MapTransform):
+class PadToSquared(_SizedMapTransform):
     """Zero-pad every spatial axis to ``size``, centred (the extra pixel of an odd margin goes after). ``(C, *S) -> (C, size, ...)``."""
-
-    def __init__(self, keys: KeysCollection, size: int) -> None:
-        super().__init__(keys)
-        self.size = size
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)

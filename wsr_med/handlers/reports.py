@@ -47,12 +47,9 @@ class _Collector:
         engine.add_event_handler(Events.COMPLETED, self.finish)
 
     def _collect(self, engine: Engine) -> None:
-        for out, item in zip(engine.state.output, engine.state.batch if isinstance(engine.state.batch, list) else []):
+        # MONAI evaluators decollate: the batch and the output are lists with one dict per case.
+        for out, item in zip(engine.state.output, engine.state.batch):
             self._add(out, item)
-        if not isinstance(engine.state.batch, list):  # not decollated: one dict of batched values
-            batch = engine.state.batch
-            for i, out in enumerate(engine.state.output):
-                self._add(out, {k: v[i] for k, v in batch.items() if isinstance(v, (list, torch.Tensor))})
 
     def _add(self, out: dict, item: dict) -> None:
         self.probs.append(torch.as_tensor(out["pred"]).float().cpu().numpy())
