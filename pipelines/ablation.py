@@ -7,7 +7,7 @@
 All cells are child runs of one MLflow parent run. Each cell trains on k-1 folds, is evaluated on
 its validation fold (``eval/metrics.json``, per-case ``eval/cases.csv``) and probed with the
 spatial-shuffle diagnostic. The study writes ``summary.csv`` / ``summary.md`` (mean and spread of AUC
-and accuracy, parameters, seconds per epoch, shuffle drop, and each head's paired AUC difference to
+and accuracy, parameters, median seconds per epoch, shuffle drop, and each head's paired AUC difference to
 ``gap`` over the same cases with a bootstrap CI), ``auc_by_head.png`` and ``val_curves.png``, and logs
 them to the parent run. Run the same command again after an interruption: finished cells are
 skipped, an interrupted cell resumes from its last epoch.
@@ -145,7 +145,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
     done = cell_dir / "cell.json"
     if done.is_file():
         logger.info("skipping finished cell %s", cell.name)
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        result["val_auc_curve"], result["seconds_per_epoch"] = _validation_history(cell_dir, args)  # cells of older runners
+        return result
     settings = {**extra, "backbone": cell.backbone, "image_size": cell.image_size, "head": cell.head}
     common = {"cache_dir": str(Path(args.output_dir) / "cache"),  # shared: keys hold the preprocessing
               **settings, "dataset_dir": args.dataset_dir, "output_dir": str(cell_dir), "tracking_uri": args.tracking_uri,
@@ -157,16 +159,16 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
         start = time.perf_counter()
         run_workflow("train", **common)
         timing.write_text(str(time.perf_counter() - start))  # a resumed cell counts its last sitting only
-    seconds = float(timing.read_text()) if timing.is_file() else float("nan")
     run_workflow("evaluate", **common, eval_split="validation")
     metrics = json.loads((cell_dir / "eval" / "metrics.json").read_text())
     net, images, labels, classes = load_cell(cell_dir, {**settings, "dataset_dir": args.dataset_dir, "cache_dir": common["cache_dir"]})
     shuffled = shuffle_auc(net, images, labels)
     figure = cell_figure(net, images, labels, classes, cell_dir / "eval" / "diagnostics.png")
-    epochs = len(_val_curve(cell_dir, args))
+    curve, seconds_per_epoch = _validation_history(cell_dir, args)
     result = {**asdict(cell), "auc": metrics["auc"], "accuracy": metrics["accuracy"], "auc_shuffled": shuffled,
               "params": sum(p.numel() for p in net.parameters()), "head_params": sum(p.numel() for p in net.head.parameters()),
-              "seconds_per_epoch": seconds / max(epochs, 1), "val_auc_curve": _val_curve(cell_dir, args)}
+              "seconds_per_epoch": seconds_per_epoch, "val_auc_curve": curve,
+              "train_seconds": float(timing.read_text()) if timing.is_file() else float("nan")}
     from mlflow import MlflowClient
 
     run_id = (cell_dir / "mlflow_run_id").read_text().strip()
@@ -180,12 +182,17 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
     return result
 
 
-def _val_curve(cell_dir: Path, args: argparse.Namespace) -> list[float]:
+def _validation_history(cell_dir: Path, args: argparse.Namespace) -> tuple[list[float], float]:
+    """The cell's validation AUC by epoch, and its seconds per epoch: the median interval between those results.
+
+    The median, so that an epoch slowed by a pause, a resume or another job on the machine does not count.
+    """
     from mlflow import MlflowClient
 
     run_id = (cell_dir / "mlflow_run_id").read_text().strip()
-    history = MlflowClient(args.tracking_uri).get_metric_history(run_id, "val_auc")
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
+    history = sorted(MlflowClient(args.tracking_uri).get_metric_history(run_id, "val_auc"), key=lambda m: m.step)
+    intervals = np.diff([m.timestamp for m in history]) / 1000
+    return [m.value for m in history], float(np.median(intervals)) if len(intervals) else float("nan")
 
 
 def paired_difference(output: Path, cells: list[Cell], head: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
@@ -315,9 +322,10 @@ def main(argv: list[str] | None = None) -> None:
     grid = {"dataset_dir": args.dataset_dir, "heads": heads, "backbones": args.backbones, "sizes": args.sizes,
             "folds": args.folds, "seed": args.seed, "overrides": extra}
     parent = _parent_run(client, args.experiment_name, output, grid)
+    (output / "grid.json").write_text(json.dumps(grid, indent=1))  # the parent's params keep the first invocation's grid
     start = time.perf_counter()
     results = [run_cell(c, args, parent, extra) for c in cells]
-    files = summarise(output, results, cells)
+    files = [output / "grid.json", *summarise(output, results, cells)]
     with tracking_uri_context(args.tracking_uri):
         for path in files:
             client.log_artifact(parent, str(path), "summary")

@@ -1,26 +1,70 @@
-"""Parameter count and training-step time of every head, as ratios to GAP measured in the same run.
+"""Training cost of every head as ratios to GAP measured in the same run: parameters, images/s, memory.
 
     python -m pipelines.bench_heads                       # DenseNet121 and EfficientNet-b0 at 224 and 512
     python -m pipelines.bench_heads --sizes 224 --repeats 3 --heads gap wise flatten
 
-Heads are timed round-robin (one step of each head, then again, ``--repeats`` times) so that
-drift in machine load hits every head alike; the median step is reported. A whole step varies by
-a few percent from run to run on a busy CPU, more than any head costs, so each head is also timed
-alone (forward + backward on the backbone's feature map, median of 50): ``head ms`` and the
-resulting ``est. ratio`` = 1 + (head ms - gap head ms) / gap step ms are the precise figures.
+Each head trains in fresh processes, one head after another, so that nothing else is counted:
+
+* ``train img/s``: the batch over the median of ``--repeats`` training steps (forward, backward,
+  AdamW, non-negativity projection) after a warm-up step. ``img/s vs gap`` comes from steps of the
+  head alternated with steps of ``gap`` in the same process, so that drift in machine load hits
+  both alike. A whole step still varies by a few percent on a busy CPU, more than any head costs,
+  so each head is also timed alone (forward + backward on the backbone's real feature map, median
+  of 50): ``head ms`` and ``est. time ratio`` = 1 + (head ms - gap head ms) / gap step ms are the
+  precise figures.
+* ``peak MiB``: the peak memory of training (model, gradients, AdamW state, activations) over two
+  steps: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the rise of the process's peak
+  resident set (``VmHWM``) from just before the model is built, with glibc returning large
+  blocks to the system as they are freed (``fix_mmap_threshold``) so that the peak follows the
+  tensors alive. ``saved MiB`` is the exact size of the activations autograd keeps for the backward
+  pass (what grows with image size and batch).
+
 Runs on the CPU, and on CUDA too when a GPU is present.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import multiprocessing
 import platform
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 
 from wsr_med.networks import HEADS, WiseSrNet, attach_constraints
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Make glibc hand allocations of ``nbytes`` or more straight back to the system when freed.
+
+    By default glibc raises this threshold as large blocks are freed and keeps them in its heap, so
+    a process's peak resident set depends on what ran before. Costs page faults on every large
+    allocation (~40% of a CPU step at 224 px), so it is set only where memory is measured.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # -3: M_MMAP_THRESHOLD
+    except OSError:  # not glibc: nothing to fix
+        pass
+
+
+def build(backbone: str, size: int, head: str, device: torch.device, backbone_kwargs: dict | None = None):
+    """The benchmarked network (train mode) and its optimizer, with the non-negativity projection attached."""
+    torch.manual_seed(0)
+    net = WiseSrNet(backbone, in_channels=1, out_channels=2, img_size=size, head=head,
+                    backbone_kwargs=backbone_kwargs).to(device).train()
+    optimizer = torch.optim.AdamW(net.parameters(), 1e-4)
+    attach_constraints(optimizer, net)
+    return net, optimizer
+
+
+def _batch(batch: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 1, size, size, generator=generator)
+    return x.to(device), torch.randint(0, 2, (batch,), generator=generator).to(device)
 
 
 def step_seconds(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -33,6 +77,66 @@ def step_seconds(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     if x.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def paired_step_seconds(backbone: str, size: int, head: str, batch: int, repeats: int, device_type: str,
+                        backbone_kwargs: dict | None = None) -> tuple[float, float]:
+    """Median training step of ``gap`` and of ``head``, alternating one step of each after a warm-up step.
+
+    Alternating (in one fresh process) lets drift in machine load hit both alike, so their ratio is
+    steadier than either time; only two networks are alive, so the process does not grow with the
+    number of heads benchmarked.
+    """
+    device = torch.device(device_type)
+    x, y = _batch(batch, size, device)
+    nets = [build(backbone, size, h, device, backbone_kwargs) for h in ("gap", head)]
+    times: list[list[float]] = [[], []]
+    for i in range(repeats + 1):
+        for k in (i % 2, 1 - i % 2):  # alternate which goes first
+            times[k].append(step_seconds(*nets[k], x, y))
+    return statistics.median(times[0][1:]), statistics.median(times[1][1:])
+
+
+def _warm_up_runtime(device: torch.device) -> None:
+    """One tiny training step, so that the runtime's one-time set-up (~50 MiB on the CPU) is not counted."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(2, 2)).to(device)
+    step_seconds(net, torch.optim.AdamW(net.parameters()), torch.rand(2, 1, 16, 16, device=device),
+                 torch.zeros(2, dtype=torch.long, device=device))
+
+
+def memory_mib(backbone: str, size: int, head: str, batch: int, device_type: str,
+               backbone_kwargs: dict | None = None) -> tuple[float, float]:
+    """Peak training memory of one head over two steps, and its saved activations; meant for a fresh process."""
+    fix_mmap_threshold()
+    device = torch.device(device_type)
+    x, y = _batch(batch, size, device)
+    _warm_up_runtime(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_rss_mib(reset=True)
+    net, optimizer = build(backbone, size, head, device, backbone_kwargs)
+    for _ in range(2):  # the second step holds AdamW's state as well
+        step_seconds(net, optimizer, x, y)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib() - before
+    return peak, saved_activations_mib(net, x, y)
+
+
+def peak_rss_mib(reset: bool = False) -> float:
+    """This process's peak resident set (Linux ``VmHWM``); ``reset`` restarts it from the current resident set.
+
+    Not ``ru_maxrss``: a spawned process inherits its parent's peak there.
+    """
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a newly spawned Python process (so that no other model's memory or caches are in it)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def head_seconds(net: torch.nn.Module, features: torch.Tensor, y: torch.Tensor, repeats: int = 50) -> float:
@@ -50,36 +154,45 @@ def head_seconds(net: torch.nn.Module, features: torch.Tensor, y: torch.Tensor, 
     return statistics.median(times[5:])
 
 
-def bench(backbone: str, size: int, heads: list[str], batch: int, repeats: int, device: torch.device) -> list[dict]:
-    nets, optimizers = {}, {}
-    for head in heads:
-        torch.manual_seed(0)
-        net = WiseSrNet(backbone, in_channels=1, out_channels=2, img_size=size, head=head).to(device).train()
-        nets[head], optimizers[head] = net, torch.optim.Adam(net.parameters(), 1e-4)
-        attach_constraints(optimizers[head], net)
-    x = torch.rand(batch, 1, size, size, device=device)
-    y = torch.randint(0, 2, (batch,), device=device)
-    times: dict[str, list[float]] = {h: [] for h in heads}
-    for h in heads:  # warm-up
-        step_seconds(nets[h], optimizers[h], x, y)
-    for r in range(repeats):
-        order = heads[r % len(heads):] + heads[: r % len(heads)]
-        for h in order:
-            times[h].append(step_seconds(nets[h], optimizers[h], x, y))
-    with torch.no_grad():
-        features = nets[heads[0]].backbone(x)
+def saved_activations_mib(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """MiB of tensors autograd saves for backward in one training forward pass (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved: list[torch.Tensor] = []  # alive until the end, as in a real step, so no address is reused
+
+    def pack(t: torch.Tensor) -> int:
+        saved.append(t)
+        return len(saved) - 1  # not the tensor: a saved output holding itself would be a reference cycle
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, saved.__getitem__):
+        torch.nn.functional.cross_entropy(net(x), y)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    return sum(n for ptr, n in storages.items() if ptr not in params) / 2**20
+
+
+def bench(backbone: str, size: int, heads: list[str], batch: int, repeats: int, device: torch.device,
+          backbone_kwargs: dict | None = None) -> list[dict]:
+    """One row per head (``heads[0]`` must be ``gap``, the reference of every ratio)."""
+    x, y = _batch(batch, size, device)
     rows = []
     for h in heads:
-        total = sum(p.numel() for p in nets[h].parameters())
-        head_params = sum(p.numel() for p in nets[h].head.parameters())
+        gap_step, step = in_fresh_process(paired_step_seconds, backbone, size, h, batch, repeats, device.type,
+                                          backbone_kwargs)
+        peak, saved = in_fresh_process(memory_mib, backbone, size, h, batch, device.type, backbone_kwargs)
+        net, _ = build(backbone, size, h, device, backbone_kwargs)
+        with torch.no_grad():
+            features = net.backbone(x)
+        total = sum(p.numel() for p in net.parameters())
+        head_params = sum(p.numel() for p in net.head.parameters())
         rows.append({"backbone": backbone, "size": size, "device": device.type, "head": h, "params": total,
-                     "head_params": head_params, "ms_per_image": 1000 * statistics.median(times[h]) / batch,
-                     "head_ms": 1000 * head_seconds(nets[h], features, y)})
-    base = next(r for r in rows if r["head"] == "gap")
+                     "head_params": head_params, "head_share": head_params / total, "images_per_s": batch / step,
+                     "speed_ratio": 1.0 if h == heads[0] else gap_step / step,
+                     "head_ms": 1000 * head_seconds(net, features, y), "peak_mib": peak, "saved_mib": saved})
+        del net, features
+    base = rows[0]
     for r in rows:
-        r["time_ratio"] = r["ms_per_image"] / base["ms_per_image"]
-        r["head_share"] = r["head_params"] / r["params"]
-        r["est_ratio"] = 1 + (r["head_ms"] - base["head_ms"]) / (base["ms_per_image"] * batch)
+        r["est_time_ratio"] = 1 + (r["head_ms"] - base["head_ms"]) * base["images_per_s"] / (1000 * batch)
+        r["peak_ratio"] = r["peak_mib"] / base["peak_mib"]
+        r["saved_ratio"] = r["saved_mib"] / base["saved_mib"]
     return rows
 
 
@@ -95,16 +208,19 @@ def main() -> None:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
           + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-    print(f"batch {args.batch}, median of {args.repeats} round-robin training steps (forward+backward+Adam+projection)\n")
-    print("| backbone | size | device | head | params | head params | head share | step ms/image | step vs gap | head ms (batch) | est. ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"batch {args.batch}, median of {args.repeats} training steps (forward+backward+AdamW+projection)\n")
+    print("| backbone | size | device | head | params | head params | head share | train img/s | img/s vs gap | "
+          "head ms (batch) | est. time ratio | peak MiB | peak vs gap | saved MiB | saved vs gap |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for device in devices:
         for backbone in args.backbones:
             for size in args.sizes:
                 for r in bench(backbone, size, heads, args.batch, args.repeats, device):
                     print(f"| {r['backbone']} | {r['size']} | {r['device']} | {r['head']} | {r['params']:,} | "
-                          f"{r['head_params']:,} | {100 * r['head_share']:.2f}% | {r['ms_per_image']:.1f} | "
-                          f"{r['time_ratio']:.3f} | {r['head_ms']:.2f} | {r['est_ratio']:.4f} |", flush=True)
+                          f"{r['head_params']:,} | {100 * r['head_share']:.2f}% | {r['images_per_s']:.2f} | "
+                          f"{r['speed_ratio']:.3f} | {r['head_ms']:.2f} | {r['est_time_ratio']:.4f} | "
+                          f"{r['peak_mib']:.0f} | {r['peak_ratio']:.3f} | {r['saved_mib']:.1f} | "
+                          f"{r['saved_ratio']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

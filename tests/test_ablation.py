@@ -36,7 +36,8 @@ def test_parent_and_child_runs(study):
     assert {r.info.run_name for r in children} == {f"densenet121-64-{h}-fold{f}" for h in ("gap", "wise") for f in (0, 1)}
     assert all("eval_validation_auc_shuffled" in r.data.metrics for r in children)
     artifacts = {a.path for a in client.list_artifacts(parent_id, "summary")}
-    assert {"summary/summary.csv", "summary/summary.md", "summary/auc_by_head.png", "summary/val_curves.png"} <= artifacts
+    assert {"summary/grid.json", "summary/summary.csv", "summary/summary.md", "summary/auc_by_head.png",
+            "summary/val_curves.png"} <= artifacts
 
 
 def test_summary_and_paired_comparison(study):

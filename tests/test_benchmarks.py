@@ -1,0 +1,29 @@
+"""The head benchmark's measurements on a tiny network (the numbers themselves come from pipelines/bench_heads.py)."""
+
+import pytest
+import torch
+
+from pipelines.bench_heads import bench, saved_activations_mib
+
+SMALL = {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}
+
+
+def test_saved_activations_counts_what_autograd_keeps():
+    net = torch.nn.Linear(1024, 1)
+    x = torch.rand(256, 1024)
+    y = torch.zeros(256, dtype=torch.long)
+    # Linear saves its input (1 MiB); the weight is a parameter and not counted; cross-entropy on
+    # one logit saves its (256, 1) log-softmax.
+    assert saved_activations_mib(net, x, y) == pytest.approx(1.0, abs=0.01)
+
+
+def test_bench_rows_are_ratios_to_gap():
+    # 256 px, batch 4: the stem's activations (2 MiB) are above the 1 MiB the memory probe resolves
+    gap, wise = bench("densenet121", 256, ["gap", "wise"], batch=4, repeats=1, device=torch.device("cpu"),
+                      backbone_kwargs=SMALL)
+    assert (gap["head"], wise["head"]) == ("gap", "wise")
+    assert gap["speed_ratio"] == gap["peak_ratio"] == gap["saved_ratio"] == gap["est_time_ratio"] == 1.0
+    assert all(r["peak_mib"] > 2 and r["images_per_s"] > 0 and r["saved_mib"] > 2 for r in (gap, wise))
+    # the 8x8 feature map is pooled to 4x4, so wise adds a 4x4 kernel and a bias per channel
+    channels = (gap["head_params"] - 2) // 2  # gap's head is Linear(C, 2)
+    assert wise["head_params"] - gap["head_params"] == channels * (16 + 1)
