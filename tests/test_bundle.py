@@ -265,6 +265,21 @@ def test_interrupted_training_resumes_same_run(tmp_path, hospital):
     assert again.returncode != 0 and "finished run" in again.stdout + again.stderr
 
 
+def test_same_run_name_elsewhere_is_a_new_run(tmp_path, hospital):
+    """A new output folder is a new MLflow run, even when an unfinished run of the same name is in the experiment
+    (a killed training, or the same cell name in another study): MONAI's handler alone would attach to it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    left_running = client.create_run(client.create_experiment("same"), run_name="same").info.run_id
+    settings = {**TINY, "dataset_dir": str(hospital), "tracking_uri": uri, "max_epochs": 1, "experiment_name": "same",
+                "run_name": "same", "registered_model_name": "", "output_dir": str(tmp_path / "run")}
+    run_workflow("train", **settings)
+    run_id = (tmp_path / "run" / "mlflow_run_id").read_text()
+    assert run_id != left_running
+    assert client.get_metric_history(left_running, "val_auc") == []
+    assert len(client.get_metric_history(run_id, "val_auc")) == 1
+
+
 def test_torchrun_two_processes_one_mlflow_run(tmp_path, hospital):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(tmp_path / "run"), "tracking_uri": uri,

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,12 +154,18 @@ class MLflowTracker(MLFlowHandler):
 
     @_tolerant
     def start(self, engine: Engine) -> None:
-        if self.cur_run is None and self.run_id_file.is_file():
-            self.cur_run = self.client.get_run(self.run_id_file.read_text().strip())
+        new = not self.run_id_file.is_file()
+        if self.cur_run is None:
             self._set_experiment()
-        first = self.cur_run is None
+            if new:
+                # One output_dir, one run. MONAI's start() would instead attach to any unfinished run of the
+                # same name in the experiment: two studies' cells (same names) merged into one run that way.
+                run_name = self.run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
+                self.cur_run = self.client.create_run(self.experiment.experiment_id, run_name=run_name)
+            else:
+                self.cur_run = self.client.get_run(self.run_id_file.read_text().strip())
         super().start(engine)
-        if first or not self.run_id_file.is_file():
+        if new:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.run_id_file.write_text(self.cur_run.info.run_id)
             if self.parent_run_id:
