@@ -189,8 +189,17 @@ def _validation_history(cell_dir: Path, args: argparse.Namespace) -> tuple[list[
     """
     from mlflow import MlflowClient
 
-    run_id = (cell_dir / "mlflow_run_id").read_text().strip()
-    history = sorted(MlflowClient(args.tracking_uri).get_metric_history(run_id, "val_auc"), key=lambda m: m.step)
+    run_file, done = cell_dir / "mlflow_run_id", cell_dir / "cell.json"
+    # Only what this cell logged, the last value per epoch: runs written before the tracker's fix could hold
+    # another study's cell of the same name, and a resumed epoch is logged twice.
+    since = 1000 * run_file.stat().st_mtime - 1000
+    until = 1000 * done.stat().st_mtime if done.is_file() else float("inf")
+    by_step = {}
+    for m in sorted(MlflowClient(args.tracking_uri).get_metric_history(run_file.read_text().strip(), "val_auc"),
+                    key=lambda m: m.timestamp):
+        if since <= m.timestamp <= until:
+            by_step[m.step] = m
+    history = [by_step[k] for k in sorted(by_step)]
     intervals = np.diff([m.timestamp for m in history]) / 1000
     return [m.value for m in history], float(np.median(intervals)) if len(intervals) else float("nan")
 
