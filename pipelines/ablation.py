@@ -146,7 +146,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
     if done.is_file():
         logger.info("skipping finished cell %s", cell.name)
         result = json.loads(done.read_text())
-        result["val_auc_curve"], result["seconds_per_epoch"] = _validation_history(cell_dir, args)  # cells of older runners
+        result["val_auc_curve"], result["seconds_per_epoch"] = _validation_history(cell_dir, args)  # as new cells do
         return result
     settings = {**extra, "backbone": cell.backbone, "image_size": cell.image_size, "head": cell.head}
     common = {"cache_dir": str(Path(args.output_dir) / "cache"),  # shared: keys hold the preprocessing
@@ -189,16 +189,10 @@ def _validation_history(cell_dir: Path, args: argparse.Namespace) -> tuple[list[
     """
     from mlflow import MlflowClient
 
-    run_file, done = cell_dir / "mlflow_run_id", cell_dir / "cell.json"
-    # Only what this cell logged, the last value per epoch: runs written before the tracker's fix could hold
-    # another study's cell of the same name, and a resumed epoch is logged twice.
-    since = 1000 * run_file.stat().st_mtime - 1000
-    until = 1000 * done.stat().st_mtime if done.is_file() else float("inf")
-    by_step = {}
-    for m in sorted(MlflowClient(args.tracking_uri).get_metric_history(run_file.read_text().strip(), "val_auc"),
-                    key=lambda m: m.timestamp):
-        if since <= m.timestamp <= until:
-            by_step[m.step] = m
+    run_id = (cell_dir / "mlflow_run_id").read_text().strip()
+    by_step = {}  # the last value logged for each epoch: a resumed epoch is logged twice
+    for m in sorted(MlflowClient(args.tracking_uri).get_metric_history(run_id, "val_auc"), key=lambda m: m.timestamp):
+        by_step[m.step] = m
     history = [by_step[k] for k in sorted(by_step)]
     intervals = np.diff([m.timestamp for m in history]) / 1000
     return [m.value for m in history], float(np.median(intervals)) if len(intervals) else float("nan")
