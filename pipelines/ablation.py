@@ -7,8 +7,8 @@
 All cells are child runs of one MLflow parent run. Each cell trains on k-1 folds, is evaluated on
 its validation fold (``eval/metrics.json``, per-case ``eval/cases.csv``) and probed with the
 spatial-shuffle diagnostic. The study writes ``summary.csv`` / ``summary.md`` (mean and spread of AUC
-and accuracy, parameters, median seconds per epoch, shuffle drop, and each head's paired AUC difference to
-``gap`` over the same cases with a bootstrap CI), ``auc_by_head.png`` and ``val_curves.png``, and logs
+and accuracy, parameters, median seconds per epoch, shuffle drop, and each head's AUC difference to
+``gap``, fold by fold on the same cases, with a paired bootstrap CI), ``auc_by_head.png`` and ``val_curves.png``, and logs
 them to the parent run. Run the same command again after an interruption: finished cells are
 skipped, an interrupted cell resumes from its last epoch.
 """
@@ -199,29 +199,32 @@ def _validation_history(cell_dir: Path, args: argparse.Namespace) -> tuple[list[
 
 
 def paired_difference(output: Path, cells: list[Cell], head: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """AUC(head) - AUC(gap) over the pooled validation cases of all folds (same cases), with a paired bootstrap 95% CI."""
-    def pooled(h: str):
-        paths, labels, probs = [], [], []
-        for c in cells:
-            p, y, pr, _ = _read_cases(output / Cell(c.backbone, c.image_size, h, c.fold).name / "eval" / "cases.csv")
-            paths += p
-            labels.append(y)
-            probs.append(pr)
-        order = np.argsort(paths)
-        return np.array(paths)[order], np.concatenate(labels)[order], np.concatenate(probs)[order]
+    """Mean over folds of AUC(head) - AUC(gap) on the same validation cases, with a paired bootstrap 95% CI.
 
-    paths_h, y, probs_h = pooled(head)
-    paths_g, y_g, probs_g = pooled("gap")
-    if not (np.array_equal(paths_h, paths_g) and np.array_equal(y, y_g)):
-        raise ValueError(f"{head} and gap were evaluated on different cases")
-    diff = roc_auc(y, probs_h) - roc_auc(y, probs_g)
+    Each fold is a different trained model, so AUC is taken within a fold, then averaged: pooling the folds'
+    predictions would rank one model's scores against another's, and a fold whose scores are merely shifted
+    (ranked perfectly, badly calibrated) would lower the pooled AUC. The bootstrap resamples cases within each
+    fold, the same cases for both heads; it covers case sampling, not retraining.
+    """
+    folds = []
+    for c in cells:
+        cases = {h: _read_cases(output / Cell(c.backbone, c.image_size, h, c.fold).name / "eval" / "cases.csv") for h in (head, "gap")}
+        (paths, labels, probs_h, _), (paths_g, labels_g, probs_g, _) = cases[head], cases["gap"]
+        if paths != paths_g or not np.array_equal(labels, labels_g):
+            raise ValueError(f"{head} and gap were evaluated on different cases in fold {c.fold}")
+        folds.append((labels, probs_h, probs_g))
+
+    def mean_difference(indices: list[np.ndarray]) -> float:
+        return float(np.mean([roc_auc(y[i], ph[i]) - roc_auc(y[i], pg[i]) for (y, ph, pg), i in zip(folds, indices)]))
+
+    diff = mean_difference([np.arange(len(y)) for y, _, _ in folds])
     rng = np.random.default_rng(seed)
     diffs = []
     for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[idx])) < probs_h.shape[1]:
-            continue
-        diffs.append(roc_auc(y[idx], probs_h[idx]) - roc_auc(y[idx], probs_g[idx]))
+        indices = [rng.integers(0, len(y), len(y)) for y, _, _ in folds]
+        if any(len(np.unique(y[i])) < ph.shape[1] for (y, ph, _), i in zip(folds, indices)):
+            continue  # a resample without every class has no AUC
+        diffs.append(mean_difference(indices))
     return diff, float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
 
 

@@ -47,6 +47,8 @@ def test_summary_and_paired_comparison(study):
     assert rows["gap"]["auc_vs_gap"] == "" and rows["wise"]["auc_vs_gap"] != ""
     low, high = float(rows["wise"]["auc_vs_gap_ci_low"]), float(rows["wise"]["auc_vs_gap_ci_high"])
     assert low <= float(rows["wise"]["auc_vs_gap"]) <= high
+    # fold by fold, so the difference is the difference of the per-fold means
+    assert float(rows["wise"]["auc_vs_gap"]) == pytest.approx(float(rows["wise"]["auc_mean"]) - float(rows["gap"]["auc_mean"]))
     assert int(rows["wise"]["head_params"]) > int(rows["gap"]["head_params"])
     assert "ΔAUC vs gap" in (study["out"] / "summary.md").read_text()
     for name in ("auc_by_head.png", "val_curves.png"):
@@ -54,6 +56,21 @@ def test_summary_and_paired_comparison(study):
     cell = json.loads((study["out"] / "densenet121-64-wise-fold0" / "cell.json").read_text())
     assert len(cell["val_auc_curve"]) == 2
     assert (study["out"] / "densenet121-64-wise-fold0" / "eval" / "diagnostics.png").stat().st_size > 1000
+
+
+def test_paired_difference_ignores_a_fold_shifted_scores(tmp_path):
+    # both heads rank every case right in both folds; wise's fold-1 scores are all low (badly calibrated),
+    # which pooled over folds would read as a worse AUC
+    labels = ["a", "b", "a", "b"]
+    scores = {("gap", 0): [0.2, 0.8, 0.3, 0.7], ("gap", 1): [0.2, 0.8, 0.3, 0.7],
+              ("wise", 0): [0.2, 0.8, 0.3, 0.7], ("wise", 1): [0.01, 0.05, 0.02, 0.04]}
+    cells = [ablation.Cell("net", 64, "wise", fold) for fold in (0, 1)]
+    for (head, fold), probs in scores.items():
+        cases = tmp_path / ablation.Cell("net", 64, head, fold).name / "eval" / "cases.csv"
+        cases.parent.mkdir(parents=True)
+        rows = [f"f{fold}_{i}.png,{y},{1 - p},{p}" for i, (y, p) in enumerate(zip(labels, probs))]
+        cases.write_text("\n".join(["path,label,prob_a,prob_b", *rows]) + "\n")
+    assert ablation.paired_difference(tmp_path, cells, "wise", n_boot=50) == (0.0, 0.0, 0.0)
 
 
 def test_gap_is_blind_to_shuffled_positions(study):

@@ -117,8 +117,9 @@ class EvaluationReporter(_Collector):
         self.metrics = classification_metrics(labels, probs, self.classes, self.threshold, self.n_boot)
         self.report_dir.mkdir(parents=True, exist_ok=True)
         (self.report_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=1))
+        # 9 significant digits round-trip float32: AUC recomputed from the file matches metrics.json
         _write_csv(self.report_dir / "cases.csv", ["path", "label", *[f"prob_{c}" for c in self.classes]],
-                   [[p, self.classes[y], *[f"{v:.6f}" for v in pr]] for p, y, pr in zip(self.paths, self.labels, self.probs)])
+                   [[p, self.classes[y], *[f"{v:.9g}" for v in pr]] for p, y, pr in zip(self.paths, self.labels, self.probs)])
         plots = [plot_roc(labels, probs, self.classes, self.metrics, self.report_dir / "roc.png"),
                  plot_confusion(self.metrics, self.report_dir / "confusion_matrix.png"),
                  plot_reliability(self.metrics, self.report_dir / "reliability.png")]
@@ -162,6 +163,6 @@ class PredictionWriter(_Collector):
 
     def finish(self, engine: Engine) -> None:
         _write_csv(self.output_file, ["path", "predicted_class", *[f"prob_{c}" for c in self.classes]],
-                   [[path, self.classes[int(np.argmax(probs))], *[f"{p:.6f}" for p in probs]]
+                   [[path, self.classes[int(np.argmax(probs))], *[f"{p:.9g}" for p in probs]]
                     for path, probs in zip(self.paths, self.probs)])
         logger.info("predictions for %d scans written to %s", len(self.paths), self.output_file)

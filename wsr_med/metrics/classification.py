@@ -3,21 +3,39 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import confusion_matrix
 
-__all__ = ["roc_auc", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics"]
+__all__ = ["binary_auc", "roc_auc", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics"]
+
+
+def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic: the chance that a positive case scores above a negative one (ties half).
+
+    Equal to scikit-learn's ``roc_auc_score``, without its input checks, which dominate the time of a bootstrap.
+
+    Args:
+        positive: ``(N,)`` booleans, both values present.
+        scores: ``(N,)`` scores, higher meaning more likely positive.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if not n_pos or not n_neg:
+        raise ValueError("AUC needs both positive and negative cases")
+    return float((rankdata(scores)[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     """ROC AUC: binary (probability of class 1) for 2 classes, macro one-vs-rest otherwise.
 
     Args:
-        labels: ``(N,)`` class indices.
+        labels: ``(N,)`` class indices, every class present.
         probs: ``(N, K)`` class probabilities.
     """
     if probs.shape[1] == 2:
-        return float(roc_auc_score(labels, probs[:, 1]))
-    return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=np.arange(probs.shape[1])))
+        return binary_auc(labels == 1, probs[:, 1])
+    return float(np.mean([binary_auc(labels == k, probs[:, k]) for k in range(probs.shape[1])]))
 
 
 def bootstrap_auc_ci(labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000, alpha: float = 0.05,
@@ -75,7 +93,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
         fp, tn = cm[:, c].sum() - cm[c, c], cm.sum() - cm[c].sum() - cm[:, c].sum() + cm[c, c]
         present = 0 < (labels == c).sum() < len(labels)
         per_class[name] = {
-            "auc": float(roc_auc_score(labels == c, probs[:, c])) if present else float("nan"),
+            "auc": binary_auc(labels == c, probs[:, c]) if present else float("nan"),
             "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
             "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
             "support": int((labels == c).sum()),
