@@ -33,6 +33,7 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
         labels: ``(N,)`` class indices, every class present.
         probs: ``(N, K)`` class probabilities.
     """
+    labels, probs = np.asarray(labels), np.asarray(probs)
     if probs.shape[1] == 2:
         return binary_auc(labels == 1, probs[:, 1])
     return float(np.mean([binary_auc(labels == k, probs[:, k]) for k in range(probs.shape[1])]))
