@@ -30,7 +30,7 @@ import torch
 
 from wsr_med.cli import parse_value
 from wsr_med.handlers import tracking_uri_context
-from wsr_med.metrics import roc_auc
+from wsr_med.metrics import bootstrap_ci, roc_auc
 from wsr_med.workflows import parse_bundle, run_workflow, sqlite_uri
 
 logger = logging.getLogger("wsr_med.ablation")
@@ -60,6 +60,11 @@ def _parent_run(client, experiment_name: str, output: Path, grid: dict) -> str:
     output.mkdir(parents=True, exist_ok=True)
     path.write_text(run.info.run_id)
     return run.info.run_id
+
+
+def _cases_file(output: Path, cell: Cell, head: str) -> Path:
+    """The per-case predictions of ``cell``'s backbone, size and fold with ``head``."""
+    return output / Cell(cell.backbone, cell.image_size, head, cell.fold).name / "eval" / "cases.csv"
 
 
 def _read_cases(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
@@ -208,8 +213,8 @@ def paired_difference(output: Path, cells: list[Cell], head: str, n_boot: int = 
     """
     folds = []
     for c in cells:
-        cases = {h: _read_cases(output / Cell(c.backbone, c.image_size, h, c.fold).name / "eval" / "cases.csv") for h in (head, "gap")}
-        (paths, labels, probs_h, _), (paths_g, labels_g, probs_g, _) = cases[head], cases["gap"]
+        paths, labels, probs_h, _ = _read_cases(_cases_file(output, c, head))
+        paths_g, labels_g, probs_g, _ = _read_cases(_cases_file(output, c, "gap"))
         if paths != paths_g or not np.array_equal(labels, labels_g):
             raise ValueError(f"{head} and gap were evaluated on different cases in fold {c.fold}")
         folds.append((labels, probs_h, probs_g))
@@ -217,15 +222,8 @@ def paired_difference(output: Path, cells: list[Cell], head: str, n_boot: int = 
     def mean_difference(indices: list[np.ndarray]) -> float:
         return float(np.mean([roc_auc(y[i], ph[i]) - roc_auc(y[i], pg[i]) for (y, ph, pg), i in zip(folds, indices)]))
 
-    diff = mean_difference([np.arange(len(y)) for y, _, _ in folds])
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        indices = [rng.integers(0, len(y), len(y)) for y, _, _ in folds]
-        if any(len(np.unique(y[i])) < ph.shape[1] for (y, ph, _), i in zip(folds, indices)):
-            continue  # a resample without every class has no AUC
-        diffs.append(mean_difference(indices))
-    return diff, float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
+    low, high = bootstrap_ci([y for y, _, _ in folds], mean_difference, n_boot, seed=seed)
+    return mean_difference([np.arange(len(y)) for y, _, _ in folds]), low, high
 
 
 def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path]:
@@ -248,7 +246,7 @@ def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path
                "params": rs[0]["params"], "head_params": rs[0]["head_params"],
                "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs)}
         same = [c for c in cells if (c.backbone, c.image_size, c.head) == (backbone, size, head)]
-        has_gap = all((output / Cell(c.backbone, c.image_size, "gap", c.fold).name / "eval" / "cases.csv").is_file() for c in same)
+        has_gap = all(_cases_file(output, c, "gap").is_file() for c in same)
         if head != "gap" and has_gap:
             row["auc_vs_gap"], row["auc_vs_gap_ci_low"], row["auc_vs_gap_ci_high"] = paired_difference(output, same, head)
         rows.append(row)

@@ -1,5 +1,6 @@
 """The MONAI bundle end to end: train, evaluate, predict, MLflow (local store and a real server), resume, torchrun."""
 
+import csv
 import json
 import os
 import signal
@@ -15,8 +16,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from wsr_med.workflows import BUNDLE, run_workflow
 from wsr_med.data import make_synthetic_folder
+from wsr_med.metrics import roc_auc
+from wsr_med.workflows import BUNDLE, run_workflow
 
 CONFIGS = BUNDLE / "configs"
 TINY = {
@@ -131,6 +133,12 @@ def test_evaluation_report(trained):
     assert html.count("data:image/png;base64,") == 3 and "AUC 95% CI" in html
     for name in ("roc.png", "confusion_matrix.png", "reliability.png"):
         assert (eval_dir / name).stat().st_size > 1000
+    # the per-case file keeps enough digits that the AUC recomputed from it is the reported one
+    with open(eval_dir / "cases.csv", newline="") as f:
+        cases = list(csv.DictReader(f))
+    labels = np.array([metrics["classes"].index(r["label"]) for r in cases])
+    probs = np.array([[float(r[f"prob_{c}"]) for c in metrics["classes"]] for r in cases])
+    assert len(cases) == 30 and roc_auc(labels, probs) == pytest.approx(metrics["auc"], abs=1e-9)
 
 
 def test_predictions_csv(trained):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from wsr_med.metrics import binary_auc, roc_auc
+from wsr_med.metrics import binary_auc, bootstrap_ci, roc_auc
 
 
 def test_auc_equals_scikit_learn_with_ties_and_classes():
@@ -20,3 +20,10 @@ def test_auc_equals_scikit_learn_with_ties_and_classes():
 def test_auc_refuses_a_single_class():
     with pytest.raises(ValueError, match="both positive and negative"):
         binary_auc(np.ones(4, bool), np.arange(4))
+
+
+def test_bootstrap_redraws_resamples_missing_a_class():
+    # two cases of two classes: only resamples holding both are kept, so the statistic is always 1
+    groups = [np.array([0, 1]), np.array([1, 0, 1])]
+    both = lambda idx: float(all(len(set(y[i])) == 2 for y, i in zip(groups, idx)))  # noqa: E731
+    assert bootstrap_ci(groups, both, n_boot=50) == (1.0, 1.0)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix
 
-__all__ = ["binary_auc", "roc_auc", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics"]
+__all__ = ["binary_auc", "roc_auc", "bootstrap_ci", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics"]
 
 
 def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
@@ -39,22 +41,35 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean([binary_auc(labels == k, probs[:, k]) for k in range(probs.shape[1])]))
 
 
-def bootstrap_auc_ci(labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000, alpha: float = 0.05,
-                     seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of :func:`roc_auc` (resampling cases; resamples missing a class are redrawn)."""
+def bootstrap_ci(groups: list[np.ndarray], statistic: Callable[[list[np.ndarray]], float], n_boot: int = 1000,
+                 alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of ``statistic``, resampling cases within each group.
+
+    Args:
+        groups: per group (e.g. per cross-validation fold), the ``(N_g,)`` class labels of its cases.
+        statistic: maps one index array per group (the resampled cases) to a number.
+
+    A resample missing one of its group's classes has no AUC, so it is redrawn (up to 20x ``n_boot`` draws).
+    """
     rng = np.random.default_rng(seed)
-    n, k = len(labels), probs.shape[1]
+    n_classes = [len(np.unique(y)) for y in groups]
     values = []
-    attempts = 0
-    while len(values) < n_boot and attempts < 20 * n_boot:
-        attempts += 1
-        idx = rng.integers(0, n, n)
-        if len(np.unique(labels[idx])) < k:
+    for _ in range(20 * n_boot):
+        indices = [rng.integers(0, len(y), len(y)) for y in groups]
+        if any(len(np.unique(y[i])) < k for y, i, k in zip(groups, indices, n_classes)):
             continue
-        values.append(roc_auc(labels[idx], probs[idx]))
+        values.append(statistic(indices))
+        if len(values) == n_boot:
+            break
     if not values:
         return float("nan"), float("nan")
     return float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))
+
+
+def bootstrap_auc_ci(labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000, alpha: float = 0.05,
+                     seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of :func:`roc_auc`, resampling cases."""
+    return bootstrap_ci([labels], lambda idx: roc_auc(labels[idx[0]], probs[idx[0]]), n_boot, alpha, seed)
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> tuple[float, dict]:
