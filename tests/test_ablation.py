@@ -8,9 +8,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines import ablation
 from wsr_med.data import make_synthetic_folder
 from wsr_med.networks import WiseSrNet, logits_with_shuffled_positions
+from wsr_med.pipelines import ablation
 
 TINY = ["image_size=64", "backbone_kwargs={'init_features':8,'growth_rate':4,'block_config':[1,1,1,1]}",
         "max_epochs=2", "batch_size=8", "num_workers=0", "progress_bar=False", "learning_rate=0.01"]
@@ -80,9 +80,9 @@ def test_gap_is_blind_to_shuffled_positions(study):
 
 
 def test_trained_wise_head_sees_positions(study):
-    net, images, labels, _ = ablation.load_cell(study["out"] / "densenet121-64-wise-fold0", {
-        "image_size": 64, "backbone_kwargs": {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]},
-        "head": "wise", "dataset_dir": str(study["root"] / "data")})
+    # the cell's folder alone says which network and preprocessing it was trained with
+    net, images, labels, _ = ablation.load_cell(study["out"] / "densenet121-64-wise-fold0", str(study["out"] / "cache"))
+    assert images.shape[1:] == (1, 64, 64) and net.head.compression.depthwise.weight.shape[-1] > 1
     with torch.no_grad():
         plain = net(images)
     shuffled = logits_with_shuffled_positions(net, images, torch.Generator().manual_seed(0))

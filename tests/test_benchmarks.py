@@ -1,9 +1,9 @@
-"""The head benchmark's measurements on a tiny network (the numbers themselves come from pipelines/bench_heads.py)."""
+"""The head benchmark's measurements on a tiny network (the numbers themselves come from wsr-med bench heads)."""
 
 import pytest
 import torch
 
-from pipelines.bench_heads import bench, saved_activations_mib
+from wsr_med.pipelines.bench_heads import bench, saved_activations_mib
 
 SMALL = {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}
 

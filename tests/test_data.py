@@ -16,7 +16,6 @@ from wsr_med.data import (
     ScanReadError,
     hash_id,
     make_synthetic_folder,
-    preprocessing_signature,
     read_datalist,
     read_scan,
     scan_dataset,
@@ -24,9 +23,11 @@ from wsr_med.data import (
     scan_manifest,
     scan_transforms,
     split_items,
+    transform_signature,
     write_datalist,
     write_dicom,
 )
+from wsr_med.errors import WsrMedError
 
 
 def gradient_image(h=48, w=64):
@@ -210,7 +211,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path, chest_dir):
     assert "truncated" in reasons["left/truncated.jpeg"]
     assert "empty file" in reasons["left/empty.png"]
     assert "not a readable image" in reasons["left/garbage.png"]
-    assert "unknown extension" in reasons["left/notes.txt"]
+    assert "unknown file type" in reasons["left/notes.txt"]
     assert "without pixel data" in reasons["right/report.dcm"]
     assert "empty class folder" in reasons["empty_class/"]
     assert len(scan.items) == len(good.items)
@@ -222,9 +223,9 @@ def test_bad_files_are_reported_and_skipped(tmp_path, chest_dir):
 def test_no_valid_scans_is_a_clear_error(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"")
-    with pytest.raises(ValueError, match="no valid scans"):
+    with pytest.raises(WsrMedError, match="no valid scans"):
         scan_folder(tmp_path, num_workers=0)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(WsrMedError, match="not found"):
         scan_folder(tmp_path / "missing")
 
 
@@ -233,7 +234,7 @@ def test_unreadable_file_error_names_the_file(tmp_path):
     with pytest.raises(ScanReadError, match="broken.dcm"):
         read_scan(tmp_path / "broken.dcm")
     (tmp_path / "scan.xyz").write_bytes(b"1")
-    with pytest.raises(ScanReadError, match="unknown extension"):
+    with pytest.raises(ScanReadError, match="unknown file type"):
         read_scan(tmp_path / "scan.xyz")
 
 
@@ -301,18 +302,21 @@ def test_no_patient_identifier_leaves_the_scan(tmp_path, synthetic_dir, caplog):
 def test_cache_reuses_and_invalidates(tmp_path, synthetic_dir):
     scan = scan_folder(synthetic_dir, num_workers=0)
     items = [{**i, "image": str(synthetic_dir / i["image"])} for i in scan.items[:4]]
-    signature = preprocessing_signature(32, 1, 2, None, (0.5, 99.5))
-    dataset = scan_dataset(items, scan_transforms(32), tmp_path / "cache", signature)
+    dataset = scan_dataset(items, scan_transforms(32), tmp_path / "cache")
     first = [dataset[i]["image"] for i in range(4)]
     cached = sorted((tmp_path / "cache").glob("*.pt"))
     assert len(cached) == 4
     mtimes = [p.stat().st_mtime_ns for p in cached]
-    again = [scan_dataset(items, scan_transforms(32), tmp_path / "cache", signature)[i]["image"] for i in range(4)]
+    again = [scan_dataset(items, scan_transforms(32), tmp_path / "cache")[i]["image"] for i in range(4)]
     assert [p.stat().st_mtime_ns for p in cached] == mtimes  # read, not rewritten
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    changed = preprocessing_signature(48, 1, 2, None, (0.5, 99.5))
-    bigger = scan_dataset(items, scan_transforms(48), tmp_path / "cache", changed)[0]["image"]
+    bigger = scan_dataset(items, scan_transforms(48), tmp_path / "cache")[0]["image"]
     assert bigger.shape == (1, 48, 48) and len(list((tmp_path / "cache").glob("*.pt"))) == 5
+    # any setting of a cached transform is part of the key, e.g. the intensity window
+    windowed = scan_dataset(items, scan_transforms(48, intensity_percentiles=(2, 98)), tmp_path / "cache")[0]["image"]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 6 and not torch.equal(windowed, bigger)
+    # the random augmentations are not cached, so they do not change the key of the deterministic part
+    assert transform_signature(scan_transforms(48, train=True)) == transform_signature(scan_transforms(48, train=True))
 
 
 def test_jpeg_reduced_decode_keeps_enough_pixels(chest_dir):
@@ -370,3 +374,31 @@ def test_dicom_series_volume(tmp_path):
     loaded, meta = read_scan(series, spatial_dims=3)
     assert loaded.ndim == 4 and sorted(loaded.shape[1:]) == [6, 16, 20]
     assert "PID-3" not in json.dumps({k: str(v) for k, v in meta.items()})
+
+
+def test_dicom_found_by_content_whatever_its_name(tmp_path):
+    """PACS exports name files by UID or not at all; a DICOMDIR is an index, not an image; a .dcm name proves nothing."""
+    root = make_synthetic_folder(tmp_path / "export", n_per_class=4, image_size=32, n_classes=2, formats=("dcm",))
+    source = sorted((root / "left").glob("*.dcm"))
+    uid_named = root / "left" / "1.2.840.113619.2.55.3.604688119"
+    source[0].rename(uid_named)
+    ds = pydicom.dcmread(source[1])
+    ds.preamble = None
+    no_preamble = root / "left" / "IM000017"  # no 128-byte preamble, no 'DICM': only pydicom's own reading finds it
+    ds.save_as(no_preamble, enforce_file_format=False)
+    source[1].unlink()
+    assert no_preamble.read_bytes()[128:132] != b"DICM"
+    shutil.copy(get_testdata_file("DICOMDIR"), root / "DICOMDIR")
+    shutil.copy(get_testdata_file("DICOMDIR"), root / "right" / "DICOMDIR")
+    (root / "right" / "fake.dcm").write_text("not DICOM at all, just a name")
+    scan = scan_folder(root, num_workers=0)
+    reasons = {row["file"]: row["reason"] for row in scan.bad_files}
+    found = {i["image"] for i in scan.items}
+    assert {"left/1.2.840.113619.2.55.3.604688119", "left/IM000017"} <= found
+    assert len(found) == 8  # every scan, whatever its name
+    assert reasons["DICOMDIR"].startswith("DICOMDIR") and reasons["right/DICOMDIR"].startswith("DICOMDIR")
+    assert "not a readable DICOM file" in reasons["right/fake.dcm"]
+    image, _ = read_scan(uid_named)
+    assert image.shape == (1, 32, 32)
+    with pytest.raises(ScanReadError, match="DICOMDIR"):
+        read_scan(root / "right" / "DICOMDIR")

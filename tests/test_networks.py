@@ -42,7 +42,7 @@ def test_densenet121_reference_sizes():
 def test_pre_pool_rule_for_other_sizes_and_override():
     assert default_pre_pool([32]) == (5,)  # 1024 px -> 32 -> 6
     assert default_pre_pool([4, 8, 64]) == (1, 2, 10)  # anisotropic / 3D: each axis alone
-    net = WiseSrNet(img_size=[64, 128], head="wise", pre_pool=1, backbone_kwargs=TINY_DENSENET)
+    net = WiseSrNet(img_size=[64, 128], head="wise", head_kwargs={"pre_pool": 1}, backbone_kwargs=TINY_DENSENET)
     assert net.head.compression.kernel_size == (2, 4)
 
 

@@ -1,7 +1,21 @@
 """wsr_med: Wise-SrNet classification for medical images, as a MONAI plugin."""
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-# Subpackages are imported here so that bundle configs can write `$import wsr_med` and then
-# `wsr_med.data.scan_transforms`, `wsr_med.workflows.prepare_data`, ...
-from wsr_med import data, handlers, metrics, networks, workflows  # noqa: E402,F401
+# Subpackages load on first use, so that bundle configs can write `$import wsr_med` and then
+# `wsr_med.data.scan_transforms`, while `import wsr_med.networks` stays free of MLflow and matplotlib.
+_SUBMODULES = ("data", "errors", "handlers", "metrics", "networks", "pipelines", "runs", "tracking", "workflows")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"wsr_med.{name}")
+    raise AttributeError(f"module 'wsr_med' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SUBMODULES])

@@ -3,12 +3,16 @@
     wsr-med demo                                   # the main job on generated data: train, evaluate, predict, MLflow
     wsr-med synth data/hospital --n-per-class 200  # write a synthetic hospital folder
     wsr-med train --dataset-dir data/hospital --output-dir runs/a --set image_size=512 max_epochs=50
+    wsr-med train --output-dir runs/a --set max_epochs=80          # continue a run with its own settings
     wsr-med evaluate --output-dir runs/a --dataset-dir data/other_hospital
     wsr-med predict --output-dir runs/a --dataset-dir data/unlabelled
+    wsr-med ablate --dataset-dir data/hospital --heads gap wise --sizes 224 512 --folds 5
+    wsr-med bench heads | wsr-med bench io         # speed and memory benchmarks
+    wsr-med bundle-path                            # the installed MONAI bundle, for python -m monai.bundle run
 
-Every command runs ``monai.bundle run`` on ``bundles/wise_srnet_classification`` with the
-options as overrides, so ``wsr-med train ...`` and the equivalent ``python -m monai.bundle run``
-command do the same thing.
+Every workflow command runs ``monai.bundle run`` on the bundle with the options as overrides, so
+``wsr-med train ...`` and the equivalent ``python -m monai.bundle run`` command do the same thing.
+Evaluate and predict take the network and preprocessing settings from the run folder.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import ast
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
-from wsr_med.workflows.bundle import BUNDLE, run_workflow
+from wsr_med.errors import find_user_error
+from wsr_med.runs import RunFolder
+from wsr_med.workflows.bundle import BUNDLE, config_files, run_workflow
 
-__all__ = ["main"]
+__all__ = ["main", "parse_value"]
 
 # A short run that shows the whole pipeline in minutes on a laptop CPU.
 DEMO_SETTINGS = {
@@ -34,6 +41,10 @@ DEMO_SETTINGS = {
     "test_fraction": 0.2,
     "synthetic": {"n_per_class": 150, "image_size": 256, "n_classes": 2, "seed": 1234},
 }
+RESULTS = [(RunFolder.MODEL, "best model weights"), (RunFolder.CLASSES, "class map"), (RunFolder.CONFIG, "resolved config"),
+           (RunFolder.DATALIST, "patient-level split"), (RunFolder.BAD_FILES, "skipped files"),
+           (f"{RunFolder.EVAL}/report.html", "evaluation report"), (f"{RunFolder.EVAL}/metrics.json", "evaluation metrics"),
+           (RunFolder.PREDICTIONS, "predictions")]
 
 
 def parse_value(text: str):
@@ -44,6 +55,11 @@ def parse_value(text: str):
         except (ValueError, SyntaxError):
             pass
     return text
+
+
+def bundle_default(key: str, bundle_root: Path = BUNDLE):
+    """The value ``train.json`` gives ``key``."""
+    return json.loads(Path(config_files("train", bundle_root)[0]).read_text())[key]
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -61,39 +77,51 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _print_results(output_dir: str, tracking_uri: str | None = None) -> None:
+    from wsr_med.tracking import default_tracking_uri
+
     out = Path(output_dir)
     print("\nResults:")
-    for name, what in [("model.pt", "best model weights"), ("classes.json", "class map"), ("config.json", "resolved config"),
-                       ("datalist.json", "patient-level split"), ("bad_files.csv", "skipped files"),
-                       ("eval/report.html", "evaluation report"), ("eval/metrics.json", "evaluation metrics"),
-                       ("predictions.csv", "predictions")]:
+    for name, what in RESULTS:
         if (out / name).exists():
             print(f"  {what:22s} {out / name}")
-    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
-    print(f"\nMLflow: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    print(f"\nMLflow: mlflow ui --backend-store-uri {tracking_uri or default_tracking_uri()}   (then open http://127.0.0.1:5000)")
+
+
+def train(args: argparse.Namespace) -> None:
+    """Train; in a folder that holds a run, continue it with the run's own settings (overrides on top)."""
+    overrides = _overrides(args)
+    output = overrides.setdefault("output_dir", bundle_default("output_dir", args.bundle_root))
+    folder = RunFolder(output)
+    if (folder / RunFolder.CONFIG).is_file():
+        saved = folder.continuation_settings()
+        print(f"{output} holds a run: continuing it with its own settings")
+        overrides = {**saved, **overrides}
+    run_workflow("train", args.bundle_root, **overrides)
+    _print_results(output, args.tracking_uri)
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Train on the embedded synthetic hospital folder, evaluate on its held-out patients, predict on a new folder."""
+    """Train on the embedded synthetic hospital folder (or --dataset-dir), evaluate on held-out patients, predict new scans."""
     from wsr_med.data import make_synthetic_folder
 
-    output = args.output_dir or "runs/demo"
-    common = {"output_dir": output, **({"tracking_uri": args.tracking_uri} if args.tracking_uri else {})}
-    settings = {**DEMO_SETTINGS, **_overrides(args), **common}
-    print(f"[1/3] training on the synthetic hospital folder -> {output}")
-    run_workflow("train", dataset_dir="synthetic", **settings)
+    settings = {**DEMO_SETTINGS, "dataset_dir": "synthetic", "output_dir": "runs/demo", **_overrides(args)}
+    output = settings["output_dir"]
+    common = {k: settings[k] for k in ("output_dir", "tracking_uri") if k in settings}
+    print(f"[1/3] training on {settings['dataset_dir']} -> {output}")
+    run_workflow("train", args.bundle_root, **settings)
     print("[2/3] evaluating on the held-out test patients")
-    run_workflow("evaluate", eval_split="test", **settings)
+    run_workflow("evaluate", args.bundle_root, **common, dataset_dir=settings["dataset_dir"], eval_split="test")
     unlabelled = Path(output) / "new_scans"
     if not unlabelled.exists():
         make_synthetic_folder(unlabelled, n_per_class=10, image_size=256, n_classes=2, seed=99)
     print(f"[3/3] predicting the scans in {unlabelled}")
-    run_workflow("inference", **{**settings, "dataset_dir": str(unlabelled)})
+    run_workflow("inference", args.bundle_root, **common, dataset_dir=str(unlabelled))
     _print_results(output, args.tracking_uri)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsr-med", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def workflow_parser(name: str, help: str) -> argparse.ArgumentParser:
@@ -103,9 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the current folder)")
         p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="other config overrides, e.g. image_size=512 head=gap")
         p.add_argument("--bundle-root", type=Path, default=BUNDLE)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
         return p
 
-    workflow_parser("train", "train a model (resumes an interrupted run in the same output dir)")
+    workflow_parser("train", "train a model; in a folder that holds a run, resume or continue it (raise max_epochs)")
     ev = workflow_parser("evaluate", "evaluate a trained model on labelled scans")
     ev.add_argument("--eval-split", choices=["all", "test", "validation"], help="'all' of --dataset-dir (default) or a split of the run")
     pr = workflow_parser("predict", "predict unlabelled scans: a CSV with one probability per class")
@@ -118,21 +147,57 @@ def main(argv: list[str] | None = None) -> None:
     sy.add_argument("--classes", type=int, default=2)
     sy.add_argument("--formats", nargs="+", default=["dcm", "png"])
     sy.add_argument("--seed", type=int, default=0)
+    sub.add_parser("ablate", help="ablation study: heads x backbones x sizes x folds (wsr-med ablate --help)", add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks: 'heads' (speed/memory per head) or 'io' (reading scans)", add_help=False)
+    bench.add_argument("which", choices=["heads", "io"])
+    sub.add_parser("bundle-path", help="print the folder of the installed MONAI bundle")
+    return parser
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def _run(args: argparse.Namespace, rest: list[str]) -> None:
     if args.command == "synth":
         from wsr_med.data import make_synthetic_folder
 
         root = make_synthetic_folder(args.root, args.n_per_class, args.image_size, args.classes, tuple(args.formats), args.seed)
         print(f"synthetic hospital folder written to {root}")
+    elif args.command == "ablate":
+        from wsr_med.pipelines import ablation
+
+        ablation.main(rest)
+    elif args.command == "bench":
+        from wsr_med.pipelines import bench_heads, bench_io
+
+        {"heads": bench_heads, "io": bench_io}[args.which].main(rest)
+    elif args.command == "bundle-path":
+        print(BUNDLE)
     elif args.command == "demo":
         demo(args)
+    elif args.command == "train":
+        train(args)
     else:
-        workflow = {"train": "train", "evaluate": "evaluate", "predict": "inference"}[args.command]
+        workflow = {"evaluate": "evaluate", "predict": "inference"}[args.command]
         overrides = _overrides(args)
         run_workflow(workflow, args.bundle_root, **overrides)
-        _print_results(overrides.get("output_dir", "runs/wise_srnet"), args.tracking_uri)
+        _print_results(overrides.get("output_dir", bundle_default("output_dir", args.bundle_root)), args.tracking_uri)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("ablate", "bench"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _run(args, rest)
+    except Exception as e:
+        error = find_user_error(e)
+        if error is None or args.debug:
+            raise
+        logging.getLogger("wsr_med").debug("traceback", exc_info=True)
+        print(f"wsr-med {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -31,14 +31,18 @@ __all__ = [
     "read_image",
     "read_volume",
     "dicom_patient_id",
+    "scan_format",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DICOM_SUFFIXES = (".dcm", ".dicom", "")  # hospital exports often have no extension
+DICOM_SUFFIXES = (".dcm", ".dicom")  # and any other name, when the content is DICOM (see scan_format)
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 SCAN_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + VOLUME_SUFFIXES
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
 # Projection radiography: the VOI LUT / window in the header is what a reader looks at.
 RADIOGRAPH_MODALITIES = ("CR", "DX", "MG", "RF", "XA", "IO", "PX", "RG")
+_DICOMDIR_REASON = "DICOMDIR: the index of a DICOM media export, not an image (the images it lists are read on their own)"
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's convert("L")
 
 
@@ -54,6 +58,48 @@ class ScanReadError(ValueError):
 def suffix_of(path: str | Path) -> str:
     name = Path(path).name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def _is_dicom_content(path: Path, head: bytes) -> bool:
+    """DICOM by content: ``DICM`` at byte 128 (a Part 10 file), or a data set without preamble that starts
+    with a group 0x0002 or 0x0008 element and holds an SOP class or a modality, as pydicom reads it."""
+    if head[128:132] == b"DICM":
+        return True
+    if head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        return "SOPClassUID" in ds or "Modality" in ds
+    except Exception:
+        return False
+
+
+def scan_format(path: str | Path) -> str | None:
+    """How to read ``path``: ``image``, ``dicom``, ``dicomdir``, ``volume``, or None (not a scan).
+
+    Known extensions decide; any other file is probed by content, so that DICOM files named by UID
+    (``1.2.840.113619.2.55.3.604688119``) or without extension, as PACS exports name them, are found.
+    """
+    path = Path(path)
+    if path.name.upper() == "DICOMDIR":
+        return "dicomdir"
+    suffix = suffix_of(path)
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in VOLUME_SUFFIXES:
+        return "volume"
+    if suffix in DICOM_SUFFIXES:
+        return "dicom"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return None
+    if _is_dicom_content(path, head):
+        return "dicom"
+    if head.startswith(_IMAGE_MAGIC):
+        return "image"
+    return None
 
 
 def _to_channels(array: np.ndarray, channels: int | None) -> np.ndarray:
@@ -97,9 +143,14 @@ def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None 
             without ``frame``, or a decoding failure.
     """
     try:
-        ds = pydicom.dcmread(path)
+        with open(path, "rb") as f:
+            head = f.read(132)
+        # a data set without the Part 10 preamble is read as pydicom reads it, with force, once probed
+        ds = pydicom.dcmread(path, force=head[128:132] != b"DICM" and _is_dicom_content(Path(path), head))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as e:
         raise ScanReadError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from None
+    if getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None) == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        raise ScanReadError(path, _DICOMDIR_REASON)
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         modality = ds.get("Modality", "?")
         raise ScanReadError(path, f"DICOM without pixel data (modality {modality}, e.g. a report or a structured document)")
@@ -191,7 +242,7 @@ def read_volume(path: str | Path):
 
 def read_scan(path: str | Path, channels: int | None = 1, voi_lut: bool | None = None, spatial_dims: int = 2,
               min_size: int | None = None):
-    """Read any supported scan: the format is chosen from the suffix (DICOM for ``.dcm`` or none).
+    """Read any supported scan; the format is the file's :func:`scan_format` (extension, else content).
 
     Returns ``(array, meta)``: ``(C, H, W)`` for ``spatial_dims=2``, ``(1, X, Y, Z)`` for 3.
     ``min_size`` lets JPEG files decode at a reduced scale, see :func:`read_image`.
@@ -204,12 +255,17 @@ def read_scan(path: str | Path, channels: int | None = 1, voi_lut: bool | None =
         raise ScanReadError(path, "file not found")
     if path.stat().st_size == 0:
         raise ScanReadError(path, "empty file (0 bytes)")
-    suffix = suffix_of(path)
-    if suffix in IMAGE_SUFFIXES:
+    kind = scan_format(path)
+    if kind == "image":
         return read_image(path, channels, min_size)
-    if suffix in DICOM_SUFFIXES:
+    if kind == "dicom":
         return read_dicom(path, channels, voi_lut)
-    raise ScanReadError(path, f"unknown extension '{suffix}' (expected one of {', '.join(s for s in SCAN_SUFFIXES if s)})")
+    if kind == "dicomdir":
+        raise ScanReadError(path, _DICOMDIR_REASON)
+    if kind == "volume":
+        raise ScanReadError(path, "a volume: read it with spatial_dims=3")
+    raise ScanReadError(path, f"unknown file type: extension '{suffix_of(path)}' is not a scan's "
+                              f"({', '.join(SCAN_SUFFIXES)}) and the content is neither DICOM nor an image")
 
 
 def dicom_patient_id(path: str | Path) -> str | None:

@@ -15,7 +15,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsr_med.data.readers import DICOM_SUFFIXES, SCAN_SUFFIXES, ScanReadError, dicom_patient_id, read_scan, suffix_of
+from wsr_med.data.readers import ScanReadError, dicom_patient_id, read_scan, scan_format, suffix_of
+from wsr_med.errors import WsrMedError
 
 __all__ = ["DatasetScan", "scan_folder", "scan_manifest", "hash_id", "DEFAULT_PATIENT_PATTERN"]
 
@@ -79,8 +80,17 @@ def _check_file(args: tuple[str, int, int | None]) -> tuple[str | None, str | No
     else:  # DICOM series folder: hash the file names and sizes
         for p in sorted(Path(path).rglob("*")):
             digest.update(f"{p.name}:{p.stat().st_size}".encode())
-    patient = dicom_patient_id(path) if Path(path).is_file() and suffix_of(path) in DICOM_SUFFIXES else None
+    patient = dicom_patient_id(path) if Path(path).is_file() and scan_format(path) == "dicom" else None
     return digest.hexdigest(), patient, None
+
+
+def _reason(path: Path) -> str:
+    """Why ``path`` is not a scan (the reader's own words)."""
+    try:
+        read_scan(path)
+    except ScanReadError as e:
+        return e.reason
+    return "not a scan"
 
 
 def _patient_from_name(path: Path, pattern: str) -> str:
@@ -109,7 +119,7 @@ def _check_all(root: Path, candidates: list[dict], spatial_dims: int, num_worker
 
 def _finish(scan: DatasetScan, source: Path) -> DatasetScan:
     if not scan.items:
-        raise ValueError(f"{source}: no valid scans found ({len(scan.bad_files)} files rejected; see the report).")
+        raise WsrMedError(f"{source}: no valid scans found ({len(scan.bad_files)} files rejected; see the report).")
     logger.info("%s: %d valid scans in %d classes %s, %d rejected", source, len(scan.items), len(scan.classes),
                 scan.class_counts, len(scan.bad_files))
     return scan
@@ -141,21 +151,24 @@ def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
+        raise WsrMedError(f"dataset folder not found: {root}")
     if not labelled:
         scan = DatasetScan(root, list(classes or []))
         class_dirs = [root]
     else:
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
-            raise ValueError(f"{root}: no class folders; expected <root>/<class name>/<scan files>.")
+            raise WsrMedError(f"{root}: no class folders; expected <root>/<class name>/<scan files>.")
         scan = DatasetScan(root, [p.name for p in class_dirs] if classes is None else list(classes))
         for p in class_dirs:
             if p.name not in scan.classes:
                 scan.bad_files.append({"file": f"{p.name}/", "reason": f"class '{p.name}' not among {scan.classes}"})
         class_dirs = [p for p in class_dirs if p.name in scan.classes]
         for p in sorted(root.iterdir()):  # scans at the top level have no class; other files (a README) are fine
-            if p.is_file() and suffix_of(p) in SCAN_SUFFIXES and suffix_of(p):
+            kind = scan_format(p) if p.is_file() else None
+            if kind == "dicomdir":
+                scan.bad_files.append({"file": p.name, "reason": _reason(p)})
+            elif kind is not None:
                 scan.bad_files.append({"file": p.name, "reason": "not inside a class folder"})
     candidates = []
     for class_dir in class_dirs:
@@ -168,8 +181,8 @@ def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
             logger.warning("class folder %s holds no files", class_dir.name)
         for p in sorted(entries):
             rel = p.relative_to(root).as_posix()
-            if p.is_file() and suffix_of(p) not in SCAN_SUFFIXES:
-                scan.bad_files.append({"file": rel, "reason": f"unknown extension '{suffix_of(p)}'"})
+            if p.is_file() and scan_format(p) in (None, "dicomdir"):
+                scan.bad_files.append({"file": rel, "reason": _reason(p)})
                 continue
             candidates.append({"image": rel, "label": scan.classes.index(class_dir.name)} if labelled else {"image": rel})
     _check_all(root, candidates, spatial_dims, num_workers, patient_pattern, scan)
@@ -185,11 +198,11 @@ def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int 
     """
     manifest = Path(manifest)
     if not manifest.is_file():
-        raise FileNotFoundError(f"manifest not found: {manifest}")
+        raise WsrMedError(f"manifest not found: {manifest}")
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"path", "label"} <= set(rows[0]):
-        raise ValueError(f"{manifest}: a CSV with at least the columns 'path' and 'label' is expected.")
+        raise WsrMedError(f"{manifest}: a CSV with at least the columns 'path' and 'label' is expected.")
     labels = sorted({r["label"].strip() for r in rows}) if classes is None else list(classes)
     scan = DatasetScan(manifest.parent, labels)
     candidates = []

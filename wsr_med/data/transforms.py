@@ -30,8 +30,7 @@ from monai.transforms import (
 
 from wsr_med.data.readers import read_scan
 
-__all__ = ["LoadScan", "LoadScand", "ResizeLongestd", "ScalePercentilesd", "PadToSquared", "scan_transforms",
-           "preprocessing_signature"]
+__all__ = ["LoadScan", "LoadScand", "ResizeLongestd", "ScalePercentilesd", "PadToSquared", "scan_transforms"]
 
 
 class LoadScan(Transform):
@@ -156,13 +155,6 @@ class ScalePercentilesd(MapTransform):
             scaled = torch.sub(image, float(low))  # a new tensor: the input is left as it was
             d[key] = scaled.mul_(1.0 / max(float(high - low), 1e-12)).clamp_(0.0, 1.0)
         return d
-
-
-def preprocessing_signature(image_size: int, in_channels: int, spatial_dims: int, voi_lut: bool | None,
-                            intensity_percentiles: Sequence[float]) -> dict:
-    """Everything that changes a cached, preprocessed image; part of the cache key."""
-    return {"image_size": image_size, "in_channels": in_channels, "spatial_dims": spatial_dims,
-            "voi_lut": voi_lut, "intensity_percentiles": list(intensity_percentiles), "version": 3}
 
 
 def scan_transforms(

@@ -2,6 +2,6 @@
 
 from wsr_med.handlers.best_model import BestModelSaver, atomic_save
 from wsr_med.handlers.constraint_handler import ConstraintHandler
-from wsr_med.handlers.mlflow_tracker import MLflowTracker, sanitised_datalist, sanitised_report, tracking_uri_context
-from wsr_med.handlers.reports import EvaluationReporter, PredictionWriter
+from wsr_med.handlers.mlflow_tracker import MLflowTracker
+from wsr_med.handlers.reports import CollapseMonitor, EvaluationReporter, PredictionWriter
 from wsr_med.handlers.training_checkpoint import TrainingCheckpoint

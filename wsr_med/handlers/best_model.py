@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from wsr_med.runs import RunFolder
+
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
@@ -41,7 +43,7 @@ class BestModelSaver:
         self.network = network
         self.save_dir = Path(save_dir)
         self.metric = metric
-        self.best_file = self.save_dir / "best.json"
+        self.best_file = self.save_dir / RunFolder.BEST
         self.best = json.loads(self.best_file.read_text()) if self.best_file.is_file() else None
 
     def attach(self, engine: Engine) -> None:
@@ -51,13 +53,16 @@ class BestModelSaver:
 
     def __call__(self, engine: Engine) -> None:
         value = float(engine.state.metrics[self.metric])
+        if value != value:  # NaN: nothing to compare, nothing worth keeping
+            logger.warning("epoch %d: %s is NaN; model.pt not updated", engine.state.epoch, self.metric)
+            return
         if self.best is not None and not value > self.best["value"]:
             return
         self.save_dir.mkdir(parents=True, exist_ok=True)
         network = getattr(self.network, "module", self.network)
-        atomic_save({k: v.detach().cpu() for k, v in network.state_dict().items()}, self.save_dir / "model.pt")
+        atomic_save({k: v.detach().cpu() for k, v in network.state_dict().items()}, self.save_dir / RunFolder.MODEL)
         self.best = {"metric": self.metric, "value": value, "epoch": int(engine.state.epoch)}
         tmp = self.best_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.best))
         os.replace(tmp, self.best_file)
-        logger.info("epoch %d: best %s %.4f, saved %s", self.best["epoch"], self.metric, value, self.save_dir / "model.pt")
+        logger.info("epoch %d: best %s %.4f, saved %s", self.best["epoch"], self.metric, value, self.save_dir / RunFolder.MODEL)

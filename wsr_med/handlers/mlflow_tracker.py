@@ -1,17 +1,13 @@
-"""MONAI's MLFlowHandler made resumable, privacy-safe and tolerant of a tracking server that goes away."""
+"""MONAI's MLFlowHandler made resumable, continuable, privacy-safe and tolerant of a tracking server that goes away."""
 
 from __future__ import annotations
 
-import csv
-import functools
-import hashlib
+import copy
 import json
 import logging
-import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,68 +16,16 @@ import numpy as np
 import torch
 from monai.handlers import MLFlowHandler
 
+from wsr_med import tracking
+from wsr_med.runs import RunFolder
+from wsr_med.tracking import tolerant
+
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["MLflowTracker", "sanitised_datalist", "sanitised_report", "tracking_uri_context"]
+__all__ = ["MLflowTracker"]
 
 logger = logging.getLogger(__name__)
-
-
-def sanitised_datalist(path: Path) -> dict:
-    """The datalist with each image path replaced by its content hash: the split stays reproducible
-    (files are found again by content) while file names, which often carry patient ids, stay local."""
-    doc = json.loads(Path(path).read_text())
-    doc.pop("base_dir", None)
-    settings = doc.get("settings", {})
-    settings.pop("dataset_dir", None)
-    for key in ("training", "validation", "test"):
-        doc[key] = [{k: v for k, v in item.items() if k != "image"} for item in doc.get(key, [])]
-    return doc
-
-
-def sanitised_report(path: Path) -> list[dict]:
-    """The bad-file report with file names replaced by a hash (the local CSV keeps the names)."""
-    with open(path, newline="") as f:
-        return [{"file_hash": hashlib.sha256(r["file"].encode()).hexdigest()[:16], "reason": r["reason"]}
-                for r in csv.DictReader(f)]
-
-
-@contextmanager
-def tracking_uri_context(uri: str) -> Iterator[None]:
-    """MLflow's global tracking URI set to ``uri`` for a block, then put back.
-
-    ``mlflow.set_tracking_uri`` also sets the ``MLFLOW_TRACKING_URI`` environment variable, which
-    would otherwise redirect every later run of the same process (a study, a test session).
-    """
-    import mlflow
-
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)  # None unsets the variable again
-
-
-def _tolerant(method):
-    """Run an MLflow call; if the tracking store fails mid-run, warn once and stop tracking (training goes on)."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if self.disabled:
-            return None
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as e:
-            self.disabled = True
-            logger.warning(
-                "MLflow tracking at %s failed (%s: %s); training goes on, checkpoints and metrics stay in %s, "
-                "and nothing more is sent to MLflow in this run.", self.tracking_uri, type(e).__name__, str(e)[:200],
-                self.output_dir)
-            return None
-
-    return wrapper
 
 
 def _requirements() -> list[str]:
@@ -96,10 +40,12 @@ class MLflowTracker(MLFlowHandler):
 
     On top of :class:`monai.handlers.MLFlowHandler` (parameters, per-epoch metrics, learning rate):
 
-    * the MLflow run id is kept in ``<output_dir>/mlflow_run_id``: a resumed training, and later
-      evaluations of the same ``output_dir``, log to the same run;
+    * the MLflow run id is kept in ``<output_dir>/mlflow_run_id``: a resumed or continued training, and
+      later evaluations of the same ``output_dir``, log to the same run. A continuation (larger
+      ``max_epochs``) logs the params the run did not have yet and records changed ones as tags
+      ``continued.<name>`` (MLflow params cannot change);
     * at start: the resolved run configuration, the class map, the data split and the bad-file
-      report (file names replaced by hashes, see :func:`sanitised_datalist`);
+      report, with paths and file names replaced by hashes (see :mod:`wsr_med.tracking`);
     * with ``log_model``, at the end: the best model via ``mlflow.pytorch.log_model`` with signature
       and input example, registered as ``registered_model_name``, and a picture of the learned
       Wise-SrNet spatial weights;
@@ -108,7 +54,7 @@ class MLflowTracker(MLFlowHandler):
     Args:
         tracking_uri: MLflow tracking URI.
         output_dir: the run folder (holds ``model.pt``, ``config.json``, ``classes.json``, ``datalist.json``).
-        params: parameters to log once (flat dict).
+        params: the run settings to log as params (paths are replaced by hashes).
         log_model: log and register the best model when the engine completes (put on the trainer).
         registered_model_name: Model Registry name; empty to log without registering.
         input_shape: ``(C, *spatial)`` of the network input, for the signature and example.
@@ -120,16 +66,16 @@ class MLflowTracker(MLFlowHandler):
     def __init__(self, tracking_uri: str, output_dir: str | Path, params: dict | None = None, log_model: bool = False,
                  registered_model_name: str = "", input_shape: Sequence[int] = (1, 224, 224), parent_run_id: str = "",
                  **kwargs) -> None:
-        super().__init__(tracking_uri=tracking_uri, experiment_param=params, **kwargs)
+        super().__init__(tracking_uri=tracking_uri, experiment_param=tracking.sanitised_params(params or {}), **kwargs)
         # The configured URI, not MONAI's preference for $MLFLOW_TRACKING_URI: the config already defaults to it.
-        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        self.client = tracking.client(tracking_uri)
         self.tracking_uri = tracking_uri
         self.output_dir = Path(output_dir)
+        self.policy = tracking.Tolerant(tracking_uri, keeps=str(output_dir))
         self.log_model = log_model
         self.registered_model_name = registered_model_name
         self.input_shape = tuple(input_shape)
         self.parent_run_id = parent_run_id
-        self.disabled = False
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
@@ -150,9 +96,9 @@ class MLflowTracker(MLFlowHandler):
 
     @property
     def run_id_file(self) -> Path:
-        return self.output_dir / "mlflow_run_id"
+        return self.output_dir / RunFolder.MLFLOW_RUN_ID
 
-    @_tolerant
+    @tolerant
     def start(self, engine: Engine) -> None:
         new = not self.run_id_file.is_file()
         if self.cur_run is None:
@@ -164,6 +110,8 @@ class MLflowTracker(MLFlowHandler):
                 self.cur_run = self.client.create_run(self.experiment.experiment_id, run_name=run_name)
             else:
                 self.cur_run = self.client.get_run(self.run_id_file.read_text().strip())
+                if self.experiment_param:
+                    self._continue_params()
         super().start(engine)
         if new:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -172,30 +120,40 @@ class MLflowTracker(MLFlowHandler):
                 self.client.set_tag(self.cur_run.info.run_id, "mlflow.parentRunId", self.parent_run_id)
             self._log_run_files()
 
+    def _continue_params(self) -> None:
+        """A run continued in the same MLflow run: log only params it lacks; changed ones become tags."""
+        run_id = self.cur_run.info.run_id
+        logged = self.cur_run.data.params
+        for key, value in self.experiment_param.items():
+            if key in logged and logged[key] != value:
+                self.client.set_tag(run_id, f"continued.{key}", value)
+                logger.info("continuing MLflow run %s with %s=%s (was %s)", run_id, key, value, logged[key])
+        self.experiment_param = {k: v for k, v in self.experiment_param.items() if k not in logged}
+        if self.cur_run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+
     def _log_run_files(self) -> None:
         run_id = self.cur_run.info.run_id
-        for name in ("config.json", "classes.json"):
-            if (self.output_dir / name).is_file():
-                self.client.log_artifact(run_id, str(self.output_dir / name), "run")
-        if (self.output_dir / "datalist.json").is_file():
-            self.client.log_dict(run_id, sanitised_datalist(self.output_dir / "datalist.json"), "run/datalist.json")
-        if (self.output_dir / "bad_files.csv").is_file():
-            rows = sanitised_report(self.output_dir / "bad_files.csv")
+        folder = RunFolder(self.output_dir)
+        if (folder / RunFolder.CONFIG).is_file():
+            self.client.log_dict(run_id, tracking.sanitised_config(folder / RunFolder.CONFIG), f"run/{RunFolder.CONFIG}")
+        if (folder / RunFolder.CLASSES).is_file():
+            self.client.log_artifact(run_id, str(folder / RunFolder.CLASSES), "run")
+        if (folder / RunFolder.DATALIST).is_file():
+            self.client.log_dict(run_id, tracking.sanitised_datalist(folder / RunFolder.DATALIST), f"run/{RunFolder.DATALIST}")
+        if (folder / RunFolder.BAD_FILES).is_file():
+            rows = tracking.sanitised_report(folder / RunFolder.BAD_FILES)
             self.client.log_dict(run_id, {"n_bad_files": len(rows), "files": rows}, "run/bad_files.json")
 
-    iteration_completed = _tolerant(MLFlowHandler.iteration_completed)
-    epoch_completed = _tolerant(MLFlowHandler.epoch_completed)
-    complete = _tolerant(MLFlowHandler.complete)
-    close = _tolerant(MLFlowHandler.close)
+    iteration_completed = tolerant(MLFlowHandler.iteration_completed)
+    epoch_completed = tolerant(MLFlowHandler.epoch_completed)
+    complete = tolerant(MLFlowHandler.complete)
+    close = tolerant(MLFlowHandler.close)
 
-    @_tolerant
+    @tolerant
     def log_best_model(self, engine: Engine) -> None:
         """Log ``model.pt`` (the best epoch) as an MLflow PyTorch model, registered, plus the spatial-weight picture."""
-        import copy
-
-        from mlflow.models import infer_signature
-
-        weights = self.output_dir / "model.pt"
+        weights = self.output_dir / RunFolder.MODEL
         if not weights.is_file():
             logger.warning("no %s to log: no validation epoch completed", weights)
             return
@@ -205,17 +163,25 @@ class MLflowTracker(MLFlowHandler):
         example = np.random.default_rng(0).random((2, *self.input_shape), dtype=np.float32)
         with torch.no_grad():
             output = model(torch.from_numpy(example)).numpy()
-        extra = [str(self.output_dir / n) for n in ("classes.json", "config.json") if (self.output_dir / n).is_file()]
-        with tracking_uri_context(self.tracking_uri), mlflow.start_run(run_id=self.cur_run.info.run_id):
+        with tempfile.TemporaryDirectory() as tmp:
+            info = self._log_model(model, example, output, Path(tmp))
+        (self.output_dir / RunFolder.MLFLOW_MODEL_URI).write_text(info.model_uri)
+        self._log_spatial_weights(model)
+        logger.info("logged model %s%s", info.model_uri,
+                    f", registered as '{self.registered_model_name}'" if self.registered_model_name else "")
+
+    def _log_model(self, model: torch.nn.Module, example: np.ndarray, output: np.ndarray, tmp: Path):
+        from mlflow.models import infer_signature
+
+        (tmp / RunFolder.CONFIG).write_text(json.dumps(tracking.sanitised_config(self.output_dir / RunFolder.CONFIG), indent=1))
+        extra = [str(tmp / RunFolder.CONFIG), str(self.output_dir / RunFolder.CLASSES)]
+        with tracking.tracking_uri_context(self.tracking_uri), mlflow.start_run(run_id=self.cur_run.info.run_id):
             info = mlflow.pytorch.log_model(
                 model, name="model", signature=infer_signature(example, output), input_example=example,
                 registered_model_name=self.registered_model_name or None, extra_files=extra,
                 pip_requirements=_requirements(), serialization_format="pt2",  # torch.export: loads without unpickling code
             )
-        (self.output_dir / "mlflow_model_uri").write_text(info.model_uri)
-        self._log_spatial_weights(model)
-        logger.info("logged model %s%s", info.model_uri,
-                    f", registered as '{self.registered_model_name}'" if self.registered_model_name else "")
+        return info
 
     def _log_spatial_weights(self, model: torch.nn.Module) -> None:
         from wsr_med.metrics import plot_spatial_weights

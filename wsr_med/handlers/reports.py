@@ -1,4 +1,4 @@
-"""Evaluator handlers that write the evaluation report and the predictions CSV."""
+"""Evaluator handlers: the evaluation report, the predictions CSV, and a warning when a model has collapsed."""
 
 from __future__ import annotations
 
@@ -12,18 +12,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from wsr_med import tracking
 from wsr_med.metrics import (
     classification_metrics,
+    collapse_warning,
     plot_confusion,
     plot_reliability,
     plot_roc,
     write_html_report,
 )
+from wsr_med.runs import RunFolder
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["EvaluationReporter", "PredictionWriter"]
+__all__ = ["CollapseMonitor", "EvaluationReporter", "PredictionWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +77,17 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     os.replace(tmp, path)
 
 
-def _mlflow_run(output_dir: Path, tracking_uri: str | None):
-    """The run a training logged to (``mlflow_run_id``), or None."""
-    run_file = output_dir / "mlflow_run_id"
-    if not tracking_uri or not run_file.is_file():
-        return None, None
-    from mlflow import MlflowClient
+class CollapseMonitor(_Collector):
+    """On the validator: warn every epoch whose validation predictions are (nearly) the same for every case.
 
-    return MlflowClient(tracking_uri=tracking_uri), run_file.read_text().strip()
+    Such a model ranks nothing (AUC near 0.5, accuracy the majority share) while training loss may look
+    fine; see :func:`wsr_med.metrics.collapse_warning`. The last warning is kept in ``self.warning``.
+    """
+
+    def finish(self, engine: Engine) -> None:
+        self.warning = collapse_warning(np.stack(self.probs)) if self.probs else None
+        if self.warning:
+            logger.warning("epoch %s: validation %s", engine.state.epoch, self.warning)
 
 
 class EvaluationReporter(_Collector):
@@ -115,6 +121,10 @@ class EvaluationReporter(_Collector):
             raise ValueError("evaluation needs labelled cases; for unlabelled scans use the inference workflow")
         labels, probs = np.array(self.labels), np.stack(self.probs)
         self.metrics = classification_metrics(labels, probs, self.classes, self.threshold, self.n_boot)
+        collapsed = collapse_warning(probs)
+        self.metrics["warnings"] = [f"The model's {collapsed}"] if collapsed else []
+        for warning in self.metrics["warnings"]:
+            logger.warning("%s", warning)
         self.report_dir.mkdir(parents=True, exist_ok=True)
         (self.report_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=1))
         # 9 significant digits round-trip float32: AUC recomputed from the file matches metrics.json
@@ -130,22 +140,22 @@ class EvaluationReporter(_Collector):
         self._log_mlflow()
 
     def _log_mlflow(self) -> None:
-        try:
-            client, run_id = _mlflow_run(self.run_dir, self.tracking_uri) if self.run_dir else (None, None)
-            if client is None:
-                return
-            m = self.metrics
-            values = {"auc": m["auc"], "auc_ci95_low": m["auc_ci95"][0], "auc_ci95_high": m["auc_ci95"][1],
-                      "accuracy": m["accuracy"], "ece": m["ece"]}
-            values.update({k: m[k] for k in ("sensitivity", "specificity") if k in m})
-            values.update({f"auc_{c}": v["auc"] for c, v in m["per_class"].items()})
-            for k, v in values.items():
-                if v == v:  # NaN is not a metric
-                    client.log_metric(run_id, f"{self.tag}_{k}", float(v))
-            for name in ("metrics.json", "report.html", "roc.png", "confusion_matrix.png", "reliability.png"):
-                client.log_artifact(run_id, str(self.report_dir / name), self.tag)
-        except Exception as e:
-            logger.warning("evaluation report not logged to MLflow (%s: %s); it is in %s", type(e).__name__, e, self.report_dir)
+        run_id = RunFolder(self.run_dir).mlflow_run_id if self.run_dir else None
+        if not self.tracking_uri or run_id is None:
+            return
+        tracking.Tolerant(self.tracking_uri, keeps=str(self.report_dir)).call(self._send, tracking.client(self.tracking_uri), run_id)
+
+    def _send(self, client, run_id: str) -> None:
+        m = self.metrics
+        values = {"auc": m["auc"], "auc_ci95_low": m["auc_ci95"][0], "auc_ci95_high": m["auc_ci95"][1],
+                  "accuracy": m["accuracy"], "ece": m["ece"]}
+        values.update({k: m[k] for k in ("sensitivity", "specificity") if k in m})
+        values.update({tracking.metric_name(f"auc_{c}"): v["auc"] for c, v in m["per_class"].items()})
+        for k, v in values.items():
+            if v == v:  # NaN is not a metric
+                client.log_metric(run_id, f"{self.tag}_{k}", float(v))
+        for name in ("metrics.json", "report.html", "roc.png", "confusion_matrix.png", "reliability.png"):
+            client.log_artifact(run_id, str(self.report_dir / name), self.tag)
 
 
 class PredictionWriter(_Collector):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,8 @@ import torch
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
-from wsr_med.workflows.runs import resume_checkpoint
+from wsr_med.errors import WsrMedError
+from wsr_med.runs import latest_checkpoint
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -29,9 +31,13 @@ class TrainingCheckpoint:
     trainer; the previous one is removed after. The save comes after every other end-of-epoch handler
     (validation, learning-rate step, MLflow), so a checkpointed epoch is a fully recorded one. The
     last checkpoint, if any, is loaded when the trainer starts, so the run continues after the last
-    completed epoch. A finished run is refused rather than restarted (see
-    :func:`wsr_med.workflows.resume_checkpoint`). Attach it first among the trainer's handlers, so
-    that everything after it sees the restored state.
+    completed epoch. A finished run is refused rather than restarted. Attach it first among the
+    trainer's handlers, so that everything after it sees the restored state.
+
+    Continuing with a larger ``max_epochs``: the trainer runs to the new count, and a cosine schedule
+    (``CosineAnnealingLR``) is rebuilt for the new length: from the next epoch on, the learning rate is
+    what a run started with the new ``max_epochs`` would have there, falling to its minimum at the new
+    last epoch (the old schedule, restored as saved, would climb again after its end).
 
     Args:
         save_dir: checkpoint folder.
@@ -46,7 +52,11 @@ class TrainingCheckpoint:
                  map_location: torch.device | str | None = None) -> None:
         self.save_dir = Path(save_dir)
         self.objects = dict(objects)
-        self.resume_from = resume_checkpoint(self.save_dir, max_epochs)
+        self.max_epochs = int(max_epochs)
+        self.resume_from, epoch = latest_checkpoint(self.save_dir)
+        if epoch >= self.max_epochs:
+            raise WsrMedError(f"{self.save_dir} holds a finished run ({epoch} of max_epochs={max_epochs}); use another "
+                              "output_dir, or raise max_epochs to continue training it.")
         self.map_location = map_location
 
     def attach(self, engine: Engine) -> None:
@@ -55,7 +65,8 @@ class TrainingCheckpoint:
         objects = {**self.objects, "trainer": engine}
         if self.resume_from is not None:
             logger.info("resuming from %s", self.resume_from)
-            CheckpointLoader(self.resume_from, objects, map_location=self.map_location).attach(engine)
+            CheckpointLoader(str(self.resume_from), objects, map_location=self.map_location).attach(engine)
+            engine.add_event_handler(Events.STARTED, self._fit_schedule)  # after the loader: it sees the restored state
         self._saver = Checkpoint(
             objects,
             DiskSaver(str(self.save_dir), atomic=True, require_empty=False),
@@ -72,3 +83,16 @@ class TrainingCheckpoint:
         if self._saver is not None:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._saver)
             self._saver = None
+
+    def _fit_schedule(self, engine: Engine) -> None:
+        """Give a restored cosine schedule the run's (new) length, continuing from the epochs done."""
+        scheduler = self.objects.get("lr_scheduler")
+        if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or scheduler.T_max == self.max_epochs:
+            return
+        logger.info("learning-rate schedule rebuilt for max_epochs=%d (was %d)", self.max_epochs, scheduler.T_max)
+        scheduler.T_max = self.max_epochs
+        done = scheduler.last_epoch
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * done / self.max_epochs)) / 2
+        # PyTorch's recursive cosine step continues from these values exactly as the closed form would
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

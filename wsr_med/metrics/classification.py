@@ -8,7 +8,28 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix
 
-__all__ = ["binary_auc", "roc_auc", "bootstrap_ci", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics"]
+__all__ = ["COLLAPSE_TOLERANCE", "collapse_warning", "binary_auc", "roc_auc", "bootstrap_ci", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics"]
+
+
+# A model whose class probabilities vary by less than this across all cases says nothing about any case.
+COLLAPSE_TOLERANCE = 0.01
+
+
+def collapse_warning(probs: np.ndarray, tolerance: float = COLLAPSE_TOLERANCE) -> str | None:
+    """A warning when ``(N, K)`` probabilities are (nearly) the same for every case, else None.
+
+    The usual cause is BatchNorm running statistics that never caught up with training (eval-mode
+    features then collapse to one point); other causes are a learning rate too high or too few epochs.
+    """
+    probs = np.asarray(probs, dtype=float)
+    if len(probs) < 2:
+        return None
+    spread = float((probs.max(0) - probs.min(0)).max())
+    if spread >= tolerance:
+        return None
+    return (f"predictions are nearly the same for every case (class probabilities vary by at most {spread:.2g} over "
+            f"{len(probs)} cases): the model has collapsed. Try bn_momentum=0.1, a lower learning_rate, more epochs "
+            "or class_balance=weighted_loss.")
 
 
 def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")  # headless servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+__all__ = ["figure", "plot_roc", "plot_confusion", "plot_reliability", "plot_spatial_weights"]
 
-__all__ = ["plot_roc", "plot_confusion", "plot_reliability", "plot_spatial_weights"]
+
+def figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (4.5, 4.5), **kwargs):
+    """``(fig, axes)`` on a figure of its own: no pyplot, so no GUI backend and no global state (headless servers, CI)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -19,13 +22,12 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: list[str], metrics: dict, path: str | Path) -> Path:
     """ROC curve(s): the positive class for binary tasks, one-vs-rest per class otherwise."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = figure(figsize=(4.5, 4.5))
     shown = [1] if probs.shape[1] == 2 else range(probs.shape[1])
     for c in shown:
         if 0 < (labels == c).sum() < len(labels):
@@ -41,7 +43,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: list[str], metrics:
 def plot_confusion(metrics: dict, path: str | Path) -> Path:
     cm = np.array(metrics["confusion_matrix"])
     classes = metrics["classes"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
+    fig, ax = figure(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
@@ -54,7 +56,7 @@ def plot_reliability(metrics: dict, path: str | Path) -> Path:
     rel = metrics["reliability"]
     n_bins = len(rel["count"])
     centres = (np.arange(n_bins) + 0.5) / n_bins
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = figure(figsize=(4.5, 4.5))
     acc = np.nan_to_num(np.array(rel["accuracy"], dtype=float))
     ax.bar(centres, acc, width=1 / n_bins, edgecolor="k", alpha=0.7, label="accuracy")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfect calibration")
@@ -73,7 +75,7 @@ def plot_spatial_weights(weights: np.ndarray, path: str | Path, mean_image: np.n
     panels = [("mean over channels", w.mean(0))] + [(f"channels {g[0]}-{g[-1]}", w[g].mean(0)) for g in groups]
     if mean_image is not None:
         panels.insert(0, ("mean input", mean_image))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
+    fig, axes = figure(1, len(panels), figsize=(2.6 * len(panels), 2.8))
     for ax, (title, panel) in zip(axes, panels):
         im = ax.imshow(panel, cmap="gray" if title == "mean input" else "magma")
         ax.set_title(title, fontsize=8)

@@ -27,6 +27,7 @@ def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title:
         f"<td>{_fmt(m['specificity'])}</td><td>{m['support']}</td></tr>"
         for c, m in metrics["per_class"].items()
     )
+    warnings = "".join(f'<p class="warning">{html.escape(w)}</p>' for w in metrics.get("warnings", []))
     images = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()}"/>'
         f"<figcaption>{html.escape(Path(p).stem)}</figcaption></figure>"
@@ -35,8 +36,8 @@ def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:0 1em 1em 0}}
-img{{max-width:480px}}</style></head><body><h1>{html.escape(title)}</h1>
-<table>{rows}</table><h2>Per class (one vs rest)</h2>
+img{{max-width:480px}}.warning{{background:#fff3cd;border:1px solid #e0a800;padding:8px}}</style></head><body><h1>{html.escape(title)}</h1>
+{warnings}<table>{rows}</table><h2>Per class (one vs rest)</h2>
 <table><tr><th>class</th><th>AUC</th><th>sensitivity</th><th>specificity</th><th>cases</th></tr>{per_class}</table>
 <h2>Plots</h2>{images}</body></html>"""
     path = Path(path)

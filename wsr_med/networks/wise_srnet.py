@@ -38,6 +38,10 @@ class WiseSrNet(nn.Module):
         backbone_kwargs: extra arguments of the MONAI backbone (e.g. ``{"init_features": 16,
             "growth_rate": 8, "block_config": [2, 2, 2, 2]}`` for a small DenseNet).
         head_kwargs: options of the head (``pre_pool``, ``max_kernel`` for ``wise``; ``p`` for ``gem``).
+        bn_momentum: momentum of every BatchNorm running statistic in the backbone; PyTorch's 0.1 by
+            default for both families. MONAI's EfficientNet uses TensorFlow's 0.01, with which the running
+            statistics of a model trained for a few hundred steps are still near their initial values and
+            eval-mode outputs collapse to one class. ``None`` keeps the backbone's own.
 
     Shapes: ``(B, in_channels, *img_size) -> (B, out_channels)``.
 
@@ -58,15 +62,20 @@ class WiseSrNet(nn.Module):
         dropout: float = 0.0,
         pretrained_weights: str | Path | None = None,
         backbone_kwargs: dict | None = None,
-        **head_kwargs,
+        head_kwargs: dict | None = None,
+        bn_momentum: float | None = 0.1,
     ) -> None:
         super().__init__()
         self.img_size: list[int] = list(ensure_tuple_rep(img_size, spatial_dims))
         backbone_kwargs = dict(backbone_kwargs or {})
         self.backbone = build_backbone(backbone, spatial_dims, in_channels, **backbone_kwargs)
+        if bn_momentum is not None:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.momentum = bn_momentum
         self.feature_size: list[int] = self._probe_feature_size(backbone, spatial_dims, in_channels, backbone_kwargs)
         self.head = ClassificationHead(
-            head, self.backbone.out_channels, self.feature_size, out_channels, spatial_dims, dropout, **head_kwargs
+            head, self.backbone.out_channels, self.feature_size, out_channels, spatial_dims, dropout, **dict(head_kwargs or {})
         )
         if pretrained_weights is not None:
             load_pretrained_weights(self, pretrained_weights)

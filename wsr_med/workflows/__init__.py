@@ -1,16 +1,10 @@
-"""The pieces bundle configs call by ``_target_`` / ``$`` expressions: data preparation, model loading, resume, tracking checks.
+"""The pieces bundle configs call by ``_target_`` / ``$`` expressions: data preparation, model loading, metric inputs.
 
 Keeping them here keeps the configs data: ``train.json`` wires these together and holds no logic.
+The run folder (:mod:`wsr_med.runs`) and MLflow (:mod:`wsr_med.tracking`) have modules of their own.
 """
 
-from wsr_med.workflows.bundle import BUNDLE, parse_bundle, run_workflow
+from wsr_med.workflows.bundle import BUNDLE, config_files, parse_bundle, run_workflow
 from wsr_med.workflows.data import PreparedData, class_names, prepare_data, prepare_evaluation, prepare_unlabelled
-from wsr_med.workflows.model import load_classes, load_model
-from wsr_med.workflows.runs import (
-    check_tracking_uri,
-    metric_inputs,
-    per_class_auc_metrics,
-    resume_checkpoint,
-    save_run_info,
-    sqlite_uri,
-)
+from wsr_med.workflows.metrics import metric_inputs, per_class_auc_metrics
+from wsr_med.workflows.model import load_model

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 __all__ = ["BUNDLE", "config_files", "run_workflow", "parse_bundle"]
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "wise_srnet_classification"
+# The bundle ships inside the package (package data), so an installed wheel has it; in a checkout,
+# bundles/wise_srnet_classification links here.
+BUNDLE = Path(str(files("wsr_med") / "bundles" / "wise_srnet_classification"))
 
 
 def config_files(workflow: str, bundle_root: Path = BUNDLE) -> list[str]:
     """``train.json``, plus ``<workflow>.json`` (an override on it) for ``evaluate``, ``inference``, ``multi_gpu_train``."""
     configs = Path(bundle_root) / "configs"
     if not (configs / "train.json").is_file():
-        raise FileNotFoundError(f"bundle not found in {bundle_root}; pass bundle_root (install wsr_med with 'pip install -e .')")
+        raise FileNotFoundError(f"bundle not found in {bundle_root} (wsr-med bundle-path prints the installed one)")
     return [str(configs / "train.json")] + ([str(configs / f"{workflow}.json")] if workflow != "train" else [])
 
 

@@ -10,16 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsr_med.data import (
-    DatasetScan,
-    make_synthetic_folder,
-    preprocessing_signature,
-    scan_folder,
-    scan_manifest,
-    split_items,
-    write_datalist,
-)
+from wsr_med.data import DatasetScan, make_synthetic_folder, read_datalist, scan_folder, scan_manifest, split_items, write_datalist
+from wsr_med.data.scan import DEFAULT_PATIENT_PATTERN
 from wsr_med.data.synthetic import SIDES
+from wsr_med.errors import WsrMedError
+from wsr_med.runs import RunFolder
 
 __all__ = ["SYNTHETIC", "PreparedData", "class_names", "prepare_data", "prepare_evaluation", "prepare_unlabelled"]
 
@@ -48,7 +43,7 @@ def class_names(dataset_dir: str, synthetic_classes: int = 2) -> list[str]:
         with open(path, newline="") as f:
             return sorted({row["label"].strip() for row in csv.DictReader(f)})
     if not path.is_dir():
-        raise FileNotFoundError(f"dataset_dir not found: {path} (a class-per-folder directory, a CSV manifest, or 'synthetic')")
+        raise WsrMedError(f"dataset_dir not found: {path} (a class-per-folder directory, a CSV manifest, or 'synthetic')")
     return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -73,7 +68,6 @@ class PreparedData:
     training: list[dict]
     validation: list[dict]
     test: list[dict]
-    signature: dict
     datalist: Path | None = None
     bad_files_report: Path | None = None
     n_bad_files: int = 0
@@ -105,17 +99,27 @@ def _absolute(scan: DatasetScan, items: list[dict]) -> list[dict]:
     return [{**i, "image": str(scan.root / i["image"]), "relative_path": i["image"]} for i in items]
 
 
-def _scan(dataset_dir: str, spatial_dims: int, num_workers: int, classes: list[str] | None, labelled: bool = True):
+def _scan(dataset_dir: str, spatial_dims: int, num_workers: int, classes: list[str] | None, patient_pattern: str,
+          labelled: bool = True) -> DatasetScan:
     if Path(dataset_dir).suffix.lower() == ".csv":
-        return scan_manifest(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes)
-    return scan_folder(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes, labelled=labelled)
+        return scan_manifest(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes,
+                             patient_pattern=patient_pattern)
+    return scan_folder(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes, labelled=labelled,
+                       patient_pattern=patient_pattern)
+
+
+def _same_split(datalist: Path, splits: dict[str, list[dict]]) -> bool:
+    """Whether ``datalist`` holds the same items (content hash, label, patient) in the same splits."""
+    def key(items: list[dict]) -> list:
+        return sorted((i["image"], i.get("sha1"), i["label"], i["patient"]) for i in items)
+
+    saved = json.loads(datalist.read_text())
+    return all(key(saved.get(k, [])) == key(v) for k, v in splits.items())
 
 
 def prepare_data(
     dataset_dir: str,
     output_dir: str,
-    image_size: int = 224,
-    in_channels: int = 1,
     spatial_dims: int = 2,
     val_fraction: float = 0.2,
     test_fraction: float = 0.0,
@@ -123,45 +127,53 @@ def prepare_data(
     fold: int = 0,
     seed: int = 0,
     num_workers: int = 2,
-    voi_lut: bool | None = None,
-    intensity_percentiles: tuple[float, float] = (0.5, 99.5),
     classes: list[str] | None = None,
     split: str = "train",
     synthetic: dict | None = None,
+    patient_pattern: str = DEFAULT_PATIENT_PATTERN,
 ) -> PreparedData:
     """Scan ``dataset_dir``, split it at the patient level and write ``datalist.json`` and ``bad_files.csv`` in ``output_dir``.
 
+    A run that continues in ``output_dir`` keeps its ``datalist.json``: the new scan must give the same
+    split, or the run is refused (the data changed under it).
+
     Args:
         dataset_dir: a class-per-folder directory, a CSV manifest, or ``synthetic``.
-        output_dir: the run's folder.
-        image_size, in_channels, spatial_dims, voi_lut, intensity_percentiles: the preprocessing
-            (they form the cache signature).
+        output_dir: the run's folder (``split="all"``: the evaluation's folder).
+        spatial_dims: 2 for images, 3 for volumes (NIfTI files or DICOM series folders).
         val_fraction, test_fraction, n_folds, fold, seed: the split, see :func:`wsr_med.data.split_items`.
         num_workers: processes that decode files during the scan.
         classes: fix the class names (evaluation on another folder with a trained model's classes).
         split: ``train`` splits the data; ``all`` puts every scan in ``test`` (evaluation of a whole folder).
         synthetic: options of :func:`wsr_med.data.make_synthetic_folder` for ``dataset_dir=synthetic``.
+        patient_pattern: regular expression whose first group is the patient id in a file name, used when
+            neither the manifest nor the DICOM header gives one (see :data:`wsr_med.data.scan.DEFAULT_PATIENT_PATTERN`).
     """
     output = Path(output_dir)
     dataset_dir = _resolve_dataset(str(dataset_dir), output, dict(synthetic or {}))
-    scan = _scan(dataset_dir, spatial_dims, num_workers, classes)
+    scan = _scan(dataset_dir, spatial_dims, num_workers, classes, patient_pattern)
     if split == "all":
         splits = {"training": [], "validation": [], "test": scan.items}
     elif split == "train":
         splits = split_items(scan.items, val_fraction, test_fraction, seed, n_folds, fold)
         if not splits["training"] or not splits["validation"]:
             counts = {k: len(v) for k, v in splits.items()}
-            raise ValueError(f"{dataset_dir}: too few patients for a training and a validation set {counts}.")
+            raise WsrMedError(f"{dataset_dir}: too few patients for a training and a validation set {counts}.")
     else:
         raise ValueError(f"split must be 'train' or 'all', got '{split}'")
     prefix = "" if split == "train" else "eval_"
     settings = {"dataset_dir": str(dataset_dir), "seed": seed, "val_fraction": val_fraction,
                 "test_fraction": test_fraction, "n_folds": n_folds, "fold": fold, "split": split}
-    datalist = output / f"{prefix}datalist.json"
-    report = output / f"{prefix}bad_files.csv"
+    datalist = output / f"{prefix}{RunFolder.DATALIST}"
+    report = output / f"{prefix}{RunFolder.BAD_FILES}"
     if _rank() == 0:
-        write_datalist(datalist, scan, splits, **settings)
-        scan.write_report(report)
+        if split == "train" and datalist.is_file():
+            if not _same_split(datalist, splits):
+                raise WsrMedError(f"{dataset_dir} no longer gives the split this run in {output} was trained on "
+                                  f"(files added, removed or changed); use another output_dir for the new data.")
+        else:
+            write_datalist(datalist, scan, splits, **settings)
+            scan.write_report(report)
         if scan.bad_files:
             logger.warning("%d files skipped; see %s", len(scan.bad_files), report)
     return PreparedData(
@@ -169,16 +181,14 @@ def prepare_data(
         training=_absolute(scan, splits["training"]),
         validation=_absolute(scan, splits["validation"]),
         test=_absolute(scan, splits["test"]),
-        signature=preprocessing_signature(image_size, in_channels, spatial_dims, voi_lut, intensity_percentiles),
         datalist=datalist,
         bad_files_report=report,
         n_bad_files=len(scan.bad_files),
     )
 
 
-def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[str], image_size: int = 224,
-                       in_channels: int = 1, spatial_dims: int = 2, num_workers: int = 2, voi_lut: bool | None = None,
-                       intensity_percentiles: tuple[float, float] = (0.5, 99.5)) -> PreparedData:
+def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[str], spatial_dims: int = 2,
+                       num_workers: int = 2) -> PreparedData:
     """Every readable scan under ``dataset_dir`` (recursively, no labels) for inference.
 
     Unreadable files are reported in ``<predictions_file stem>_bad_files.csv`` beside the predictions.
@@ -188,7 +198,6 @@ def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[st
     report = scan.write_report(predictions_file.with_name(predictions_file.stem + "_bad_files.csv"))
     items = [{"image": str(scan.root / i["image"]), "relative_path": i["image"]} for i in scan.items]
     return PreparedData(classes=list(classes), training=[], validation=[], test=items,
-                        signature=preprocessing_signature(image_size, in_channels, spatial_dims, voi_lut, intensity_percentiles),
                         bad_files_report=report, n_bad_files=len(scan.bad_files))
 
 
@@ -201,20 +210,16 @@ def prepare_evaluation(dataset_dir: str, run_dir: str, eval_dir: str, classes: l
         run_dir: the training run folder (its ``datalist.json`` for ``eval_split="test"`` or ``"validation"``).
         eval_dir: where the evaluation writes its datalist and bad-file report.
         classes: the model's classes; folder names or labels must match them.
-        kwargs: preprocessing and scan options of :func:`prepare_data`.
+        kwargs: scan options of :func:`prepare_data` (``spatial_dims``, ``num_workers``, ``patient_pattern``).
     """
     if eval_split == "all":
         return prepare_data(dataset_dir, eval_dir, classes=classes, split="all", **kwargs)
-    from wsr_med.data import read_datalist
-
     key = {"test": "test", "validation": "validation"}.get(eval_split)
     if key is None:
-        raise ValueError(f"eval_split must be all, test or validation, got '{eval_split}'")
-    items = read_datalist(Path(run_dir) / "datalist.json", key)
+        raise WsrMedError(f"eval_split must be all, test or validation, got '{eval_split}'")
+    datalist = RunFolder(run_dir) / RunFolder.DATALIST
+    items = read_datalist(datalist, key)
     if not items:
-        raise ValueError(f"the run in {run_dir} has no '{key}' split (train with test_fraction > 0, or evaluate a folder with eval_split=all)")
-    signature = preprocessing_signature(kwargs.get("image_size", 224), kwargs.get("in_channels", 1),
-                                        kwargs.get("spatial_dims", 2), kwargs.get("voi_lut"),
-                                        kwargs.get("intensity_percentiles", (0.5, 99.5)))
-    return PreparedData(classes=list(classes), training=[], validation=[], test=items, signature=signature,
-                        datalist=Path(run_dir) / "datalist.json")
+        raise WsrMedError(f"the run in {run_dir} has no '{key}' split (train with test_fraction > 0, or evaluate a folder "
+                          "with eval_split=all)")
+    return PreparedData(classes=list(classes), training=[], validation=[], test=items, datalist=datalist)

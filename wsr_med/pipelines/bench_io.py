@@ -1,7 +1,7 @@
 """Scan ingestion speed and memory: the wsr_med pipeline vs a bare PIL/pydicom + resize loop, and the disk cache.
 
-    python -m pipelines.bench_io                       # real chest X-rays + generated 3000x2500 16-bit DICOM
-    python -m pipelines.bench_io --limit 100 --n-dicom 10
+    wsr-med bench io                       # real chest X-rays + generated 3000x2500 16-bit DICOM
+    wsr-med bench io --limit 100 --n-dicom 10
 
 For each dataset, in the same run and each in a fresh process (so that peak RSS is its own):
 * bare loop: PIL (JPEG/PNG) or pydicom ``pixel_array`` -> float32 -> PIL area resize of the longest side to 512;
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_pneumonia"
+# Real radiographs, where the checkout has ../shared beside it (pass --chest-dir elsewhere).
+CHEST = Path("../shared/data/chest_xray_pneumonia")
 SIZE = 512
 
 
@@ -42,7 +43,7 @@ def bare_load(path: str) -> np.ndarray:
 
 
 def _phase(kind: str, files: list[str], cache_dir: str, queue) -> None:
-    from wsr_med.data import preprocessing_signature, scan_dataset, scan_transforms
+    from wsr_med.data import scan_dataset, scan_transforms
 
     start = time.perf_counter()
     if kind == "bare":
@@ -54,7 +55,7 @@ def _phase(kind: str, files: list[str], cache_dir: str, queue) -> None:
             transform({"image": f})
     else:  # "first" / "cached": PersistentDataset epochs
         items = [{"image": f, "sha1": f} for f in files]  # path as key: the benchmark's files never change
-        dataset = scan_dataset(items, scan_transforms(SIZE), cache_dir, preprocessing_signature(SIZE, 1, 2, None, (0.5, 99.5)))
+        dataset = scan_dataset(items, scan_transforms(SIZE), cache_dir)
         for i in range(len(dataset)):
             dataset[i]
     seconds = time.perf_counter() - start
@@ -99,15 +100,16 @@ def make_dicoms(folder: Path, n: int, compress: bool) -> list[str]:
     return files
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=500, help="chest X-rays used (of 500; 0 skips them)")
     parser.add_argument("--n-dicom", type=int, default=20, help="generated DICOM files per encoding")
-    args = parser.parse_args()
+    parser.add_argument("--chest-dir", type=Path, default=CHEST, help="folder of real JPEG radiographs (default %(default)s)")
+    args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="wsr_bench_io_"))
     datasets = {}
-    if SHARED.is_dir() and args.limit > 0:
-        datasets["chest X-ray JPEG (real, 1-3 kpx)"] = sorted(str(p) for p in SHARED.rglob("*.jpeg"))[: args.limit]
+    if args.chest_dir.is_dir() and args.limit > 0:
+        datasets["chest X-ray JPEG (real, 1-3 kpx)"] = sorted(str(p) for p in args.chest_dir.rglob("*.jpeg"))[: args.limit]
     datasets["DICOM 3000x2500 16-bit, uncompressed"] = make_dicoms(work, args.n_dicom, compress=False)
     datasets["DICOM 3000x2500 16-bit, JPEG 2000"] = make_dicoms(work, args.n_dicom, compress=True)
     print(f"resize to {SIZE}; each phase in a fresh process; peak RSS of that process\n")

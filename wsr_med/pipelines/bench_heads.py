@@ -1,7 +1,7 @@
 """Training cost of every head as ratios to GAP measured in the same run: parameters, images/s, memory.
 
-    python -m pipelines.bench_heads                       # DenseNet121 and EfficientNet-b0 at 224 and 512
-    python -m pipelines.bench_heads --sizes 224 --repeats 3 --heads gap wise flatten
+    wsr-med bench heads                       # DenseNet121 and EfficientNet-b0 at 224 and 512
+    wsr-med bench heads --sizes 224 --repeats 3 --heads gap wise flatten
 
 Each head trains in fresh processes, one head after another, so that nothing else is counted:
 
@@ -196,14 +196,14 @@ def bench(backbone: str, size: int, heads: list[str], batch: int, repeats: int, 
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["densenet121", "efficientnet-b0"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 512])
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     heads = ["gap"] + [h for h in args.heads if h != "gap"]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

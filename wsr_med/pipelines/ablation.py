@@ -1,6 +1,6 @@
 """Ablation study: heads x backbones x image sizes x patient-level folds, each cell a run of the bundle.
 
-    python -m pipelines.ablation --dataset-dir ../shared/data/chest_xray_pneumonia/labels_3class.csv \\
+    wsr-med ablate --dataset-dir ../shared/data/chest_xray_pneumonia/labels_3class.csv \\
         --output-dir runs/ablation_chest3 --heads gap wise wise_unconstrained depthwise gem flatten \\
         --sizes 128 256 --folds 5 --set "backbone_kwargs={'init_features':16,'growth_rate':8,'block_config':[2,2,2,2]}" max_epochs=15
 
@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from wsr_med.cli import parse_value
-from wsr_med.handlers import tracking_uri_context
-from wsr_med.metrics import bootstrap_ci, roc_auc
-from wsr_med.workflows import parse_bundle, run_workflow, sqlite_uri
+from wsr_med import tracking
+from wsr_med.metrics import bootstrap_ci, figure, roc_auc
+from wsr_med.runs import RunFolder, latest_checkpoint
+from wsr_med.workflows import load_model, parse_bundle, run_workflow
 
 logger = logging.getLogger("wsr_med.ablation")
 
@@ -64,7 +65,7 @@ def _parent_run(client, experiment_name: str, output: Path, grid: dict) -> str:
 
 def _cases_file(output: Path, cell: Cell, head: str) -> Path:
     """The per-case predictions of ``cell``'s backbone, size and fold with ``head``."""
-    return output / Cell(cell.backbone, cell.image_size, head, cell.fold).name / "eval" / "cases.csv"
+    return output / Cell(cell.backbone, cell.image_size, head, cell.fold).name / RunFolder.EVAL / "cases.csv"
 
 
 def _read_cases(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
@@ -77,22 +78,21 @@ def _read_cases(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str
     return paths, labels, probs, classes
 
 
-def load_cell(cell_dir: Path, settings: dict) -> tuple[torch.nn.Module, torch.Tensor, np.ndarray, list[str]]:
+def load_cell(cell_dir: Path, cache_dir: str) -> tuple[torch.nn.Module, torch.Tensor, np.ndarray, list[str]]:
     """A finished cell's best model (eval mode), its validation images ``(N, C, *S)``, labels and class names."""
     from monai.data import DataLoader
 
-    from wsr_med.data import preprocessing_signature, read_datalist, scan_dataset, scan_transforms
-    from wsr_med.workflows import load_classes, load_model
+    from wsr_med.data import read_datalist, scan_dataset
 
-    net = load_model(parse_bundle("train", **settings).get_parsed_content("network_def"), cell_dir / "model.pt", "cpu")
-    items = read_datalist(cell_dir / "datalist.json", "validation")
-    size, channels = settings["image_size"], settings.get("in_channels", 1)
-    dataset = scan_dataset(items, scan_transforms(size, channels), settings.get("cache_dir") or str(cell_dir / "cache"),
-                           preprocessing_signature(size, channels, 2, None, (0.5, 99.5)))
+    folder = RunFolder(cell_dir)
+    config = parse_bundle("evaluate", output_dir=str(cell_dir))  # the network and preprocessing the cell was trained with
+    net = load_model(config.get_parsed_content("network_def"), folder.model, "cpu")
+    items = read_datalist(folder / RunFolder.DATALIST, "validation")
+    dataset = scan_dataset(items, config.get_parsed_content("validate#preprocessing"), cache_dir)
     batches = list(DataLoader(dataset, batch_size=64, num_workers=0))
     images = torch.cat([b["image"] for b in batches])
     labels = torch.cat([b["label"] for b in batches]).numpy()
-    return net, images, labels, load_classes(cell_dir)
+    return net, images, labels, folder.classes()
 
 
 def shuffle_auc(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, repeats: int = 3, seed: int = 0) -> float:
@@ -110,10 +110,6 @@ def shuffle_auc(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, 
 def cell_figure(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, classes: list[str], path: Path,
                 per_class: int = 2) -> Path:
     """Mean validation image, the learned Wise-SrNet spatial weights (if any) and MONAI Grad-CAM of a few cases per class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from monai.visualize import GradCAM
 
     from wsr_med.networks import WiseCompression, gradcam_layer
@@ -125,7 +121,7 @@ def cell_figure(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, 
     compression = net.head.compression
     weights = compression.depthwise.weight.detach().mean(0)[0] if isinstance(compression, WiseCompression) else None
     panels = 1 + (weights is not None) + len(cases)
-    fig, axes = plt.subplots(1, panels, figsize=(2.4 * panels, 2.8))
+    fig, axes = figure(1, panels, figsize=(2.4 * panels, 2.8))
     axes[0].imshow(images[:, 0].mean(0), cmap="gray")
     axes[0].set_title("mean input", fontsize=8)
     k = 1
@@ -141,7 +137,6 @@ def cell_figure(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, 
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -160,27 +155,25 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
               "parent_run_id": parent_run_id, "n_folds": args.folds, "fold": cell.fold, "seed": args.seed}
     logger.info("cell %s", cell.name)
     timing = cell_dir / "train_seconds.txt"
-    if not (cell_dir / "checkpoints" / f"checkpoint_epoch={common.get('max_epochs', 30)}.pt").is_file():
+    if latest_checkpoint(RunFolder(cell_dir).checkpoints)[1] < common.get("max_epochs", 30):
         start = time.perf_counter()
         run_workflow("train", **common)
         timing.write_text(str(time.perf_counter() - start))  # a resumed cell counts its last sitting only
     run_workflow("evaluate", **common, eval_split="validation")
-    metrics = json.loads((cell_dir / "eval" / "metrics.json").read_text())
-    net, images, labels, classes = load_cell(cell_dir, {**settings, "dataset_dir": args.dataset_dir, "cache_dir": common["cache_dir"]})
+    metrics = json.loads((cell_dir / RunFolder.EVAL / "metrics.json").read_text())
+    net, images, labels, classes = load_cell(cell_dir, common["cache_dir"])
     shuffled = shuffle_auc(net, images, labels)
-    figure = cell_figure(net, images, labels, classes, cell_dir / "eval" / "diagnostics.png")
+    diagnostics = cell_figure(net, images, labels, classes, cell_dir / RunFolder.EVAL / "diagnostics.png")
     curve, seconds_per_epoch = _validation_history(cell_dir, args)
     result = {**asdict(cell), "auc": metrics["auc"], "accuracy": metrics["accuracy"], "auc_shuffled": shuffled,
               "params": sum(p.numel() for p in net.parameters()), "head_params": sum(p.numel() for p in net.head.parameters()),
               "seconds_per_epoch": seconds_per_epoch, "val_auc_curve": curve,
               "train_seconds": float(timing.read_text()) if timing.is_file() else float("nan")}
-    from mlflow import MlflowClient
-
-    run_id = (cell_dir / "mlflow_run_id").read_text().strip()
-    client = MlflowClient(args.tracking_uri)
+    run_id = RunFolder(cell_dir).mlflow_run_id
+    client = tracking.client(args.tracking_uri)
     client.log_metric(run_id, "eval_validation_auc_shuffled", shuffled)
     client.log_metric(run_id, "seconds_per_epoch", result["seconds_per_epoch"])
-    client.log_artifact(run_id, str(figure), "plots")
+    client.log_artifact(run_id, str(diagnostics), "plots")
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(done)
@@ -192,11 +185,9 @@ def _validation_history(cell_dir: Path, args: argparse.Namespace) -> tuple[list[
 
     The median, so that an epoch slowed by a pause, a resume or another job on the machine does not count.
     """
-    from mlflow import MlflowClient
-
-    run_id = (cell_dir / "mlflow_run_id").read_text().strip()
+    run_id = RunFolder(cell_dir).mlflow_run_id
     by_step = {}  # the last value logged for each epoch: a resumed epoch is logged twice
-    for m in sorted(MlflowClient(args.tracking_uri).get_metric_history(run_id, "val_auc"), key=lambda m: m.timestamp):
+    for m in sorted(tracking.client(args.tracking_uri).get_metric_history(run_id, "val_auc"), key=lambda m: m.timestamp):
         by_step[m.step] = m
     history = [by_step[k] for k in sorted(by_step)]
     intervals = np.diff([m.timestamp for m in history]) / 1000
@@ -228,11 +219,6 @@ def paired_difference(output: Path, cells: list[Cell], head: str, n_boot: int = 
 
 def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path]:
     """Write summary.csv / summary.md and the plots; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["backbone"], r["image_size"], r["head"]), []).append(r)
@@ -268,7 +254,7 @@ def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path
     (output / "summary.md").write_text("\n".join(lines) + "\n")
 
     configs = sorted({(r["backbone"], r["image_size"]) for r in rows})
-    fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
+    fig, axes = figure(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
     for ax, (backbone, size) in zip(axes[0], configs):
         sub = [r for r in rows if (r["backbone"], r["image_size"]) == (backbone, size)]
         ax.errorbar(range(len(sub)), [r["auc_mean"] for r in sub], yerr=[1.96 * r["auc_sd"] / max(r["folds"], 1) ** 0.5 for r in sub],
@@ -277,8 +263,7 @@ def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path
         ax.set(title=f"{backbone}, {size} px", ylabel="validation AUC (mean, 95% CI over folds)")
     fig.tight_layout()
     fig.savefig(output / "auc_by_head.png", dpi=110)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
+    fig, axes = figure(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
     for ax, (backbone, size) in zip(axes[0], configs):
         for head in sorted({r["head"] for r in results}):
             curves = [r["val_auc_curve"] for r in results if (r["backbone"], r["image_size"], r["head"]) == (backbone, size, head)]
@@ -289,7 +274,6 @@ def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(output / "val_curves.png", dpi=110)
-    plt.close(fig)
     return [output / n for n in ("summary.csv", "summary.md", "auc_by_head.png", "val_curves.png")]
 
 
@@ -307,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="bundle overrides for every cell")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.tracking_uri = args.tracking_uri or sqlite_uri("mlflow.db")
+    args.tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
     extra = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.dataset_dir == "synthetic":  # one generated folder for the whole study, not one per cell
         from wsr_med.data import make_synthetic_folder
@@ -320,9 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output_dir)
     heads = ["gap"] + [h for h in args.heads if h != "gap"]  # the reference first
     cells = [Cell(b, s, h, f) for b, s, h, f in itertools.product(args.backbones, args.sizes, heads, range(args.folds))]
-    from mlflow import MlflowClient
-
-    client = MlflowClient(args.tracking_uri)
+    client = tracking.client(args.tracking_uri)
     grid = {"dataset_dir": args.dataset_dir, "heads": heads, "backbones": args.backbones, "sizes": args.sizes,
             "folds": args.folds, "seed": args.seed, "overrides": extra}
     parent = _parent_run(client, args.experiment_name, output, grid)
@@ -330,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     results = [run_cell(c, args, parent, extra) for c in cells]
     files = [output / "grid.json", *summarise(output, results, cells)]
-    with tracking_uri_context(args.tracking_uri):
+    with tracking.tracking_uri_context(args.tracking_uri):
         for path in files:
             client.log_artifact(parent, str(path), "summary")
     print((output / "summary.md").read_text())

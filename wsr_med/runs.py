@@ -1,0 +1,243 @@
+"""The run folder: a trained run *is* its folder, and everything after training reads it.
+
+Layout (names are :class:`RunFolder` attributes; nothing else spells them)::
+
+    <output_dir>/
+      model.pt, best.json          best validation epoch (state dict) and its metric
+      classes.json                 class names in output order
+      config.json                  resolved settings of the run, the config files as run, continuations
+      datalist.json, bad_files.csv patient-level split (patients hashed), skipped files
+      checkpoints/                 last epoch's training state (resume)
+      eval/                        the latest evaluation report
+      predictions.csv              the latest predictions
+      mlflow_run_id, mlflow_model_uri
+      .lock                        held by the training process
+
+Evaluate and predict build the network and the preprocessing from ``config.json``
+(:meth:`RunFolder.trained_settings`), and refuse a setting that contradicts it
+(:meth:`RunFolder.check_trained`). Training takes the folder's lock, refuses a finished run and a
+contradictory continuation *before* writing anything (:meth:`RunFolder.begin_training`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import zipfile
+from pathlib import Path
+
+from wsr_med.errors import WsrMedError
+
+__all__ = ["RunFolder", "NETWORK_SETTINGS", "CONTINUABLE_SETTINGS", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+# What defines the trained network and its input: evaluate/predict take these from the run.
+NETWORK_SETTINGS = ("backbone", "backbone_kwargs", "head", "head_kwargs", "image_size", "in_channels", "spatial_dims",
+                    "dropout", "bn_momentum", "voi_lut", "intensity_percentiles")
+# What may change when training continues in the same folder; every other setting must stay as it was.
+CONTINUABLE_SETTINGS = ("max_epochs", "num_workers", "device", "amp", "progress_bar", "cache_dir", "output_dir",
+                        "experiment_name", "run_name", "registered_model_name", "parent_run_id")
+# Network settings that runs of earlier versions did not record, with the values those runs used.
+_UNRECORDED = {"head_kwargs": {}, "bn_momentum": None, "intensity_percentiles": [0.5, 99.5]}
+# Settings that are paths: stored resolved, compared resolved.
+_PATH_SETTINGS = ("dataset_dir", "output_dir", "cache_dir", "pretrained_weights")
+_EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+
+def _normal(value):
+    """A value as it reads back from JSON (tuples are lists), for comparisons."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _resolved(key: str, value):
+    if key in _PATH_SETTINGS and value not in (None, "", "synthetic"):
+        return str(Path(str(value)).expanduser().resolve())
+    return _normal(value)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> tuple[Path | None, int]:
+    """The last complete ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` and its epoch N, or ``(None, 0)``.
+
+    A truncated file (a save cut short: ``torch.save`` writes a zip, a truncated one is not) is ignored.
+    """
+    found = []
+    for p in Path(ckpt_dir).glob("checkpoint_epoch=*.pt"):
+        match = _EPOCH.search(p.name)
+        if not match:
+            continue
+        if zipfile.is_zipfile(p):
+            found.append((int(match.group(1)), p))
+        else:
+            logger.warning("ignoring incomplete checkpoint %s", p)
+    if not found:
+        return None, 0
+    epoch, path = max(found)
+    return path, epoch
+
+
+class RunFolder:
+    """One training run's folder; see the module docstring for its layout.
+
+    Args:
+        path: the run's ``output_dir``.
+    """
+
+    MODEL = "model.pt"
+    BEST = "best.json"
+    CLASSES = "classes.json"
+    CONFIG = "config.json"
+    DATALIST = "datalist.json"
+    BAD_FILES = "bad_files.csv"
+    CHECKPOINTS = "checkpoints"
+    EVAL = "eval"
+    PREDICTIONS = "predictions.csv"
+    CACHE = "cache"
+    MLFLOW_RUN_ID = "mlflow_run_id"
+    MLFLOW_MODEL_URI = "mlflow_model_uri"
+    LOCK = ".lock"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = None
+
+    def __repr__(self) -> str:
+        return f"RunFolder('{self.path}')"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def model(self) -> Path:
+        return self.path / self.MODEL
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / self.EVAL
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The MLflow run this folder logs to, or None before its first tracked epoch."""
+        path = self.path / self.MLFLOW_RUN_ID
+        return path.read_text().strip() if path.is_file() else None
+
+    # --- what was trained -------------------------------------------------------------------------------
+    def _require(self, name: str) -> Path:
+        path = self.path / name
+        if not path.is_file():
+            raise WsrMedError(f"{path} not found: is {self.path} the output folder of a training run? "
+                              "Pass the --output-dir you trained with.")
+        return path
+
+    def classes(self) -> list[str]:
+        """The class names in the model's output order."""
+        return json.loads(self._require(self.CLASSES).read_text())
+
+    def settings(self) -> dict:
+        """Every setting of the run as resolved when it was (last) trained."""
+        return json.loads(self._require(self.CONFIG).read_text())["settings"]
+
+    def trained_settings(self) -> dict:
+        """The network and preprocessing settings the model was trained with (:data:`NETWORK_SETTINGS`)."""
+        self._require(self.MODEL)
+        settings = {**_UNRECORDED, **self.settings()}
+        return {k: settings[k] for k in NETWORK_SETTINGS if k in settings}
+
+    def check_trained(self, requested: dict) -> None:
+        """Refuse network/preprocessing settings that contradict the trained model, naming both values."""
+        trained = self.trained_settings()
+        wrong = [f"{k}={_normal(requested[k])!r} (trained: {trained[k]!r})"
+                 for k in NETWORK_SETTINGS if k in requested and k in trained and _normal(requested[k]) != trained[k]]
+        if wrong:
+            raise WsrMedError(f"the model in {self.path} was trained with other settings: {', '.join(wrong)}. "
+                              "Leave these settings out: evaluation and prediction use the trained ones.")
+
+    # --- training -----------------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the folder's lock for this process (released at exit or by :meth:`release`); refuse if held."""
+        from filelock import FileLock, Timeout
+
+        if self._lock is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path / self.LOCK), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise WsrMedError(f"{self.path} is in use by another training process; wait for it to finish, "
+                              "or use another output_dir.") from None
+        self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def continuation_settings(self) -> dict:
+        """The settings that define this run (all but :data:`CONTINUABLE_SETTINGS`): what continuing it reuses."""
+        return {k: v for k, v in self.settings().items() if k not in CONTINUABLE_SETTINGS}
+
+    def begin_training(self, settings: dict) -> Path | None:
+        """Lock the folder and check that ``settings`` may train in it; returns the checkpoint to resume, if any.
+
+        Nothing is written before these checks pass: a refused command leaves the run as it was.
+
+        Raises:
+            WsrMedError: another process trains here; the run is finished (``max_epochs`` reached); or a
+                continuation changes a setting other than :data:`CONTINUABLE_SETTINGS`.
+        """
+        self.lock()
+        checkpoint, epoch = latest_checkpoint(self.checkpoints)
+        if epoch >= int(settings["max_epochs"]):
+            raise WsrMedError(f"{self.path} holds a finished run ({epoch} of max_epochs={settings['max_epochs']}); "
+                              "use another output_dir, or raise max_epochs to continue training it.")
+        if (self.path / self.CONFIG).is_file():
+            saved = self.settings()
+            changed = [f"{k}={_resolved(k, settings[k])!r} (run: {saved[k]!r})" for k in settings
+                       if k in saved and k not in CONTINUABLE_SETTINGS and _resolved(k, settings[k]) != saved[k]]
+            if changed:
+                raise WsrMedError(f"{self.path} holds a run trained with other settings: {', '.join(changed)}. "
+                                  "Continue it with its own settings (only max_epochs, workers and device may change), "
+                                  "or use another output_dir.")
+        return checkpoint
+
+    def save_run_info(self, classes: list[str], settings: dict, config_files: list[str] | None = None) -> Path:
+        """Write ``classes.json`` and ``config.json`` (settings with paths resolved, the config files as run).
+
+        A continued run keeps its class map (a different one is refused) and records the continuation
+        (date, new ``max_epochs``) in ``config.json``.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        classes = list(classes)
+        resolved = {k: _resolved(k, v) for k, v in settings.items()}
+        doc = {"settings": resolved,
+               "config_files": {str(f): json.loads(Path(f).read_text()) for f in config_files or [] if Path(f).is_file()},
+               "continued": []}
+        config = self.path / self.CONFIG
+        if config.is_file():
+            if self.classes() != classes:
+                raise WsrMedError(f"{self.path} was trained for classes {self.classes()}, the data now has {classes}; "
+                                  "use another output_dir for another dataset.")
+            previous = json.loads(config.read_text())
+            doc["continued"] = previous.get("continued", []) + [
+                {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "max_epochs": resolved.get("max_epochs")}]
+        else:
+            _atomic_write(self.path / self.CLASSES, json.dumps(classes))
+        import torch
+
+        doc["torch"] = torch.__version__
+        _atomic_write(config, json.dumps(doc, indent=1, default=str))
+        return config
