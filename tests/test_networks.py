@@ -12,6 +12,7 @@ from wsr_med.networks import (
     default_pre_pool,
     load_pretrained_weights,
     project_constraints_,
+    warm_start_batchnorm,
 )
 
 TINY_DENSENET = {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}
@@ -186,3 +187,60 @@ def test_constraint_handler_in_monai_trainer():
     trainer.run()
     assert trainer.state.iteration == 3
     assert net.head.compression.depthwise.weight.min() >= 0
+
+
+# ---------------------------------------------------------------- BatchNorm: eval-mode outputs that are not collapsed
+
+
+def _batchnorm_momenta(net: torch.nn.Module) -> set[float]:
+    return {m.momentum for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+
+def test_bn_momentum_is_pytorchs_for_both_families():
+    assert _batchnorm_momenta(WiseSrNet("efficientnet-b0", img_size=64)) == {0.1}
+    assert _batchnorm_momenta(WiseSrNet(img_size=64, backbone_kwargs=TINY_DENSENET)) == {0.1}
+    assert _batchnorm_momenta(WiseSrNet("efficientnet-b0", img_size=64, bn_momentum=None)) == {0.01}  # MONAI's own
+
+
+@pytest.fixture(scope="module")
+def real_batch(chest_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 real chest X-rays at 64 px, 8 per class."""
+    from wsr_med.data import scan_transforms
+
+    files = sorted((chest_dir / "NORMAL").glob("*.jpeg"))[:8] + sorted((chest_dir / "PNEUMONIA").glob("*.jpeg"))[:8]
+    transform = scan_transforms(64)
+    return torch.stack([transform({"image": str(f)})["image"] for f in files]), torch.tensor([0] * 8 + [1] * 8)
+
+
+def _train_then_predict(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, warm_start: bool, steps: int = 30):
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(net.parameters(), 1e-3)
+    if warm_start:
+        warm_start_batchnorm(optimizer, net)
+    for _ in range(steps):
+        i = torch.randperm(len(x))[:8]
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x[i]), y[i]).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return torch.softmax(net.eval()(x), 1).numpy()
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet-b0", "densenet121"])
+def test_a_few_dozen_steps_give_eval_outputs_that_differ(real_batch, backbone):
+    from wsr_med.metrics import collapse_warning
+
+    torch.manual_seed(0)
+    probs = _train_then_predict(WiseSrNet(backbone, img_size=64), *real_batch, warm_start=True)
+    assert collapse_warning(probs) is None, probs
+
+
+def test_collapse_warning_fires_on_a_collapsed_model(real_batch):
+    """MONAI's EfficientNet as it comes (momentum 0.01, plain running averages): eval outputs are one point."""
+    from wsr_med.metrics import collapse_warning
+
+    torch.manual_seed(0)
+    probs = _train_then_predict(WiseSrNet("efficientnet-b0", img_size=64, bn_momentum=None), *real_batch, warm_start=False)
+    assert "collapsed" in collapse_warning(probs)
+    assert collapse_warning(torch.full((4, 2), 0.5).numpy()) is not None
+    assert collapse_warning(torch.tensor([[0.9, 0.1], [0.2, 0.8]]).numpy()) is None

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from wsr_med.errors import WsrMedError
 
-__all__ = ["RunFolder", "NETWORK_SETTINGS", "CONTINUABLE_SETTINGS", "latest_checkpoint"]
+__all__ = ["RunFolder", "NETWORK_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ NETWORK_SETTINGS = ("backbone", "backbone_kwargs", "head", "head_kwargs", "image
 # What may change when training continues in the same folder; every other setting must stay as it was.
 CONTINUABLE_SETTINGS = ("max_epochs", "num_workers", "device", "amp", "progress_bar", "cache_dir", "output_dir",
                         "experiment_name", "run_name", "registered_model_name", "parent_run_id")
+# Settings of the machine a run happens to train on: a continuation takes the current machine's.
+MACHINE_SETTINGS = ("device", "amp", "num_workers", "progress_bar")
 # Network settings that runs of earlier versions did not record, with the values those runs used.
 _UNRECORDED = {"head_kwargs": {}, "bn_momentum": None, "intensity_percentiles": [0.5, 99.5]}
 # Settings that are paths: stored resolved, compared resolved.
@@ -187,8 +189,8 @@ class RunFolder:
             self._lock = None
 
     def continuation_settings(self) -> dict:
-        """The settings that define this run (all but :data:`CONTINUABLE_SETTINGS`): what continuing it reuses."""
-        return {k: v for k, v in self.settings().items() if k not in CONTINUABLE_SETTINGS}
+        """What resuming or continuing this run reuses: every setting but the machine's (:data:`MACHINE_SETTINGS`)."""
+        return {k: v for k, v in self.settings().items() if k not in MACHINE_SETTINGS}
 
     def begin_training(self, settings: dict) -> Path | None:
         """Lock the folder and check that ``settings`` may train in it; returns the checkpoint to resume, if any.

@@ -1,7 +1,7 @@
 """MONAI/ignite handlers for wsr_med workflows."""
 
 from wsr_med.handlers.best_model import BestModelSaver, atomic_save
-from wsr_med.handlers.constraint_handler import ConstraintHandler
+from wsr_med.handlers.constraint_handler import BatchNormWarmStart, ConstraintHandler
 from wsr_med.handlers.mlflow_tracker import MLflowTracker
 from wsr_med.handlers.reports import CollapseMonitor, EvaluationReporter, PredictionWriter
 from wsr_med.handlers.training_checkpoint import TrainingCheckpoint

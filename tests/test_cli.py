@@ -1,0 +1,164 @@
+"""The README's path as a user walks it: the installed ``wsr-med`` entry point, in subprocesses, from a folder
+outside the checkout, with only the options a user would pass at each step.
+
+train (image_size=96, a small backbone) -> evaluate and predict with no settings -> train again with
+max_epochs raised (same MLflow run, one value per epoch, a falling learning rate, a new model version) ->
+contradictory settings, a finished run and a concurrent training all refused, leaving the run as it was.
+"""
+
+import csv
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+WSR_MED = Path(sys.executable).parent / "wsr-med"
+SMALL = "backbone_kwargs={'init_features':8,'growth_rate':4,'block_config':[1,1,1,1]}"
+LEARNING_RATE = 0.01
+
+
+def wsr_med(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run([str(WSR_MED), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def refused(result: subprocess.CompletedProcess, *phrases: str) -> str:
+    """The one-line error of a refused command (no traceback), checked for ``phrases``."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("wsr-med ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in errors[0], errors[0]
+    return errors[0]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory) -> dict:
+    """A user's folder: a synthetic hospital export, a trained run, its evaluation and predictions."""
+    home = tmp_path_factory.mktemp("user")
+    ok(wsr_med(home, "synth", "hospital", "--n-per-class", "10", "--image-size", "80"))
+    ok(wsr_med(home, "synth", "new_scans", "--n-per-class", "3", "--image-size", "120", "--seed", "7"))
+    train = ok(wsr_med(home, "train", "--dataset-dir", "hospital", "--output-dir", "runs/a", "--set", "image_size=96", SMALL,
+                       "max_epochs=2", "batch_size=8", "num_workers=0", "progress_bar=false", f"learning_rate={LEARNING_RATE}"))
+    evaluate = ok(wsr_med(home, "evaluate", "--output-dir", "runs/a", "--dataset-dir", "hospital"))
+    predict = ok(wsr_med(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "new_scans"))
+    run_id = (home / "runs/a/mlflow_run_id").read_text()
+    more = ok(wsr_med(home, "train", "--output-dir", "runs/a", "--set", "max_epochs=4"))
+    return {"home": home, "run": home / "runs/a", "uri": f"sqlite:///{home / 'mlflow.db'}", "first_run_id": run_id,
+            "logs": {"train": train, "evaluate": evaluate, "predict": predict, "continue": more}}
+
+
+def test_evaluate_and_predict_use_the_trained_settings(user):
+    run = user["run"]
+    assert json.loads((run / "config.json").read_text())["settings"]["image_size"] == 96
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 20 and metrics["classes"] == ["left", "right"]
+    with open(run / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and list(rows[0]) == ["path", "predicted_class", "prob_left", "prob_right"]
+    assert "Results:" in user["logs"]["evaluate"].stdout and "runs/a/eval/report.html" in user["logs"]["evaluate"].stdout
+
+
+def test_continuing_a_run_stays_in_its_mlflow_run(user):
+    run = user["run"]
+    assert "continuing it with its own settings" in user["logs"]["continue"].stdout
+    assert (run / "mlflow_run_id").read_text() == user["first_run_id"]
+    client = MlflowClient(user["uri"])
+    run_id = user["first_run_id"]
+    for metric in ("train_loss", "val_auc", "val_accuracy", "learning_rate"):
+        assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2, 3, 4], metric
+    lr = {m.step: m.value for m in client.get_metric_history(run_id, "learning_rate")}
+    # epochs 3-4 follow the cosine of the new length, falling; not the old one, which climbs after its end
+    for epoch in (3, 4):
+        assert lr[epoch] == pytest.approx(LEARNING_RATE * (1 + math.cos(math.pi * (epoch - 1) / 4)) / 2, rel=1e-6)
+    assert lr[1] > lr[2] >= lr[3] > lr[4]
+    tracked = client.get_run(run_id)
+    assert tracked.data.tags["continued.max_epochs"] == "4" and tracked.data.params["max_epochs"] == "2"
+    versions = client.search_model_versions("name='wise_srnet_classifier'")
+    assert sorted(int(v.version) for v in versions) == [1, 2] and {v.run_id for v in versions} == {run_id}
+    config = json.loads((run / "config.json").read_text())
+    assert config["settings"]["max_epochs"] == 4 and [c["max_epochs"] for c in config["continued"]] == [4]
+
+
+def test_mlflow_gets_no_paths(user):
+    client = MlflowClient(user["uri"])
+    tracked = client.get_run(user["first_run_id"])
+    text = json.dumps(tracked.data.params) + json.dumps(tracked.data.tags)
+    local = Path(client.download_artifacts(user["first_run_id"], "run"))
+    text += "".join(p.read_text() for p in local.rglob("*.json"))
+    assert str(user["home"]) not in text and "hospital" not in text and "runs/a" not in text
+    assert "dataset_dir_id" in tracked.data.params and "dataset_dir" not in tracked.data.params
+
+
+def test_contradictory_settings_are_refused(user):
+    home, before = user["home"], snapshot(user["run"])
+    refused(wsr_med(home, "evaluate", "--output-dir", "runs/a", "--dataset-dir", "hospital", "--set", "image_size=128"),
+            "image_size=128 (trained: 96)")
+    refused(wsr_med(home, "train", "--output-dir", "runs/a", "--set", "max_epochs=6", "head=gap"),
+            "head='gap' (run: 'wise')")
+    assert snapshot(user["run"]) == before
+
+
+def test_finished_run_is_refused_and_left_byte_identical(user):
+    home, before = user["home"], snapshot(user["run"])
+    ok(wsr_med(home, "synth", "other_hospital", "--n-per-class", "4", "--image-size", "64", "--classes", "3"))
+    refused(wsr_med(home, "train", "--dataset-dir", "other_hospital", "--output-dir", "runs/a", "--set", "max_epochs=4"),
+            "finished run (4 of max_epochs=4)")
+    refused(wsr_med(home, "train", "--output-dir", "runs/a"), "finished run")
+    assert snapshot(user["run"]) == before
+    ok(wsr_med(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "new_scans"))
+    with open(user["run"] / "predictions.csv", newline="") as f:
+        assert list(next(csv.reader(f))) == ["path", "predicted_class", "prob_left", "prob_right"]
+
+
+def test_second_training_in_the_same_folder_is_refused(user):
+    home = user["home"]
+    log = home / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen([str(WSR_MED), "train", "--dataset-dir", "hospital", "--output-dir", "runs/busy", "--set",
+                                  "image_size=64", SMALL, "max_epochs=500", "num_workers=0", "progress_bar=false"],
+                                 cwd=home, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while "Epoch[1] Complete" not in log.read_text() and time.time() < deadline:
+            assert first.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        second = wsr_med(home, "train", "--output-dir", "runs/busy", "--set", "max_epochs=500")
+        assert first.poll() is None, "the first training must still be running"
+        refused(second, "in use by another training process")
+    finally:
+        first.kill()
+        first.wait()
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history((home / "runs/busy/mlflow_run_id").read_text(), "train_loss")]
+    assert steps == sorted(set(steps)), "each epoch logged once"
+
+
+def test_bundle_path_and_monai_bundle_cli(user):
+    """MONAI users run the installed bundle with python -m monai.bundle; evaluate needs no network settings."""
+    home = user["home"]
+    bundle = ok(wsr_med(home, "bundle-path")).stdout.strip()
+    assert (Path(bundle) / "configs" / "train.json").is_file()
+    configs = f"['{bundle}/configs/train.json','{bundle}/configs/evaluate.json']"
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
+                             "--meta_file", f"{bundle}/configs/metadata.json", "--bundle_root", bundle,
+                             "--output_dir", "runs/a", "--dataset_dir", "new_scans", "--eval_split", "all"],
+                            cwd=home, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((user["run"] / "eval" / "metrics.json").read_text())["n"] == 6
