@@ -159,10 +159,12 @@ def test_verify_net_in_out_and_ckpt_export(trained, hospital, tmp_path):
     base = [sys.executable, "-m", "monai.bundle"]
     meta = ["--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "train.json")]
     subprocess.run([*base, "verify_net_in_out", "network_def", *meta], check=True, capture_output=True)
-    settings = {k: TINY[k] for k in ("image_size", "backbone_kwargs")}
     ts = tmp_path / "model.ts"
+    # with evaluate.json on top, the network comes from the run folder: no settings to repeat
+    configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
     subprocess.run([*base, "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(trained["out"] / "model.pt"),
-                    *meta, "--dataset_dir", str(hospital), *cli_overrides(settings)], check=True, capture_output=True)
+                    "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", configs, "--output_dir", str(trained["out"])],
+                   check=True, capture_output=True)
     exported = torch.jit.load(ts)
     from wsr_med.networks import WiseSrNet
 
