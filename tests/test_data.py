@@ -304,17 +304,17 @@ def test_cache_reuses_and_invalidates(tmp_path, synthetic_dir):
     items = [{**i, "image": str(synthetic_dir / i["image"])} for i in scan.items[:4]]
     dataset = scan_dataset(items, scan_transforms(32), tmp_path / "cache")
     first = [dataset[i]["image"] for i in range(4)]
-    cached = sorted((tmp_path / "cache").glob("*.pt"))
+    cached = sorted((tmp_path / "cache").glob("*.cache"))
     assert len(cached) == 4
     mtimes = [p.stat().st_mtime_ns for p in cached]
     again = [scan_dataset(items, scan_transforms(32), tmp_path / "cache")[i]["image"] for i in range(4)]
     assert [p.stat().st_mtime_ns for p in cached] == mtimes  # read, not rewritten
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     bigger = scan_dataset(items, scan_transforms(48), tmp_path / "cache")[0]["image"]
-    assert bigger.shape == (1, 48, 48) and len(list((tmp_path / "cache").glob("*.pt"))) == 5
+    assert bigger.shape == (1, 48, 48) and len(list((tmp_path / "cache").glob("*.cache"))) == 5
     # any setting of a cached transform is part of the key, e.g. the intensity window
     windowed = scan_dataset(items, scan_transforms(48, intensity_percentiles=(2, 98)), tmp_path / "cache")[0]["image"]
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 6 and not torch.equal(windowed, bigger)
+    assert len(list((tmp_path / "cache").glob("*.cache"))) == 6 and not torch.equal(windowed, bigger)
     # the random augmentations are not cached, so they do not change the key of the deterministic part
     assert transform_signature(scan_transforms(48, train=True)) == transform_signature(scan_transforms(48, train=True))
 

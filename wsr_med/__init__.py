@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 # Subpackages load on first use, so that bundle configs can write `$import wsr_med` and then
 # `wsr_med.data.scan_transforms`, while `import wsr_med.networks` stays free of MLflow and matplotlib.
-_SUBMODULES = ("data", "errors", "handlers", "metrics", "networks", "pipelines", "runs", "tracking", "workflows")
+_SUBMODULES = ("data", "errors", "handlers", "log_format", "metrics", "networks", "pipelines", "runs", "tracking", "workflows")
 
 
 def __getattr__(name: str):

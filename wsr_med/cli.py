@@ -26,6 +26,7 @@ import traceback
 from pathlib import Path
 
 from wsr_med.errors import find_user_error
+from wsr_med.log_format import EscapingFormatter, escape_control
 from wsr_med.runs import RunFolder
 from wsr_med.workflows.bundle import BUNDLE, config_files, run_workflow
 
@@ -187,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("ablate", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         _run(args, rest)
     except Exception as e:
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if error is None or args.debug:
             raise
         logging.getLogger("wsr_med").debug("traceback", exc_info=True)
-        print(f"wsr-med {args.command}: error: {error}", file=sys.stderr)
+        print(f"wsr-med {args.command}: error: {escape_control(str(error))}", file=sys.stderr)
         return 1
     return 0
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from wsr_med.errors import WsrMedError
 
-__all__ = ["RunFolder", "NETWORK_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "latest_checkpoint"]
+__all__ = ["RunFolder", "NETWORK_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "check_writable", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,24 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def check_writable(*folders: str | Path | None) -> None:
+    """Refuse, before any expensive step, an output location that is not a writable folder (``None``/empty: skipped)."""
+    import tempfile
+
+    for folder in folders:
+        if folder in (None, ""):
+            continue
+        path = Path(folder)
+        if path.exists() and not path.is_dir():
+            raise WsrMedError(f"{path} is not a folder (it is where outputs go); remove it or choose another location")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            raise WsrMedError(f"cannot write to {path} ({e.strerror or type(e).__name__}); choose a writable location") from None
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> tuple[Path | None, int]:
@@ -198,9 +216,10 @@ class RunFolder:
         Nothing is written before these checks pass: a refused command leaves the run as it was.
 
         Raises:
-            WsrMedError: another process trains here; the run is finished (``max_epochs`` reached); or a
+            WsrMedError: the folder or the cache is not writable; another process trains here; the run is finished (``max_epochs`` reached); or a
                 continuation changes a setting other than :data:`CONTINUABLE_SETTINGS`.
         """
+        check_writable(self.path, settings.get("cache_dir"))
         self.lock()
         checkpoint, epoch = latest_checkpoint(self.checkpoints)
         if epoch >= int(settings["max_epochs"]):

@@ -91,12 +91,28 @@ class TrackingStoreUnreachable(WsrMedError, ConnectionError):
     """The MLflow tracking store did not answer before the run started."""
 
 
+@contextmanager
+def _store_creation_lock(tracking_uri: str) -> Iterator[None]:
+    """For a local SQLite store: one process at a time creates and migrates it (two trainings starting together
+    in one folder raced on the tables, and the loser was told the store "cannot be reached")."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import tempfile
+
+    from filelock import FileLock
+
+    database = Path(tracking_uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(str(database.resolve()).encode()).hexdigest()[:16]
+    with FileLock(str(Path(tempfile.gettempdir()) / f"wsr_med-mlflow-{name}.lock"), timeout=300):
+        yield
+
+
 def check_reachable(tracking_uri: str) -> str:
     """Fail at once, before any training, if the MLflow tracking store cannot be reached."""
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        with http_limits():
+        with _store_creation_lock(tracking_uri), http_limits():
             client(tracking_uri).search_experiments(max_results=1)
     except Exception as e:
         raise TrackingStoreUnreachable(
@@ -205,11 +221,15 @@ def sanitised_datalist(path: Path) -> dict:
     return doc
 
 
+_PATH_LIKE = re.compile(r"(?:[A-Za-z]:)?[\\/](?:[^\s'\"\\/]+[\\/])+[^\s'\"]*")
+
+
 def sanitised_report(path: Path) -> list[dict]:
-    """The bad-file report with file names replaced by a hash (the local CSV keeps the names)."""
-    with open(path, newline="") as f:
-        return [{"file_hash": hashlib.sha256(r["file"].encode()).hexdigest()[:16], "reason": r["reason"]}
-                for r in csv.DictReader(f)]
+    """The bad-file report with file names replaced by a hash and anything path-like in the reasons by ``<path>``
+    (the local CSV keeps both)."""
+    with open(path, newline="", encoding="utf-8", errors="backslashreplace") as f:
+        return [{"file_hash": hashlib.sha256(r["file"].encode("utf-8", "backslashreplace")).hexdigest()[:16],
+                 "reason": _PATH_LIKE.sub("<path>", r["reason"])} for r in csv.DictReader(f)]
 
 
 def metric_name(text: str) -> str:

@@ -1,19 +1,27 @@
-"""MONAI datasets over scanned items, with an on-disk cache keyed by file content and preprocessing."""
+"""MONAI datasets over scanned items, with a verified on-disk cache keyed by file content and preprocessing."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
+import os
 import re
+import tempfile
+from copy import deepcopy
 from functools import partial
 from pathlib import Path
 
+import torch
 from monai.data import Dataset, PersistentDataset
 from monai.transforms import Compose, RandomizableTrait
 
-__all__ = ["cache_key", "scan_dataset", "transform_signature"]
+__all__ = ["VerifiedPersistentDataset", "cache_key", "scan_dataset", "transform_signature"]
 
-CACHE_VERSION = 4  # raise when a transform's output changes without a change of its settings
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 5  # raise when a transform's output changes without a change of its settings
 
 
 def _describe(obj, depth: int = 0):
@@ -59,15 +67,54 @@ def cache_key(item: dict, signature: str) -> bytes:
     return hashlib.sha256(blob.encode()).hexdigest().encode()
 
 
+class VerifiedPersistentDataset(PersistentDataset):
+    """MONAI's :class:`~monai.data.PersistentDataset` whose cache entries carry a SHA-256 of their content.
+
+    Each entry ``<key>.cache`` is the digest followed by ``torch.save`` of the preprocessed item, written to
+    a temporary file and renamed. On read the digest is checked before anything is loaded (with
+    ``weights_only=True``): an entry overwritten, truncated or unreadable is logged, deleted and rebuilt
+    from the scan; it is never trusted and never fatal.
+    """
+
+    SUFFIX = ".cache"
+
+    def _cachecheck(self, item_transformed):
+        entry = Path(self.cache_dir) / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}{self.SUFFIX}"
+        if entry.is_file():
+            problem = None
+            try:
+                blob = entry.read_bytes()
+                digest, payload = blob[:32], blob[32:]
+                if len(blob) <= 32 or hashlib.sha256(payload).digest() != digest:
+                    problem = "its content does not match its checksum"
+                else:
+                    return torch.load(io.BytesIO(payload), weights_only=True)
+            except Exception as e:  # unreadable for any reason: the scan is the truth
+                problem = f"{type(e).__name__}: {e}"
+            logger.warning("cache entry %s is damaged (%s); rebuilding it from the scan", entry.name, problem)
+            entry.unlink(missing_ok=True)
+        item = self._pre_transform(deepcopy(item_transformed))  # keep the original hashed
+        buffer = io.BytesIO()
+        torch.save(item, buffer)
+        payload = buffer.getvalue()
+        try:
+            with tempfile.NamedTemporaryFile(dir=entry.parent, prefix=".tmp-", delete=False) as f:
+                f.write(hashlib.sha256(payload).digest() + payload)
+            os.replace(f.name, entry)
+        except OSError as e:  # a full or read-only disk slows training down, it does not stop it
+            logger.warning("cache entry %s not written (%s)", entry.name, e)
+        return item
+
+
 def scan_dataset(items: list[dict], transform: Compose, cache_dir: str | Path | None = None) -> Dataset:
     """A dataset over ``items``: cached in ``cache_dir`` with :class:`monai.data.PersistentDataset`, or not cached.
 
-    MONAI caches the output of the transforms before the first random one, one file per item,
-    written atomically; only one full-resolution image per worker is in memory at a time. The
-    settings of those transforms (:func:`transform_signature`) enter every key, so a changed
+    The output of the transforms before the first random one is cached, one verified file per item
+    (:class:`VerifiedPersistentDataset`); only one full-resolution image per worker is in memory at a
+    time. The settings of those transforms (:func:`transform_signature`) enter every key, so a changed
     preprocessing never reads a stale entry.
     """
     if cache_dir is None or str(cache_dir) == "":
         return Dataset(items, transform)
-    return PersistentDataset(items, transform, cache_dir=cache_dir,
-                             hash_func=partial(cache_key, signature=transform_signature(transform)))
+    return VerifiedPersistentDataset(items, transform, cache_dir=cache_dir,
+                                     hash_func=partial(cache_key, signature=transform_signature(transform)))

@@ -11,6 +11,7 @@ PatientName or PatientID are never copied into the returned meta data.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")  # and any other name, when the content is DICOM (see scan_format)
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 SCAN_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + VOLUME_SUFFIXES
+# Largest scan accepted, in pixels over all frames: full-field mammograms (~4000 x 5000 at 50 um) and the
+# largest radiographs (~4300 x 4300) are far below; a declared 65535 x 65535 is a decompression bomb.
+MAX_PIXELS = 100_000_000
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
 # Projection radiography: the VOI LUT / window in the header is what a reader looks at.
@@ -51,8 +55,9 @@ class ScanReadError(ValueError):
 
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
+        # the reason travels alone (reports, MLflow): decoders quote the path, which may name a patient
+        self.reason = reason.replace(str(path), "<file>") if str(path) else reason
+        super().__init__(f"{path}: {self.reason}")
 
 
 def suffix_of(path: str | Path) -> str:
@@ -120,7 +125,26 @@ def _to_channels(array: np.ndarray, channels: int | None) -> np.ndarray:
     raise ValueError(f"channels must be 1, 3 or None, got {channels}")
 
 
-def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None = None, frame: int | None = None):
+def _check_declared_size(path, width: int, height: int, frames: int = 1, bytes_per_pixel: float = 1.0,
+                          max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse a size the header declares, before anything is decoded or allocated."""
+    pixels = width * height * frames
+    if width < 1 or height < 1:
+        raise ScanReadError(path, f"declares no pixels ({width}x{height})")
+    if pixels > max_pixels:
+        raise ScanReadError(path, f"declares {width}x{height}" + (f" x {frames} frames" if frames > 1 else "")
+                            + f" = {pixels / 1e6:.0f} Mpixel ({pixels * bytes_per_pixel / 2**30:.1f} GiB decoded), "
+                            f"above max_pixels={max_pixels / 1e6:.0f} Mpixel")
+
+
+def _finite(path, array: np.ndarray) -> np.ndarray:
+    if not np.isfinite(array).all():
+        raise ScanReadError(path, "non-finite pixel values (NaN or infinity, e.g. from the modality rescale)")
+    return array
+
+
+def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None = None, frame: int | None = None,
+               max_pixels: int = MAX_PIXELS):
     """Read a single-frame DICOM image.
 
     Grayscale: modality LUT (RescaleSlope/Intercept), then the VOI LUT or window centre/width
@@ -134,13 +158,16 @@ def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None 
         voi_lut: apply the VOI LUT / window; ``None`` decides by modality.
         frame: index of the frame to read from a multi-frame file; multi-frame files are
             refused when it is None.
+        max_pixels: the largest size accepted (rows x columns x frames), checked on the header
+            before decoding.
 
     Returns:
         ``(array (C, H, W) float32, meta dict)``.
 
     Raises:
         ScanReadError: not DICOM, no pixel data (e.g. a structured report), multi-frame
-            without ``frame``, or a decoding failure.
+            without ``frame``, a declared size above ``max_pixels``, a decoding failure, or
+            non-finite values after the modality rescale.
     """
     try:
         with open(path, "rb") as f:
@@ -157,6 +184,9 @@ def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None 
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if n_frames > 1 and frame is None:
         raise ScanReadError(path, f"multi-frame DICOM ({n_frames} frames): pass frame=<index> to read one frame")
+    samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 8) or 8)
+    _check_declared_size(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), n_frames,
+                         samples * max(bits, 8) / 8, max_pixels)
     try:
         pixels = ds.pixel_array  # decodes any syntax with an installed plugin; YBR -> RGB
     except Exception as e:  # decoders raise many types; all mean the same to the user
@@ -178,7 +208,8 @@ def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None 
             slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
             pixels = pixels.astype(np.float32)
             if slope != 1 or intercept != 0:
-                pixels = pixels * np.float32(slope) + np.float32(intercept)
+                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported as non-finite below
+                    pixels = pixels * np.float32(slope) + np.float32(intercept)
         has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
         if has_voi and (voi_lut or (voi_lut is None and modality in RADIOGRAPH_MODALITIES)):
             pixels = apply_voi_lut(pixels, ds).astype(np.float32)
@@ -186,20 +217,30 @@ def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None 
             pixels = pixels.max() + pixels.min() - pixels
     meta = {"filename_or_obj": str(path), "format": "dicom", "modality": modality, "photometric": photometric,
             "original_shape": tuple(pixels.shape[:2])}
-    return _to_channels(pixels, channels), meta
+    return _finite(path, _to_channels(pixels, channels)), meta
 
 
-def read_image(path: str | Path, channels: int | None = 1, min_size: int | None = None):
+def read_image(path: str | Path, channels: int | None = 1, min_size: int | None = None, max_pixels: int = MAX_PIXELS):
     """Read a PNG/JPEG/TIFF/BMP picture; 16-bit grayscale keeps its full range. Returns ``(array (C, H, W), meta)``.
 
     Args:
         min_size: for JPEG, let the decoder downscale by a power of two in the DCT domain as long
             as the longest side stays >= ``min_size`` (PIL's ``draft``): a 3000 px radiograph needed
             at 512 px decodes several times faster. The exact resize happens afterwards.
+        max_pixels: the largest size accepted, checked on the header before decoding.
+
+    Multi-page images (TIFF) are refused like multi-frame DICOM.
     """
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # PIL's bomb warning: the size is checked against max_pixels below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             original = img.size
+            pages = getattr(img, "n_frames", 1)
+            if pages > 1:
+                raise ScanReadError(path, f"multi-page image ({pages} pages): export the page to classify as its own file")
+            _check_declared_size(path, *img.size, max_pixels=max_pixels)
             if min_size and img.format == "JPEG":
                 scale = min_size / max(img.size)
                 img.draft(img.mode, (int(img.size[0] * scale) + 1, int(img.size[1] * scale) + 1))
@@ -209,11 +250,15 @@ def read_image(path: str | Path, channels: int | None = 1, min_size: int | None 
             elif img.mode in ("1", "LA"):
                 img = img.convert("L")
             pixels = np.asarray(img)
+    except Image.DecompressionBombError as e:
+        raise ScanReadError(path, f"image too large (decompression-bomb guard: {e})") from None
+    except ScanReadError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ScanReadError(path, f"not a readable image ({type(e).__name__}: {e})") from None
     meta = {"filename_or_obj": str(path), "format": suffix_of(path).lstrip("."), "original_shape": original[::-1]}
     try:
-        return _to_channels(pixels, channels), meta
+        return _finite(path, _to_channels(pixels, channels)), meta
     except ValueError as e:
         raise ScanReadError(path, str(e)) from None
 

@@ -8,13 +8,19 @@ them. Patient identifiers are only ever kept hashed.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import hmac
+import io
 import logging
+import os
 import re
+import secrets
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wsr_med.data.csv_files import write_csv
 from wsr_med.data.readers import ScanReadError, dicom_patient_id, read_scan, scan_format, suffix_of
 from wsr_med.errors import WsrMedError
 
@@ -28,11 +34,44 @@ logger = logging.getLogger(__name__)
 # No match: every file is its own patient.
 DEFAULT_PATIENT_PATTERN = r"^(.*?\d+)[-_][^\d]*\d+$"
 _ID_SALT = "wsr_med/patient/v1"
+MIN_SIDE = 16  # pixels: smaller images carry nothing a classifier can use
+
+
+def id_key_file() -> Path:
+    """Where this installation's pseudonym key lives: ``$XDG_CONFIG_HOME/wsr_med/id_key`` (``~/.config/...``)."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "wsr_med" / "id_key"
+
+
+@functools.lru_cache(maxsize=1)
+def _id_key() -> bytes:
+    """The secret behind patient pseudonyms: ``$WSR_MED_ID_KEY``, else :func:`id_key_file`, created at first use
+    (32 random bytes, readable by its owner only). It is never logged or written into a run."""
+    if os.environ.get("WSR_MED_ID_KEY"):
+        return os.environ["WSR_MED_ID_KEY"].encode()
+    path = id_key_file()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # two first uses at once: one key wins
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        except FileExistsError:
+            pass
+    key = path.read_text().strip()
+    if not key:
+        raise WsrMedError(f"{path} is empty: delete it (a new key is made) or set WSR_MED_ID_KEY")
+    return key.encode()
 
 
 def hash_id(value: str) -> str:
-    """A stable pseudonym for a patient id (salted SHA-256, 16 hex digits)."""
-    return hashlib.sha256(f"{_ID_SALT}:{value}".encode()).hexdigest()[:16]
+    """A stable pseudonym for a patient id: HMAC-SHA-256 with this installation's secret key, 16 hex digits.
+
+    Without the key, a pseudonym cannot be turned back into an id by trying every id of a known format
+    (``SEC-000000`` .. ``999999`` takes seconds against an unkeyed hash). The same key gives the same
+    pseudonyms, so runs on one installation (or sharing ``WSR_MED_ID_KEY``) split patients alike.
+    """
+    # surrogateescape: an id taken from a non-UTF-8 file name hashes its original bytes
+    return hmac.new(_id_key(), f"{_ID_SALT}:{value}".encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:16]
 
 
 @dataclass
@@ -46,13 +85,7 @@ class DatasetScan:
 
     def write_report(self, path: str | Path) -> Path:
         """Write the bad-file report (``file,reason``; paths relative to the dataset root)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["file", "reason"])
-            writer.writeheader()
-            writer.writerows(self.bad_files)
-        return path
+        return write_csv(path, ["file", "reason"], [[row["file"], row["reason"]] for row in self.bad_files])
 
     @property
     def class_counts(self) -> dict[str, int]:
@@ -63,15 +96,30 @@ class DatasetScan:
         return counts
 
 
-def _check_file(args: tuple[str, int, int | None]) -> tuple[str | None, str | None, str | None]:
+def degenerate_reason(image) -> str | None:
+    """Why a decoded 2D scan ``(C, H, W)`` cannot be classified (constant, or smaller than :data:`MIN_SIDE`), or None."""
+    height, width = image.shape[-2:]
+    if min(height, width) < MIN_SIDE:
+        return f"degenerate image ({height}x{width} pixels, below {MIN_SIDE} per side)"
+    low, high = float(image.min()), float(image.max())
+    if low == high:
+        return f"constant image (every pixel {low:g})"
+    return None
+
+
+def _check_file(args: tuple[str, int, bool]) -> tuple[str | None, str | None, str | None]:
     """Decode one file: returns ``(sha1, dicom patient id, error reason)``."""
-    path, spatial_dims, channels = args
+    path, spatial_dims, reject_degenerate = args
     try:
-        read_scan(path, channels=channels, spatial_dims=spatial_dims)
+        image, _ = read_scan(path, channels=None, spatial_dims=spatial_dims)
+        reason = degenerate_reason(image) if reject_degenerate and spatial_dims == 2 else None
+        del image
+        if reason:
+            return None, None, reason
     except ScanReadError as e:
         return None, None, e.reason
     except Exception as e:  # a decoder bug must not stop the scan of thousands of files
-        return None, None, f"unexpected error while reading ({type(e).__name__}: {e})"
+        return None, None, ScanReadError(path, f"unexpected error while reading ({type(e).__name__}: {e})").reason
     digest = hashlib.sha1()
     if Path(path).is_file():
         with open(path, "rb") as f:
@@ -100,9 +148,9 @@ def _patient_from_name(path: Path, pattern: str) -> str:
 
 
 def _check_all(root: Path, candidates: list[dict], spatial_dims: int, num_workers: int, patient_pattern: str,
-               scan: DatasetScan) -> None:
+               scan: DatasetScan, reject_degenerate: bool = True) -> None:
     """Decode each candidate; good ones go to ``scan.items`` with a hashed patient id, bad ones to the report."""
-    jobs = [(str(root / c["image"]), spatial_dims, None) for c in candidates]
+    jobs = [(str(root / c["image"]), spatial_dims, reject_degenerate) for c in candidates]
     if num_workers > 0 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=num_workers) as pool:
             results = list(pool.map(_check_file, jobs, chunksize=8))
@@ -117,9 +165,13 @@ def _check_all(root: Path, candidates: list[dict], spatial_dims: int, num_worker
         scan.items.append({**candidate, "patient": hash_id(patient), "sha1": sha1})
 
 
-def _finish(scan: DatasetScan, source: Path) -> DatasetScan:
+def _finish(scan: DatasetScan, source: Path, report: str | Path | None) -> DatasetScan:
+    """Write the bad-file report (first: it is the user's list of what to fix), then check that scans remain."""
+    if report is not None:
+        scan.write_report(report)
     if not scan.items:
-        raise WsrMedError(f"{source}: no valid scans found ({len(scan.bad_files)} files rejected; see the report).")
+        where = f"; the list is in {report}" if report is not None else ""
+        raise WsrMedError(f"{source}: no valid scans found ({len(scan.bad_files)} files rejected{where}).")
     logger.info("%s: %d valid scans in %d classes %s, %d rejected", source, len(scan.items), len(scan.classes),
                 scan.class_counts, len(scan.bad_files))
     return scan
@@ -133,7 +185,7 @@ def _is_scan_candidate(path: Path, spatial_dims: int) -> bool:
 
 def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
                 patient_pattern: str = DEFAULT_PATIENT_PATTERN, classes: list[str] | None = None,
-                labelled: bool = True) -> DatasetScan:
+                labelled: bool = True, reject_degenerate: bool = True, report: str | Path | None = None) -> DatasetScan:
     """Scan a hospital folder ``<root>/<class name>/**/<scan files>``; classes are the sorted folder names.
 
     Every file is decoded once (``num_workers`` processes). Unreadable, truncated, empty, pixel-less
@@ -144,6 +196,8 @@ def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
         classes: fix the class names and their order (e.g. a trained model's); folders with other
             names are reported and skipped.
         labelled: False scans every file under ``root`` without labels (inference).
+        reject_degenerate: report constant images and images under :data:`MIN_SIDE` pixels as bad.
+        report: write the bad-file report here (also when no valid scan remains).
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -185,12 +239,24 @@ def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
                 scan.bad_files.append({"file": rel, "reason": _reason(p)})
                 continue
             candidates.append({"image": rel, "label": scan.classes.index(class_dir.name)} if labelled else {"image": rel})
-    _check_all(root, candidates, spatial_dims, num_workers, patient_pattern, scan)
-    return _finish(scan, root)
+    _check_all(root, candidates, spatial_dims, num_workers, patient_pattern, scan, reject_degenerate)
+    return _finish(scan, root, report)
+
+
+def _read_text(manifest: Path) -> str:
+    """The manifest as text: UTF-8 (a BOM is fine); anything else is an error naming the line."""
+    data = manifest.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise WsrMedError(f"{manifest}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                          "save the manifest as UTF-8") from None
 
 
 def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int = 2,
-                  patient_pattern: str = DEFAULT_PATIENT_PATTERN, classes: list[str] | None = None) -> DatasetScan:
+                  patient_pattern: str = DEFAULT_PATIENT_PATTERN, classes: list[str] | None = None,
+                  reject_degenerate: bool = True, report: str | Path | None = None) -> DatasetScan:
     """Scan a CSV manifest ``path,label[,patient_id][,split]`` (paths relative to the CSV).
 
     Classes are the sorted distinct labels unless ``classes`` fixes their order. A ``split``
@@ -199,8 +265,7 @@ def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int 
     manifest = Path(manifest)
     if not manifest.is_file():
         raise WsrMedError(f"manifest not found: {manifest}")
-    with open(manifest, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(_read_text(manifest), newline="")))
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise WsrMedError(f"{manifest}: a CSV with at least the columns 'path' and 'label' is expected.")
     labels = sorted({r["label"].strip() for r in rows}) if classes is None else list(classes)
@@ -217,5 +282,5 @@ def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int 
         if (row.get("split") or "").strip():
             candidate["split"] = row["split"].strip().lower()
         candidates.append(candidate)
-    _check_all(manifest.parent, candidates, spatial_dims, num_workers, patient_pattern, scan)
-    return _finish(scan, manifest)
+    _check_all(manifest.parent, candidates, spatial_dims, num_workers, patient_pattern, scan, reject_degenerate)
+    return _finish(scan, manifest, report)

@@ -58,9 +58,13 @@ class BestModelSaver:
             return
         if self.best is not None and not value > self.best["value"]:
             return
-        self.save_dir.mkdir(parents=True, exist_ok=True)
         network = getattr(self.network, "module", self.network)
-        atomic_save({k: v.detach().cpu() for k, v in network.state_dict().items()}, self.save_dir / RunFolder.MODEL)
+        state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+            logger.warning("epoch %d: the weights hold NaN or infinity; model.pt not updated", engine.state.epoch)
+            return
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save(state, self.save_dir / RunFolder.MODEL)
         self.best = {"metric": self.metric, "value": value, "epoch": int(engine.state.epoch)}
         tmp = self.best_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.best))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,9 +11,11 @@ import numpy as np
 import torch
 
 from wsr_med import tracking
+from wsr_med.data.csv_files import write_csv
 from wsr_med.metrics import (
     classification_metrics,
     collapse_warning,
+    json_ready,
     plot_confusion,
     plot_reliability,
     plot_roc,
@@ -66,17 +66,6 @@ class _Collector:
         raise NotImplementedError
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    """Write a CSV under a temporary name, then rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 class CollapseMonitor(_Collector):
     """On the validator: warn every epoch whose validation predictions are (nearly) the same for every case.
 
@@ -122,13 +111,14 @@ class EvaluationReporter(_Collector):
         labels, probs = np.array(self.labels), np.stack(self.probs)
         self.metrics = classification_metrics(labels, probs, self.classes, self.threshold, self.n_boot)
         collapsed = collapse_warning(probs)
-        self.metrics["warnings"] = [f"The model's {collapsed}"] if collapsed else []
+        if collapsed:
+            self.metrics["warnings"].append(f"The model's {collapsed}")
         for warning in self.metrics["warnings"]:
             logger.warning("%s", warning)
         self.report_dir.mkdir(parents=True, exist_ok=True)
-        (self.report_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=1))
+        (self.report_dir / "metrics.json").write_text(json.dumps(json_ready(self.metrics), indent=1, allow_nan=False))
         # 9 significant digits round-trip float32: AUC recomputed from the file matches metrics.json
-        _write_csv(self.report_dir / "cases.csv", ["path", "label", *[f"prob_{c}" for c in self.classes]],
+        write_csv(self.report_dir / "cases.csv", ["path", "label", *[f"prob_{c}" for c in self.classes]],
                    [[p, self.classes[y], *[f"{v:.9g}" for v in pr]] for p, y, pr in zip(self.paths, self.labels, self.probs)])
         plots = [plot_roc(labels, probs, self.classes, self.metrics, self.report_dir / "roc.png"),
                  plot_confusion(self.metrics, self.report_dir / "confusion_matrix.png"),
@@ -136,7 +126,7 @@ class EvaluationReporter(_Collector):
         report = write_html_report(self.metrics, plots, self.report_dir / "report.html")
         low, high = self.metrics["auc_ci95"]
         logger.info("evaluation on %d cases: AUC %.4f [%.4f, %.4f], accuracy %.4f; report %s",
-                    self.metrics["n"], self.metrics["auc"], low, high, self.metrics["accuracy"], report)
+                    self.metrics["n"], self.metrics["auc"], low, high, self.metrics["accuracy"], report)  # NaN prints as nan
         self._log_mlflow()
 
     def _log_mlflow(self) -> None:
@@ -172,7 +162,7 @@ class PredictionWriter(_Collector):
         self.output_file = Path(output_file)
 
     def finish(self, engine: Engine) -> None:
-        _write_csv(self.output_file, ["path", "predicted_class", *[f"prob_{c}" for c in self.classes]],
+        write_csv(self.output_file, ["path", "predicted_class", *[f"prob_{c}" for c in self.classes]],
                    [[path, self.classes[int(np.argmax(probs))], *[f"{p:.9g}" for p in probs]]
                     for path, probs in zip(self.paths, self.probs)])
         logger.info("predictions for %d scans written to %s", len(self.paths), self.output_file)

@@ -8,7 +8,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix
 
-__all__ = ["COLLAPSE_TOLERANCE", "collapse_warning", "binary_auc", "roc_auc", "bootstrap_ci", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics"]
+__all__ = ["COLLAPSE_TOLERANCE", "collapse_warning", "json_ready", "binary_auc", "roc_auc", "bootstrap_ci", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics"]
 
 
 # A model whose class probabilities vary by less than this across all cases says nothing about any case.
@@ -137,12 +137,29 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
             "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
             "support": int((labels == c).sum()),
         }
-    auc = roc_auc(labels, probs) if len(np.unique(labels)) == k else float("nan")
-    low, high = bootstrap_auc_ci(labels, probs, n_boot=n_boot, seed=seed) if auc == auc else (float("nan"),) * 2
+    absent = [name for name in classes if per_class[name]["support"] == 0]
+    warnings = []
+    if not absent:
+        auc = roc_auc(labels, probs)
+        low, high = bootstrap_auc_ci(labels, probs, n_boot=n_boot, seed=seed)
+    elif k > 2 and k - len(absent) >= 2:  # macro AUC over the classes these cases hold
+        present = [c for c, name in enumerate(classes) if name not in absent]
+
+        def macro(idx: list[np.ndarray]) -> float:
+            return float(np.mean([binary_auc(labels[idx[0]] == c, probs[idx[0], c]) for c in present]))
+
+        auc = macro([np.arange(len(labels))])
+        low, high = bootstrap_ci([labels], macro, n_boot, seed=seed)
+        warnings.append(f"no case of class {', '.join(absent)}: the AUC is the macro over the {len(present)} classes present")
+    else:
+        auc = low = high = float("nan")
+        warnings.append(f"no case of class {', '.join(absent)}: AUC is not defined on these cases")
     ece, reliability = expected_calibration_error(labels, probs)
     out = {
         "n": int(len(labels)),
         "classes": list(classes),
+        "absent_classes": absent,
+        "warnings": warnings,
         "auc": auc,
         "auc_ci95": [low, high],
         "accuracy": float((pred == labels).mean()),
@@ -156,3 +173,14 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
         out["sensitivity"] = per_class[classes[1]]["sensitivity"]
         out["specificity"] = per_class[classes[1]]["specificity"]
     return out
+
+
+def json_ready(value):
+    """``value`` with every NaN or infinity replaced by None: valid JSON (``null``) for every parser."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

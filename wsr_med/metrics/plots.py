@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-__all__ = ["figure", "plot_roc", "plot_confusion", "plot_reliability", "plot_spatial_weights"]
+__all__ = ["figure", "plain", "plot_roc", "plot_confusion", "plot_reliability", "plot_spatial_weights"]
 
 
 def figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (4.5, 4.5), **kwargs):
@@ -25,6 +25,11 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def plain(text: str) -> str:
+    """``text`` shown as written: a ``$`` would start matplotlib's mathtext (and ``ward $\\x$`` crashes it)."""
+    return str(text).replace("$", r"\$")
+
+
 def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: list[str], metrics: dict, path: str | Path) -> Path:
     """ROC curve(s): the positive class for binary tasks, one-vs-rest per class otherwise."""
     fig, ax = figure(figsize=(4.5, 4.5))
@@ -32,7 +37,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: list[str], metrics:
     for c in shown:
         if 0 < (labels == c).sum() < len(labels):
             fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
-            ax.plot(fpr, tpr, label=f"{classes[c]} (AUC {metrics['per_class'][classes[c]]['auc']:.3f})")
+            ax.plot(fpr, tpr, label=f"{plain(classes[c])} (AUC {metrics['per_class'][classes[c]]['auc']:.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     low, high = metrics["auc_ci95"]
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, AUC {metrics['auc']:.3f} [{low:.3f}, {high:.3f}]")
@@ -47,7 +52,8 @@ def plot_confusion(metrics: dict, path: str | Path) -> Path:
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+    names = [plain(c) for c in classes]
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=names, yticklabels=names,
            xlabel="predicted", ylabel="true", title=f"accuracy {metrics['accuracy']:.3f}")
     return _save(fig, path)
 

@@ -10,13 +10,15 @@ __all__ = ["write_html_report"]
 
 
 def _fmt(v) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+    if isinstance(v, float):
+        return f"{v:.3f}" if v == v else "—"  # NaN: not defined on these cases
+    return html.escape(str(v))
 
 
 def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title: str = "wsr_med evaluation") -> Path:
     """Write ``path``: headline figures, per-class table, confusion matrix and plots as embedded PNGs."""
     low, high = metrics["auc_ci95"]
-    headline = {"cases": metrics["n"], "AUC": metrics["auc"], "AUC 95% CI": f"[{low:.3f}, {high:.3f}]",
+    headline = {"cases": metrics["n"], "AUC": metrics["auc"], "AUC 95% CI": f"[{_fmt(low)}, {_fmt(high)}]",
                 "accuracy": metrics["accuracy"], "ECE": metrics["ece"]}
     if "sensitivity" in metrics:
         headline.update({"threshold": metrics["threshold"], "sensitivity": metrics["sensitivity"],

@@ -30,7 +30,8 @@ import torch
 
 from wsr_med.cli import parse_value
 from wsr_med import tracking
-from wsr_med.metrics import bootstrap_ci, figure, roc_auc
+from wsr_med.data.csv_files import unneutralise
+from wsr_med.metrics import bootstrap_ci, figure, plain, roc_auc
 from wsr_med.runs import RunFolder, latest_checkpoint
 from wsr_med.workflows import load_model, parse_bundle, run_workflow
 
@@ -73,7 +74,7 @@ def _read_cases(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str
         rows = list(csv.DictReader(f))
     classes = [k[len("prob_"):] for k in rows[0] if k.startswith("prob_")]
     paths = [r["path"] for r in rows]
-    labels = np.array([classes.index(r["label"]) for r in rows])
+    labels = np.array([classes.index(unneutralise(r["label"])) for r in rows])
     probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
     return paths, labels, probs, classes
 
@@ -132,7 +133,7 @@ def cell_figure(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, 
     for ax, i, h in zip(axes[k:], cases, heat):
         ax.imshow(images[i, 0], cmap="gray")
         ax.imshow(h[0].detach(), cmap="jet", alpha=0.35)
-        ax.set_title(f"Grad-CAM, {classes[labels[i]]}", fontsize=8)
+        ax.set_title(f"Grad-CAM, {plain(classes[labels[i]])}", fontsize=8)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()

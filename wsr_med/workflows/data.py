@@ -99,13 +99,10 @@ def _absolute(scan: DatasetScan, items: list[dict]) -> list[dict]:
     return [{**i, "image": str(scan.root / i["image"]), "relative_path": i["image"]} for i in items]
 
 
-def _scan(dataset_dir: str, spatial_dims: int, num_workers: int, classes: list[str] | None, patient_pattern: str,
-          labelled: bool = True) -> DatasetScan:
+def _scan(dataset_dir: str, classes: list[str] | None, report: Path | None, **options) -> DatasetScan:
     if Path(dataset_dir).suffix.lower() == ".csv":
-        return scan_manifest(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes,
-                             patient_pattern=patient_pattern)
-    return scan_folder(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes, labelled=labelled,
-                       patient_pattern=patient_pattern)
+        return scan_manifest(dataset_dir, classes=classes, report=report, **options)
+    return scan_folder(dataset_dir, classes=classes, report=report, **options)
 
 
 def _same_split(datalist: Path, splits: dict[str, list[dict]]) -> bool:
@@ -131,6 +128,7 @@ def prepare_data(
     split: str = "train",
     synthetic: dict | None = None,
     patient_pattern: str = DEFAULT_PATIENT_PATTERN,
+    reject_degenerate: bool = True,
 ) -> PreparedData:
     """Scan ``dataset_dir``, split it at the patient level and write ``datalist.json`` and ``bad_files.csv`` in ``output_dir``.
 
@@ -148,10 +146,16 @@ def prepare_data(
         synthetic: options of :func:`wsr_med.data.make_synthetic_folder` for ``dataset_dir=synthetic``.
         patient_pattern: regular expression whose first group is the patient id in a file name, used when
             neither the manifest nor the DICOM header gives one (see :data:`wsr_med.data.scan.DEFAULT_PATIENT_PATTERN`).
+        reject_degenerate: report constant and tiny images as bad files.
     """
     output = Path(output_dir)
     dataset_dir = _resolve_dataset(str(dataset_dir), output, dict(synthetic or {}))
-    scan = _scan(dataset_dir, spatial_dims, num_workers, classes, patient_pattern)
+    prefix = "" if split == "train" else "eval_"
+    datalist = output / f"{prefix}{RunFolder.DATALIST}"
+    report = output / f"{prefix}{RunFolder.BAD_FILES}"
+    continuing = split == "train" and datalist.is_file()  # a continued run keeps its files
+    scan = _scan(dataset_dir, classes, report if _rank() == 0 and not continuing else None, spatial_dims=spatial_dims,
+                 num_workers=num_workers, patient_pattern=patient_pattern, reject_degenerate=reject_degenerate)
     if split == "all":
         splits = {"training": [], "validation": [], "test": scan.items}
     elif split == "train":
@@ -161,19 +165,15 @@ def prepare_data(
             raise WsrMedError(f"{dataset_dir}: too few patients for a training and a validation set {counts}.")
     else:
         raise ValueError(f"split must be 'train' or 'all', got '{split}'")
-    prefix = "" if split == "train" else "eval_"
     settings = {"dataset_dir": str(dataset_dir), "seed": seed, "val_fraction": val_fraction,
                 "test_fraction": test_fraction, "n_folds": n_folds, "fold": fold, "split": split}
-    datalist = output / f"{prefix}{RunFolder.DATALIST}"
-    report = output / f"{prefix}{RunFolder.BAD_FILES}"
     if _rank() == 0:
-        if split == "train" and datalist.is_file():
+        if continuing:
             if not _same_split(datalist, splits):
                 raise WsrMedError(f"{dataset_dir} no longer gives the split this run in {output} was trained on "
                                   f"(files added, removed or changed); use another output_dir for the new data.")
         else:
             write_datalist(datalist, scan, splits, **settings)
-            scan.write_report(report)
         if scan.bad_files:
             logger.warning("%d files skipped; see %s", len(scan.bad_files), report)
     return PreparedData(
@@ -188,14 +188,16 @@ def prepare_data(
 
 
 def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[str], spatial_dims: int = 2,
-                       num_workers: int = 2) -> PreparedData:
+                       num_workers: int = 2, reject_degenerate: bool = True) -> PreparedData:
     """Every readable scan under ``dataset_dir`` (recursively, no labels) for inference.
 
-    Unreadable files are reported in ``<predictions_file stem>_bad_files.csv`` beside the predictions.
+    Unreadable files are reported in ``<predictions_file stem>_bad_files.csv`` beside the predictions
+    (written even when no readable scan remains).
     """
-    scan = scan_folder(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes, labelled=False)
     predictions_file = Path(predictions_file)
-    report = scan.write_report(predictions_file.with_name(predictions_file.stem + "_bad_files.csv"))
+    report = predictions_file.with_name(predictions_file.stem + "_bad_files.csv")
+    scan = scan_folder(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes, labelled=False,
+                       reject_degenerate=reject_degenerate, report=report)
     items = [{"image": str(scan.root / i["image"]), "relative_path": i["image"]} for i in scan.items]
     return PreparedData(classes=list(classes), training=[], validation=[], test=items,
                         bad_files_report=report, n_bad_files=len(scan.bad_files))
@@ -210,7 +212,8 @@ def prepare_evaluation(dataset_dir: str, run_dir: str, eval_dir: str, classes: l
         run_dir: the training run folder (its ``datalist.json`` for ``eval_split="test"`` or ``"validation"``).
         eval_dir: where the evaluation writes its datalist and bad-file report.
         classes: the model's classes; folder names or labels must match them.
-        kwargs: scan options of :func:`prepare_data` (``spatial_dims``, ``num_workers``, ``patient_pattern``).
+        kwargs: scan options of :func:`prepare_data` (``spatial_dims``, ``num_workers``, ``patient_pattern``,
+            ``reject_degenerate``).
     """
     if eval_split == "all":
         return prepare_data(dataset_dir, eval_dir, classes=classes, split="all", **kwargs)

@@ -1,0 +1,39 @@
+"""Log records that stay one line each: control characters in messages are escaped.
+
+A file name with a newline (legal on Linux) would otherwise forge a log line of its own (log injection);
+file and class names reach messages in the scan, the reports and the errors. The bundle's workflows call
+:func:`escape_log_records` first (MONAI refuses formatter classes in ``logging.conf``), and ``wsr-med``
+formats with :class:`EscapingFormatter`; tracebacks keep their lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+__all__ = ["EscapingFormatter", "escape_control", "escape_log_records"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control character as ``\\xNN`` and the undecodable bytes of non-UTF-8 file names as
+    ``\\udcNN`` (they cannot be written to a UTF-8 stream as they are)."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class EscapingFormatter(logging.Formatter):
+    """A :class:`logging.Formatter` that escapes control characters in the message."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
+
+def escape_log_records() -> None:
+    """Give every handler of the root logger an :class:`EscapingFormatter` with its own format."""
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, EscapingFormatter):
+            old = handler.formatter or logging.Formatter()
+            handler.setFormatter(EscapingFormatter(old._fmt, old.datefmt))
