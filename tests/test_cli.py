@@ -162,3 +162,12 @@ def test_bundle_path_and_monai_bundle_cli(user):
                             cwd=home, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((user["run"] / "eval" / "metrics.json").read_text())["n"] == 6
+
+
+def test_demo_on_the_users_own_folder(user):
+    home = user["home"]
+    result = ok(wsr_med(home, "demo", "--dataset-dir", "hospital", "--output-dir", "runs/demo", "--set", "max_epochs=1",
+                        "image_size=64", SMALL, "num_workers=0"))
+    assert "training on hospital" in result.stdout
+    assert json.loads((home / "runs/demo/eval/metrics.json").read_text())["classes"] == ["left", "right"]
+    assert (home / "runs/demo/predictions.csv").is_file()

@@ -155,21 +155,27 @@ def test_log_records_stay_one_line():
         assert "wsr_med.log_format.escape_log_records()" in (BUNDLE / "configs" / f"{workflow}.json").read_text()
 
 
-def test_patient_pseudonyms_are_keyed(tmp_path):
-    code = "from wsr_med.data import hash_id; print(hash_id('SEC-000042'))"
-    env = {k: v for k, v in os.environ.items() if k != "WSR_MED_ID_KEY"}
+def test_patient_pseudonyms_are_keyed(tmp_path, monkeypatch):
+    from wsr_med.data import hash_id, scan
 
-    def pseudonym(**extra) -> str:
-        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
-                              check=True).stdout.strip()
+    def pseudonym(**env: str) -> str:
+        monkeypatch.delenv("WSR_MED_ID_KEY", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        scan._id_key.cache_clear()  # the key is read once per process
+        return hash_id("SEC-000042")
 
-    home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
-    first = pseudonym(**home)
-    key_file = tmp_path / "config" / "wsr_med" / "id_key"
-    assert key_file.stat().st_mode & 0o077 == 0 and len(key_file.read_text()) == 64
-    assert pseudonym(**home) == first  # stable on one installation
-    assert pseudonym(XDG_CONFIG_HOME=str(tmp_path / "other")) != first  # another installation, another key
-    assert pseudonym(WSR_MED_ID_KEY="project-secret") == pseudonym(WSR_MED_ID_KEY="project-secret") != first
+    try:
+        first = pseudonym(XDG_CONFIG_HOME=str(tmp_path / "config"))
+        key_file = tmp_path / "config" / "wsr_med" / "id_key"
+        assert key_file.stat().st_mode & 0o077 == 0 and len(key_file.read_text()) == 64
+        assert pseudonym(XDG_CONFIG_HOME=str(tmp_path / "config")) == first  # stable on one installation
+        assert pseudonym(XDG_CONFIG_HOME=str(tmp_path / "other")) != first  # another installation, another key
+        shared = pseudonym(WSR_MED_ID_KEY="project-secret")
+        assert shared == pseudonym(WSR_MED_ID_KEY="project-secret", XDG_CONFIG_HOME=str(tmp_path / "other")) != first
+    finally:
+        monkeypatch.undo()
+        scan._id_key.cache_clear()
 
 
 def test_two_processes_create_one_sqlite_store(tmp_path):
@@ -274,3 +280,24 @@ def test_no_patient_identifier_or_path_reaches_mlflow(hostile_run):
     # MLflow's own artifact store (./mlruns) may appear; the dataset and the run folder may not
     for secret in ("SMITH", "JOHN", "19700101", "SEC-0", str(hostile_run["run"]) + "/", "caf"):
         assert secret not in everything, secret
+
+
+def test_evaluating_a_folder_without_a_class(hostile_run, tmp_path):
+    subset = tmp_path / "two_classes"
+    for name in hostile_run["classes"][1:]:
+        shutil.copytree(hostile_run["run"].parent / "SMITH^JOHN_19700101" / name, subset / name)
+    run_workflow("evaluate", output_dir=str(hostile_run["run"]), tracking_uri=hostile_run["uri"], dataset_dir=str(subset),
+                 num_workers=0)
+    text = (hostile_run["run"] / "eval" / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    assert metrics["absent_classes"] == [hostile_run["classes"][0]] and metrics["per_class"][hostile_run["classes"][0]]["auc"] is None
+    assert "no case of class" in (hostile_run["run"] / "eval" / "report.html").read_text()
+
+
+def test_bad_file_reasons_reach_mlflow_without_paths(tmp_path):
+    from wsr_med.tracking import sanitised_report
+
+    report = tmp_path / "bad_files.csv"
+    report.write_text("file,reason\nSMITH/x.png,\"not a readable image (cannot identify '/data/SMITH^JOHN/x.png')\"\n")
+    [row] = sanitised_report(report)
+    assert "SMITH" not in json.dumps(row) and "<path>" in row["reason"]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from wsr_med.errors import WsrMedError
 
-__all__ = ["RunFolder", "NETWORK_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "check_writable", "latest_checkpoint"]
+__all__ = ["RunFolder", "NETWORK_SETTINGS", "PATH_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "check_writable", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ CONTINUABLE_SETTINGS = ("max_epochs", "num_workers", "device", "amp", "progress_
 MACHINE_SETTINGS = ("device", "amp", "num_workers", "progress_bar")
 # Network settings that runs of earlier versions did not record, with the values those runs used.
 _UNRECORDED = {"head_kwargs": {}, "bn_momentum": None, "intensity_percentiles": [0.5, 99.5]}
-# Settings that are paths: stored resolved, compared resolved.
-_PATH_SETTINGS = ("dataset_dir", "output_dir", "cache_dir", "pretrained_weights")
+# Settings that are paths: stored resolved, compared resolved, never sent to MLflow as they are.
+PATH_SETTINGS = ("dataset_dir", "output_dir", "cache_dir", "pretrained_weights", "predictions_file", "bundle_root")
 _EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
 
@@ -56,7 +56,7 @@ def _normal(value):
 
 
 def _resolved(key: str, value):
-    if key in _PATH_SETTINGS and value not in (None, "", "synthetic"):
+    if key in PATH_SETTINGS and value not in (None, "", "synthetic"):
         return str(Path(str(value)).expanduser().resolve())
     return _normal(value)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsr_med.errors import WsrMedError
+from wsr_med.runs import PATH_SETTINGS
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -51,8 +52,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Settings whose values are paths: never sent to MLflow as they are.
-PATH_SETTINGS = ("dataset_dir", "output_dir", "cache_dir", "pretrained_weights", "predictions_file", "bundle_root")
 _HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
