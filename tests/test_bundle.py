@@ -312,3 +312,36 @@ def test_incomplete_checkpoint_is_not_resumed(tmp_path):
     (tmp_path / "checkpoint_epoch=3.pt").write_bytes(data[: len(data) // 2])  # a save cut short
     assert latest_checkpoint(tmp_path) == (tmp_path / "checkpoint_epoch=2.pt", 2)
     assert latest_checkpoint(tmp_path / "none") == (None, 0)
+
+
+def test_metadata_verifies_against_the_current_schema():
+    schema = Path(__file__).resolve().parents[2] / "shared" / "reference" / "meta_schema_20240725.json"
+    if not schema.is_file():
+        pytest.skip("../shared/reference not present")
+    metadata = json.loads((CONFIGS / "metadata.json").read_text())
+    assert metadata["schema"].endswith("meta_schema_20240725.json")
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+                             "--filepath", str(schema)], capture_output=True, text=True)
+    assert result.returncode == 0 and "metadata is verified with no error" in result.stdout + result.stderr, result.stderr[-2000:]
+
+
+def test_workflows_are_property_clean_and_initialize_writes_nothing(trained, tmp_path, monkeypatch):
+    """MONAI apps check a bundle's properties and may initialize it to inspect it: nothing is written until run."""
+    from monai.bundle import ConfigWorkflow
+
+    monkeypatch.chdir(tmp_path)
+    common = {"meta_file": str(CONFIGS / "metadata.json"), "logging_file": str(CONFIGS / "logging.conf")}
+    fresh = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), workflow_type="train", output_dir=str(tmp_path / "new"),
+                           **common)
+    fresh.initialize()
+    assert list(tmp_path.iterdir()) == []  # no run folder, no MLflow store, no synthetic data
+    run = trained["settings"]
+    train = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), workflow_type="train", **common, **run)
+    train.initialize()
+    assert train.check_properties() == []
+    for overlay in ("evaluate.json", "inference.json"):
+        workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / overlay)], workflow_type="infer",
+                                  output_dir=run["output_dir"], dataset_dir=run["dataset_dir"], tracking_uri=run["tracking_uri"],
+                                  num_workers=0, **common)
+        workflow.initialize()
+        assert workflow.check_properties() == [], overlay

@@ -93,12 +93,17 @@ def test_nan_weights_are_never_the_best_model(tmp_path):
 
     net = torch.nn.Linear(2, 2)
     saver = BestModelSaver(net, tmp_path)
-    saver(SimpleNamespace(state=SimpleNamespace(metrics={"val_auc": 0.6}, epoch=1)))
+
+    def epoch(n: int, auc: float) -> None:
+        saver(SimpleNamespace(state=SimpleNamespace(metrics={"val_auc": auc}, epoch=n)))
+
+    epoch(1, float("nan"))  # undefined metric: a first model is kept ...
+    epoch(2, 0.6)  # ... until one is measured
     with torch.no_grad():
         net.weight[0, 0] = float("nan")
-    saver(SimpleNamespace(state=SimpleNamespace(metrics={"val_auc": 0.9}, epoch=2)))
-    saver(SimpleNamespace(state=SimpleNamespace(metrics={"val_auc": float("nan")}, epoch=3)))
-    assert json.loads((tmp_path / "best.json").read_text())["epoch"] == 1
+    epoch(3, 0.9)  # NaN weights are never saved, whatever the metric says
+    epoch(4, float("nan"))
+    assert json.loads((tmp_path / "best.json").read_text())["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in torch.load(tmp_path / "model.pt", weights_only=True).values())
 
 

@@ -106,8 +106,8 @@ class VerifiedPersistentDataset(PersistentDataset):
         return item
 
 
-def scan_dataset(items: list[dict], transform: Compose, cache_dir: str | Path | None = None) -> Dataset:
-    """A dataset over ``items``: cached in ``cache_dir`` with :class:`monai.data.PersistentDataset`, or not cached.
+def scan_dataset(data: list[dict], transform: Compose, cache_dir: str | Path | None = None) -> Dataset:
+    """A dataset over the items ``data`` (MONAI's argument names): cached in ``cache_dir``, or not cached.
 
     The output of the transforms before the first random one is cached, one verified file per item
     (:class:`VerifiedPersistentDataset`); only one full-resolution image per worker is in memory at a
@@ -115,6 +115,6 @@ def scan_dataset(items: list[dict], transform: Compose, cache_dir: str | Path | 
     preprocessing never reads a stale entry.
     """
     if cache_dir is None or str(cache_dir) == "":
-        return Dataset(items, transform)
-    return VerifiedPersistentDataset(items, transform, cache_dir=cache_dir,
+        return Dataset(data, transform)
+    return VerifiedPersistentDataset(data, transform, cache_dir=cache_dir,
                                      hash_func=partial(cache_key, signature=transform_signature(transform)))

@@ -44,7 +44,7 @@ class BestModelSaver:
         self.save_dir = Path(save_dir)
         self.metric = metric
         self.best_file = self.save_dir / RunFolder.BEST
-        self.best = json.loads(self.best_file.read_text()) if self.best_file.is_file() else None
+        self.best = json.loads(self.best_file.read_text()) if self.best_file.is_file() else None  # NaN is read as NaN
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
@@ -53,11 +53,13 @@ class BestModelSaver:
 
     def __call__(self, engine: Engine) -> None:
         value = float(engine.state.metrics[self.metric])
-        if value != value:  # NaN: nothing to compare, nothing worth keeping
-            logger.warning("epoch %d: %s is NaN; model.pt not updated", engine.state.epoch, self.metric)
+        best = None if self.best is None else self.best["value"]
+        # an undefined metric (NaN: e.g. one class in a tiny validation set) keeps a first model, never replaces one
+        if best is not None and not (value == value and (best != best or value > best)):
             return
-        if self.best is not None and not value > self.best["value"]:
-            return
+        if value != value:
+            logger.warning("epoch %d: %s is undefined (NaN); model.pt keeps this epoch until one is measured",
+                           engine.state.epoch, self.metric)
         network = getattr(self.network, "module", self.network)
         state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
         if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):

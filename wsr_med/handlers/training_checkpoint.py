@@ -53,17 +53,16 @@ class TrainingCheckpoint:
         self.save_dir = Path(save_dir)
         self.objects = dict(objects)
         self.max_epochs = int(max_epochs)
-        self.resume_from, epoch = latest_checkpoint(self.save_dir)
-        if epoch >= self.max_epochs:
-            raise WsrMedError(f"{self.save_dir} holds a finished run ({epoch} of max_epochs={max_epochs}); use another "
-                              "output_dir, or raise max_epochs to continue training it.")
+        self.resume_from, self.epochs_done = latest_checkpoint(self.save_dir)
         self.map_location = map_location
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
 
         objects = {**self.objects, "trainer": engine}
-        if self.resume_from is not None:
+        # refused when training starts, not when the trainer is built (MONAI apps build it to inspect a bundle)
+        engine.add_event_handler(Events.STARTED, self._refuse_finished)
+        if self.resume_from is not None and self.epochs_done < self.max_epochs:
             logger.info("resuming from %s", self.resume_from)
             CheckpointLoader(str(self.resume_from), objects, map_location=self.map_location).attach(engine)
             engine.add_event_handler(Events.STARTED, self._fit_schedule)  # after the loader: it sees the restored state
@@ -83,6 +82,11 @@ class TrainingCheckpoint:
         if self._saver is not None:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._saver)
             self._saver = None
+
+    def _refuse_finished(self, engine: Engine) -> None:
+        if self.epochs_done >= self.max_epochs:
+            raise WsrMedError(f"{self.save_dir} holds a finished run ({self.epochs_done} of max_epochs={self.max_epochs}); "
+                              "use another output_dir, or raise max_epochs to continue training it.")
 
     def _fit_schedule(self, engine: Engine) -> None:
         """Give a restored cosine schedule the run's (new) length, continuing from the epochs done."""
