@@ -131,6 +131,12 @@ def test_evaluation_report(trained):
     assert np.array(metrics["confusion_matrix"]).sum() == 30
     html = (eval_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "AUC 95% CI" in html
+    # provenance: the report can be handed on without explaining where it came from
+    for field in ("What was evaluated", "model (model.pt sha256)", "best epoch", "data (hashed location)",
+                  "AUC (macro one-vs-rest)", "balanced accuracy", "prevalence"):
+        assert field in html, field
+    assert metrics["provenance"]["MLflow run"] == (trained["out"] / "mlflow_run_id").read_text()
+    assert str(trained["out"]) not in html and 0 <= metrics["balanced_accuracy"] <= 1
     for name in ("roc.png", "confusion_matrix.png", "reliability.png"):
         assert (eval_dir / name).stat().st_size > 1000
     # the per-case file keeps enough digits that the AUC recomputed from it is the reported one
@@ -345,3 +351,24 @@ def test_workflows_are_property_clean_and_initialize_writes_nothing(trained, tmp
                                   num_workers=0, **common)
         workflow.initialize()
         assert workflow.check_properties() == [], overlay
+
+
+def test_sigterm_marks_the_mlflow_run_killed_and_resume_says_so(tmp_path, hospital):
+    out = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(out), "tracking_uri": uri, "max_epochs": 200,
+                "experiment_name": "killed", "registered_model_name": ""}
+    cmd = bundle_command(["train.json"], settings)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("checkpoint_epoch=*.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler or `kill` sends
+    assert proc.wait(timeout=120) != 0
+    client, run = only_run(uri, "killed")
+    assert run.info.status == "KILLED"
+    resumed = subprocess.run(bundle_command(["train.json"], {**settings, "max_epochs": 1 + max(
+        int(p.stem.split("=")[1]) for p in (out / "checkpoints").glob("checkpoint_epoch=*.pt"))}), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "was left KILLED by an interrupted training" in resumed.stdout + resumed.stderr
+    assert only_run(uri, "killed")[1].info.status == "FINISHED"

@@ -90,7 +90,7 @@ def test_continuing_a_run_stays_in_its_mlflow_run(user):
     assert lr[1] > lr[2] >= lr[3] > lr[4]
     tracked = client.get_run(run_id)
     assert tracked.data.tags["continued.max_epochs"] == "4" and tracked.data.params["max_epochs"] == "2"
-    versions = client.search_model_versions("name='wise_srnet_classifier'")
+    versions = client.search_model_versions("name='wsr_med-left-right'")  # default: experiment and classes
     assert sorted(int(v.version) for v in versions) == [1, 2] and {v.run_id for v in versions} == {run_id}
     config = json.loads((run / "config.json").read_text())
     assert config["settings"]["max_epochs"] == 4 and [c["max_epochs"] for c in config["continued"]] == [4]
@@ -171,3 +171,26 @@ def test_demo_on_the_users_own_folder(user):
     assert "training on hospital" in result.stdout
     assert json.loads((home / "runs/demo/eval/metrics.json").read_text())["classes"] == ["left", "right"]
     assert (home / "runs/demo/predictions.csv").is_file()
+
+
+def test_unrelated_runs_register_under_different_names():
+    from wsr_med.tracking import model_name
+
+    assert model_name("wsr_med", ["left", "right"]) == "wsr_med-left-right"
+    assert model_name("wsr_med", ["NORMAL", "PNEUMONIA"]) != model_name("wsr_med", ["left", "right"])
+    assert model_name("chest", ["left", "right"]) != model_name("wsr_med", ["left", "right"])
+
+
+def test_imbalanced_classes_are_warned_about(tmp_path, caplog):
+    from wsr_med.data import make_synthetic_folder
+    from wsr_med.workflows import prepare_data
+
+    data = make_synthetic_folder(tmp_path / "data", n_per_class=16, image_size=32)
+    for scan in sorted((data / "right").iterdir())[4:]:  # 16 left, 4 right
+        scan.unlink()
+    caplog.set_level("WARNING", "wsr_med")
+    prepare_data(str(data), str(tmp_path / "run"), num_workers=0)
+    assert "imbalanced (left: 16, right: 4; the largest has 4.0x" in caplog.text and "class_balance=weighted_loss" in caplog.text
+    caplog.clear()
+    prepare_data(str(data), str(tmp_path / "run2"), num_workers=0, class_balance="weighted_loss")
+    assert "imbalanced" not in caplog.text

@@ -21,7 +21,9 @@ import argparse
 import ast
 import json
 import logging
+import shutil
 import sys
+import warnings
 import traceback
 from pathlib import Path
 
@@ -113,8 +115,12 @@ def demo(args: argparse.Namespace) -> None:
     print("[2/3] evaluating on the held-out test patients")
     run_workflow("evaluate", args.bundle_root, **common, dataset_dir=settings["dataset_dir"], eval_split="test")
     unlabelled = Path(output) / "new_scans"
-    if not unlabelled.exists():
-        make_synthetic_folder(unlabelled, n_per_class=10, image_size=256, n_classes=2, seed=99)
+    if not unlabelled.exists():  # one flat folder with neutral names: nothing in a path gives the class away
+        labelled = make_synthetic_folder(Path(output) / ".new_scans_labelled", n_per_class=10, image_size=256, n_classes=2, seed=99)
+        unlabelled.mkdir(parents=True)
+        for n, scan in enumerate(sorted(p for p in labelled.rglob("*") if p.is_file())):
+            scan.rename(unlabelled / f"scan_{n:03d}{scan.suffix}")
+        shutil.rmtree(labelled)
     print(f"[3/3] predicting the scans in {unlabelled}")
     run_workflow("inference", args.bundle_root, **common, dataset_dir=str(unlabelled))
     _print_results(output, args.tracking_uri)
@@ -191,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    # MONAI warns that bundle configs are evaluated: this command only runs its own (or --bundle-root's) configs
+    warnings.filterwarnings("ignore", message=r"parsing config_file .*", category=UserWarning)
+    if args.command in ("train", "evaluate", "predict", "demo"):
+        from wsr_med.tracking import default_tracking_uri
+
+        print(f"MLflow tracking store: {getattr(args, 'tracking_uri', None) or default_tracking_uri()} "
+              "(--tracking-uri or MLFLOW_TRACKING_URI pin it; the default follows the current folder)", file=sys.stderr)
     try:
         _run(args, rest)
     except Exception as e:

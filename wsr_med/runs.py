@@ -185,6 +185,31 @@ class RunFolder:
             raise WsrMedError(f"the model in {self.path} was trained with other settings: {', '.join(wrong)}. "
                               "Leave these settings out: evaluation and prediction use the trained ones.")
 
+    def provenance(self, dataset_dir: str | None = None, eval_split: str | None = None) -> dict:
+        """Where an evaluation comes from, without paths: run, model, training settings, data (hashed), split, date."""
+        import hashlib
+
+        settings = self.settings()
+        best = json.loads((self.path / self.BEST).read_text()) if (self.path / self.BEST).is_file() else {}
+        digest = hashlib.sha256(self.model.read_bytes()).hexdigest()[:16] if self.model.is_file() else "none"
+        dataset = "synthetic" if dataset_dir == "synthetic" else hashlib.sha256(
+            str(Path(str(dataset_dir)).resolve()).encode()).hexdigest()[:12] if dataset_dir else "none"
+        return {
+            "evaluated": time.strftime("%Y-%m-%d %H:%M"),
+            "run": settings.get("run_name", self.path.name),
+            "MLflow run": self.mlflow_run_id or "none",
+            "model (model.pt sha256)": digest,
+            "best epoch": f"{best.get('epoch', '?')} of {settings.get('max_epochs', '?')} ({best.get('metric', '')} "
+                          f"{best.get('value', float('nan')):.4f})" if best else "unknown",
+            "network": f"{settings.get('backbone')} {json.dumps(settings.get('backbone_kwargs') or {})}, head "
+                       f"{settings.get('head')}, {settings.get('image_size')} px, {settings.get('in_channels')} channel(s)",
+            "training": f"lr {settings.get('learning_rate')}, batch {settings.get('batch_size')}, seed {settings.get('seed')}, "
+                        f"class_balance {settings.get('class_balance')}",
+            "data (hashed location)": dataset,
+            "cases": {"all": "every scan of the folder", "test": "the run's test split",
+                      "validation": "the run's validation split"}.get(eval_split or "", eval_split or "?"),
+        }
+
     # --- training -----------------------------------------------------------------------------------------
     def lock(self) -> None:
         """Take the folder's lock for this process (released at exit or by :meth:`release`); refuse if held."""

@@ -40,6 +40,7 @@ __all__ = [
     "default_tracking_uri",
     "http_limits",
     "metric_name",
+    "model_name",
     "path_id",
     "sanitised_config",
     "sanitised_datalist",
@@ -229,6 +230,12 @@ def sanitised_report(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8", errors="backslashreplace") as f:
         return [{"file_hash": hashlib.sha256(r["file"].encode("utf-8", "backslashreplace")).hexdigest()[:16],
                  "reason": _PATH_LIKE.sub("<path>", r["reason"])} for r in csv.DictReader(f)]
+
+
+def model_name(experiment: str, classes: list[str]) -> str:
+    """The default Model Registry name of a run: its experiment and its classes, so that unrelated models
+    (another task, another experiment) do not become versions of one registered model."""
+    return metric_name(f"{experiment}-{'-'.join(classes)}")[:200]
 
 
 def metric_name(text: str) -> str:

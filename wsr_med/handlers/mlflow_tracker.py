@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,6 +86,7 @@ class MLflowTracker(MLFlowHandler):
         engine.add_event_handler(Events.EPOCH_STARTED, self._read_lr)  # before the scheduler steps
         if self.log_model:
             engine.add_event_handler(Events.COMPLETED, self.log_best_model)
+            engine.add_event_handler(Events.COMPLETED, self._restore_signals)
 
     def _read_lr(self, engine: Engine) -> None:
         optimizer = getattr(engine, "optimizer", None)  # trainers only
@@ -112,6 +115,8 @@ class MLflowTracker(MLFlowHandler):
                 self.cur_run = self.client.get_run(self.run_id_file.read_text().strip())
                 if self.experiment_param:
                     self._continue_params()
+        if self.log_model:  # the trainer's tracker: a run killed by a signal is marked KILLED, not left RUNNING
+            self._mark_killed_on_signals()
         super().start(engine)
         if new:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +124,29 @@ class MLflowTracker(MLFlowHandler):
             if self.parent_run_id:
                 self.client.set_tag(self.cur_run.info.run_id, "mlflow.parentRunId", self.parent_run_id)
             self._log_run_files()
+
+    def _mark_killed_on_signals(self) -> None:
+        """On SIGTERM / SIGINT: set the MLflow run's status to KILLED, then let the signal do what it did before."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous_signals = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = self._previous_signals[sig] = signal.getsignal(sig)
+
+            def handler(signum, frame, previous=previous):
+                self.policy.call(self.client.set_terminated, self.cur_run.info.run_id, "KILLED")
+                signal.signal(signum, previous)
+                if callable(previous):
+                    previous(signum, frame)  # SIGINT: KeyboardInterrupt
+                else:
+                    raise SystemExit(128 + signum)
+
+            signal.signal(sig, handler)
+
+    def _restore_signals(self, engine: Engine | None = None) -> None:
+        for sig, previous in getattr(self, "_previous_signals", {}).items():
+            signal.signal(sig, previous)
+        self._previous_signals = {}
 
     def _continue_params(self) -> None:
         """A run continued in the same MLflow run: log only params it lacks; changed ones become tags."""
@@ -129,6 +157,9 @@ class MLflowTracker(MLFlowHandler):
                 self.client.set_tag(run_id, f"continued.{key}", value)
                 logger.info("continuing MLflow run %s with %s=%s (was %s)", run_id, key, value, logged[key])
         self.experiment_param = {k: v for k, v in self.experiment_param.items() if k not in logged}
+        if self.cur_run.info.status != "FINISHED":
+            logger.warning("MLflow run %s was left %s by an interrupted training; it continues now", run_id,
+                           self.cur_run.info.status)
         if self.cur_run.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
 

@@ -91,10 +91,12 @@ class EvaluationReporter(_Collector):
         run_dir: the training run folder; its MLflow run receives the report (prefix ``eval_``).
         tracking_uri: MLflow tracking URI; None or empty for no MLflow logging.
         tag: name of this evaluation in MLflow (metrics ``<tag>_auc``..., artifacts under ``<tag>/``).
+        provenance: what is evaluated (see :meth:`wsr_med.runs.RunFolder.provenance`), shown first in the report.
     """
 
     def __init__(self, classes: list[str], report_dir: str | Path, threshold: float = 0.5, n_boot: int = 1000,
-                 run_dir: str | Path | None = None, tracking_uri: str | None = None, tag: str = "eval") -> None:
+                 run_dir: str | Path | None = None, tracking_uri: str | None = None, tag: str = "eval",
+                 provenance: dict | None = None) -> None:
         super().__init__()
         self.classes = list(classes)
         self.report_dir = Path(report_dir)
@@ -103,6 +105,7 @@ class EvaluationReporter(_Collector):
         self.run_dir = Path(run_dir) if run_dir else None
         self.tracking_uri = tracking_uri
         self.tag = tag
+        self.provenance = dict(provenance or {})
         self.metrics: dict | None = None
 
     def finish(self, engine: Engine) -> None:
@@ -110,6 +113,7 @@ class EvaluationReporter(_Collector):
             raise ValueError("evaluation needs labelled cases; for unlabelled scans use the inference workflow")
         labels, probs = np.array(self.labels), np.stack(self.probs)
         self.metrics = classification_metrics(labels, probs, self.classes, self.threshold, self.n_boot)
+        self.metrics["provenance"] = self.provenance
         collapsed = collapse_warning(probs)
         if collapsed:
             self.metrics["warnings"].append(f"The model's {collapsed}")
@@ -123,10 +127,11 @@ class EvaluationReporter(_Collector):
         plots = [plot_roc(labels, probs, self.classes, self.metrics, self.report_dir / "roc.png"),
                  plot_confusion(self.metrics, self.report_dir / "confusion_matrix.png"),
                  plot_reliability(self.metrics, self.report_dir / "reliability.png")]
-        report = write_html_report(self.metrics, plots, self.report_dir / "report.html")
+        report = write_html_report(self.metrics, plots, self.report_dir / "report.html", provenance=self.provenance)
         low, high = self.metrics["auc_ci95"]
-        logger.info("evaluation on %d cases: AUC %.4f [%.4f, %.4f], accuracy %.4f; report %s",
-                    self.metrics["n"], self.metrics["auc"], low, high, self.metrics["accuracy"], report)  # NaN prints as nan
+        logger.info("evaluation on %d cases: AUC (%s) %.4f [%.4f, %.4f], accuracy %.4f, balanced accuracy %.4f; report %s",
+                    self.metrics["n"], self.metrics["auc_kind"], self.metrics["auc"], low, high, self.metrics["accuracy"],
+                    self.metrics["balanced_accuracy"], report)  # NaN prints as nan
         self._log_mlflow()
 
     def _log_mlflow(self) -> None:
@@ -139,7 +144,7 @@ class EvaluationReporter(_Collector):
         m = self.metrics
         values = {"auc": m["auc"], "auc_ci95_low": m["auc_ci95"][0], "auc_ci95_high": m["auc_ci95"][1],
                   "accuracy": m["accuracy"], "ece": m["ece"]}
-        values.update({k: m[k] for k in ("sensitivity", "specificity") if k in m})
+        values.update({k: m[k] for k in ("balanced_accuracy", "sensitivity", "specificity", "ppv", "npv") if k in m})
         values.update({tracking.metric_name(f"auc_{c}"): v["auc"] for c, v in m["per_class"].items()})
         for k, v in values.items():
             if v == v:  # NaN is not a metric

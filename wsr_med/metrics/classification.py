@@ -135,7 +135,10 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
             "auc": binary_auc(labels == c, probs[:, c]) if present else float("nan"),
             "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
             "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+            "ppv": float(tp / (tp + fp)) if tp + fp else float("nan"),
+            "npv": float(tn / (tn + fn)) if tn + fn else float("nan"),
             "support": int((labels == c).sum()),
+            "prevalence": float((labels == c).mean()),
         }
     absent = [name for name in classes if per_class[name]["support"] == 0]
     warnings = []
@@ -161,8 +164,11 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
         "absent_classes": absent,
         "warnings": warnings,
         "auc": auc,
+        "auc_kind": "binary" if k == 2 else "macro one-vs-rest",
         "auc_ci95": [low, high],
         "accuracy": float((pred == labels).mean()),
+        # the mean per-class sensitivity: what accuracy says when every class counts alike
+        "balanced_accuracy": float(np.mean([m["sensitivity"] for m in per_class.values() if m["support"]])),
         "threshold": threshold if k == 2 else None,
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
@@ -170,8 +176,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
         "reliability": reliability,
     }
     if k == 2:
-        out["sensitivity"] = per_class[classes[1]]["sensitivity"]
-        out["specificity"] = per_class[classes[1]]["specificity"]
+        for key in ("sensitivity", "specificity", "ppv", "npv"):
+            out[key] = per_class[classes[1]][key]
     return out
 
 

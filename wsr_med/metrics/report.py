@@ -15,20 +15,31 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title: str = "wsr_med evaluation") -> Path:
-    """Write ``path``: headline figures, per-class table, confusion matrix and plots as embedded PNGs."""
+def _table(rows: dict) -> str:
+    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in rows.items()) + "</table>"
+
+
+def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title: str = "wsr_med evaluation",
+                      provenance: dict | None = None) -> Path:
+    """Write ``path``: what was evaluated (``provenance``: run, model, data, split, date, training settings),
+    headline figures, per-class table with prevalence, and the plots as embedded PNGs: one self-contained file."""
     low, high = metrics["auc_ci95"]
-    headline = {"cases": metrics["n"], "AUC": metrics["auc"], "AUC 95% CI": f"[{_fmt(low)}, {_fmt(high)}]",
-                "accuracy": metrics["accuracy"], "ECE": metrics["ece"]}
+    kind = metrics.get("auc_kind", "")
+    headline = {"cases": metrics["n"], f"AUC ({kind})" if kind else "AUC": metrics["auc"],
+                "AUC 95% CI": f"[{_fmt(low)}, {_fmt(high)}]", "accuracy": metrics["accuracy"],
+                "balanced accuracy": metrics.get("balanced_accuracy", float("nan")), "ECE": metrics["ece"]}
     if "sensitivity" in metrics:
         headline.update({"threshold": metrics["threshold"], "sensitivity": metrics["sensitivity"],
-                         "specificity": metrics["specificity"]})
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in headline.items())
+                         "specificity": metrics["specificity"], "PPV": metrics.get("ppv", float("nan")),
+                         "NPV": metrics.get("npv", float("nan"))})
+    rows = _table(headline)[len("<table>"):-len("</table>")]
     per_class = "".join(
         f"<tr><td>{html.escape(c)}</td><td>{_fmt(m['auc'])}</td><td>{_fmt(m['sensitivity'])}</td>"
-        f"<td>{_fmt(m['specificity'])}</td><td>{m['support']}</td></tr>"
+        f"<td>{_fmt(m['specificity'])}</td><td>{_fmt(m.get('ppv', float('nan')))}</td><td>{m['support']}</td>"
+        f"<td>{_fmt(100 * m.get('prevalence', float('nan')))}%</td></tr>"
         for c, m in metrics["per_class"].items()
     )
+    described = "<h2>What was evaluated</h2>" + _table(provenance) if provenance else ""
     warnings = "".join(f'<p class="warning">{html.escape(w)}</p>' for w in metrics.get("warnings", []))
     images = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()}"/>'
@@ -40,7 +51,8 @@ def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title:
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:0 1em 1em 0}}
 img{{max-width:480px}}.warning{{background:#fff3cd;border:1px solid #e0a800;padding:8px}}</style></head><body><h1>{html.escape(title)}</h1>
 {warnings}<table>{rows}</table><h2>Per class (one vs rest)</h2>
-<table><tr><th>class</th><th>AUC</th><th>sensitivity</th><th>specificity</th><th>cases</th></tr>{per_class}</table>
+<table><tr><th>class</th><th>AUC</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>cases</th><th>prevalence</th></tr>{per_class}</table>
+{described}
 <h2>Plots</h2>{images}</body></html>"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from wsr_med.data.synthetic import SIDES
 from wsr_med.errors import WsrMedError
 from wsr_med.runs import RunFolder
 
-__all__ = ["SYNTHETIC", "PreparedData", "class_names", "prepare_data", "prepare_evaluation", "prepare_unlabelled"]
+__all__ = ["SYNTHETIC", "PreparedData", "imbalance_warning", "class_names", "prepare_data", "prepare_evaluation", "prepare_unlabelled"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,21 @@ def _scan(dataset_dir: str, classes: list[str] | None, report: Path | None, **op
     return scan_folder(dataset_dir, classes=classes, report=report, **options)
 
 
+IMBALANCE_RATIO = 2.0  # largest class / smallest class above which class_balance=none is warned about
+
+
+def imbalance_warning(counts: dict[str, int], class_balance: str = "none") -> str | None:
+    """A warning when the largest class has more than :data:`IMBALANCE_RATIO` times the scans of the smallest
+    and nothing balances them, else None."""
+    smallest, largest = min(counts.values()), max(counts.values())
+    if class_balance != "none" or largest <= IMBALANCE_RATIO * max(smallest, 1):
+        return None
+    return (f"the classes are imbalanced ({', '.join(f'{c}: {n}' for c, n in counts.items())}; the largest has "
+            f"{largest / max(smallest, 1):.1f}x the scans of the smallest) and class_balance=none: the small classes "
+            "may never be predicted. Set class_balance=weighted_loss (or sampler), and read the per-class "
+            "sensitivity in the evaluation report.")
+
+
 def _same_split(datalist: Path, splits: dict[str, list[dict]]) -> bool:
     """Whether ``datalist`` holds the same items (content hash, label, patient) in the same splits."""
     def key(items: list[dict]) -> list:
@@ -129,6 +144,7 @@ def prepare_data(
     synthetic: dict | None = None,
     patient_pattern: str = DEFAULT_PATIENT_PATTERN,
     reject_degenerate: bool = True,
+    class_balance: str = "none",
 ) -> PreparedData:
     """Scan ``dataset_dir``, split it at the patient level and write ``datalist.json`` and ``bad_files.csv`` in ``output_dir``.
 
@@ -147,6 +163,7 @@ def prepare_data(
         patient_pattern: regular expression whose first group is the patient id in a file name, used when
             neither the manifest nor the DICOM header gives one (see :data:`wsr_med.data.scan.DEFAULT_PATIENT_PATTERN`).
         reject_degenerate: report constant and tiny images as bad files.
+        class_balance: the run's setting; an imbalanced training set with ``none`` is warned about.
     """
     output = Path(output_dir)
     dataset_dir = _resolve_dataset(str(dataset_dir), output, dict(synthetic or {}))
@@ -163,6 +180,9 @@ def prepare_data(
         if not splits["training"] or not splits["validation"]:
             counts = {k: len(v) for k, v in splits.items()}
             raise WsrMedError(f"{dataset_dir}: too few patients for a training and a validation set {counts}.")
+        imbalance = imbalance_warning(scan.class_counts, class_balance)
+        if imbalance and _rank() == 0:
+            logger.warning("%s", imbalance)
     else:
         raise ValueError(f"split must be 'train' or 'all', got '{split}'")
     settings = {"dataset_dir": str(dataset_dir), "seed": seed, "val_fraction": val_fraction,
