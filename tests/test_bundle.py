@@ -256,16 +256,22 @@ def test_tracking_server_lost_mid_run(mlflow_server, tmp_path, hospital):
     assert (out / "checkpoints" / "checkpoint_epoch=4.pt").is_file() and (out / "model.pt").is_file()
 
 
+def train_until_first_checkpoint(cmd: list[str], out: Path) -> subprocess.Popen:
+    """Start a training process and return it once it has saved its first epoch."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("checkpoint_epoch=*.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    return proc
+
+
 def test_interrupted_training_resumes_same_run(tmp_path, hospital):
     out = tmp_path / "run"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(out), "tracking_uri": uri, "max_epochs": 6,
                 "experiment_name": "resume", "registered_model_name": ""}
     cmd = bundle_command(["train.json"], settings)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list((out / "checkpoints").glob("checkpoint_epoch=*.pt")) and time.time() < deadline:
-        time.sleep(0.05)
+    proc = train_until_first_checkpoint(cmd, out)
     proc.send_signal(signal.SIGKILL)  # as hard as a power cut
     proc.wait()
     done = [int(p.stem.split("=")[1]) for p in (out / "checkpoints").glob("checkpoint_epoch=*.pt")]
@@ -358,11 +364,7 @@ def test_sigterm_marks_the_mlflow_run_killed_and_resume_says_so(tmp_path, hospit
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(out), "tracking_uri": uri, "max_epochs": 200,
                 "experiment_name": "killed", "registered_model_name": ""}
-    cmd = bundle_command(["train.json"], settings)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list((out / "checkpoints").glob("checkpoint_epoch=*.pt")) and time.time() < deadline:
-        time.sleep(0.05)
+    proc = train_until_first_checkpoint(bundle_command(["train.json"], settings), out)
     proc.send_signal(signal.SIGTERM)  # what a scheduler or `kill` sends
     assert proc.wait(timeout=120) != 0
     client, run = only_run(uri, "killed")
