@@ -306,3 +306,16 @@ def test_bad_file_reasons_reach_mlflow_without_paths(tmp_path):
     report.write_text("file,reason\nSMITH/x.png,\"not a readable image (cannot identify '/data/SMITH^JOHN/x.png')\"\n")
     [row] = sanitised_report(report)
     assert "SMITH" not in json.dumps(row) and "<path>" in row["reason"]
+
+
+def test_max_pixels_is_a_setting(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300), dtype=np.uint8)).save(tmp_path / "scan.png")
+    assert read_scan(tmp_path / "scan.png")[0].shape == (1, 200, 300)
+    with pytest.raises(Exception, match="above max_pixels"):
+        read_scan(tmp_path / "scan.png", max_pixels=50_000)
+    transform = scan_transforms(64, max_pixels=50_000)  # training and inference read with the same limit
+    with pytest.raises(Exception) as failure:  # MONAI wraps a transform's error
+        transform({"image": str(tmp_path / "scan.png")})
+    assert "above max_pixels" in str(failure.value.__cause__)

@@ -286,11 +286,12 @@ def read_volume(path: str | Path):
 
 
 def read_scan(path: str | Path, channels: int | None = 1, voi_lut: bool | None = None, spatial_dims: int = 2,
-              min_size: int | None = None):
+              min_size: int | None = None, max_pixels: int = MAX_PIXELS):
     """Read any supported scan; the format is the file's :func:`scan_format` (extension, else content).
 
     Returns ``(array, meta)``: ``(C, H, W)`` for ``spatial_dims=2``, ``(1, X, Y, Z)`` for 3.
-    ``min_size`` lets JPEG files decode at a reduced scale, see :func:`read_image`.
+    ``min_size`` lets JPEG files decode at a reduced scale, see :func:`read_image`; a 2D scan whose header
+    declares more than ``max_pixels`` is refused before decoding.
     Raises :class:`ScanReadError` naming the file and the problem.
     """
     path = Path(path)
@@ -302,9 +303,9 @@ def read_scan(path: str | Path, channels: int | None = 1, voi_lut: bool | None =
         raise ScanReadError(path, "empty file (0 bytes)")
     kind = scan_format(path)
     if kind == "image":
-        return read_image(path, channels, min_size)
+        return read_image(path, channels, min_size, max_pixels)
     if kind == "dicom":
-        return read_dicom(path, channels, voi_lut)
+        return read_dicom(path, channels, voi_lut, max_pixels=max_pixels)
     if kind == "dicomdir":
         raise ScanReadError(path, _DICOMDIR_REASON)
     if kind == "volume":

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsr_med.data.csv_files import write_csv
-from wsr_med.data.readers import ScanReadError, dicom_patient_id, read_scan, scan_format, suffix_of
+from wsr_med.data.readers import MAX_PIXELS, ScanReadError, dicom_patient_id, read_scan, scan_format, suffix_of
 from wsr_med.errors import WsrMedError
 
 __all__ = ["DatasetScan", "scan_folder", "scan_manifest", "hash_id", "DEFAULT_PATIENT_PATTERN"]
@@ -107,11 +107,11 @@ def degenerate_reason(image) -> str | None:
     return None
 
 
-def _check_file(args: tuple[str, int, bool]) -> tuple[str | None, str | None, str | None]:
+def _check_file(args: tuple[str, int, bool, int]) -> tuple[str | None, str | None, str | None]:
     """Decode one file: returns ``(sha1, dicom patient id, error reason)``."""
-    path, spatial_dims, reject_degenerate = args
+    path, spatial_dims, reject_degenerate, max_pixels = args
     try:
-        image, _ = read_scan(path, channels=None, spatial_dims=spatial_dims)
+        image, _ = read_scan(path, channels=None, spatial_dims=spatial_dims, max_pixels=max_pixels)
         reason = degenerate_reason(image) if reject_degenerate and spatial_dims == 2 else None
         del image
         if reason:
@@ -148,9 +148,9 @@ def _patient_from_name(path: Path, pattern: str) -> str:
 
 
 def _check_all(root: Path, candidates: list[dict], spatial_dims: int, num_workers: int, patient_pattern: str,
-               scan: DatasetScan, reject_degenerate: bool = True) -> None:
+               scan: DatasetScan, reject_degenerate: bool = True, max_pixels: int = MAX_PIXELS) -> None:
     """Decode each candidate; good ones go to ``scan.items`` with a hashed patient id, bad ones to the report."""
-    jobs = [(str(root / c["image"]), spatial_dims, reject_degenerate) for c in candidates]
+    jobs = [(str(root / c["image"]), spatial_dims, reject_degenerate, max_pixels) for c in candidates]
     if num_workers > 0 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=num_workers) as pool:
             results = list(pool.map(_check_file, jobs, chunksize=8))
@@ -185,7 +185,8 @@ def _is_scan_candidate(path: Path, spatial_dims: int) -> bool:
 
 def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
                 patient_pattern: str = DEFAULT_PATIENT_PATTERN, classes: list[str] | None = None,
-                labelled: bool = True, reject_degenerate: bool = True, report: str | Path | None = None) -> DatasetScan:
+                labelled: bool = True, reject_degenerate: bool = True, report: str | Path | None = None,
+                max_pixels: int = MAX_PIXELS) -> DatasetScan:
     """Scan a hospital folder ``<root>/<class name>/**/<scan files>``; classes are the sorted folder names.
 
     Every file is decoded once (``num_workers`` processes). Unreadable, truncated, empty, pixel-less
@@ -198,6 +199,7 @@ def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
         labelled: False scans every file under ``root`` without labels (inference).
         reject_degenerate: report constant images and images under :data:`MIN_SIDE` pixels as bad.
         report: write the bad-file report here (also when no valid scan remains).
+        max_pixels: scans whose header declares more pixels are bad files (checked before decoding).
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -239,7 +241,7 @@ def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
                 scan.bad_files.append({"file": rel, "reason": _reason(p)})
                 continue
             candidates.append({"image": rel, "label": scan.classes.index(class_dir.name)} if labelled else {"image": rel})
-    _check_all(root, candidates, spatial_dims, num_workers, patient_pattern, scan, reject_degenerate)
+    _check_all(root, candidates, spatial_dims, num_workers, patient_pattern, scan, reject_degenerate, max_pixels)
     return _finish(scan, root, report)
 
 
@@ -256,7 +258,8 @@ def _read_text(manifest: Path) -> str:
 
 def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int = 2,
                   patient_pattern: str = DEFAULT_PATIENT_PATTERN, classes: list[str] | None = None,
-                  reject_degenerate: bool = True, report: str | Path | None = None) -> DatasetScan:
+                  reject_degenerate: bool = True, report: str | Path | None = None,
+                  max_pixels: int = MAX_PIXELS) -> DatasetScan:
     """Scan a CSV manifest ``path,label[,patient_id][,split]`` (paths relative to the CSV).
 
     Classes are the sorted distinct labels unless ``classes`` fixes their order. A ``split``
@@ -282,5 +285,5 @@ def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int 
         if (row.get("split") or "").strip():
             candidate["split"] = row["split"].strip().lower()
         candidates.append(candidate)
-    _check_all(manifest.parent, candidates, spatial_dims, num_workers, patient_pattern, scan, reject_degenerate)
+    _check_all(manifest.parent, candidates, spatial_dims, num_workers, patient_pattern, scan, reject_degenerate, max_pixels)
     return _finish(scan, manifest, report)

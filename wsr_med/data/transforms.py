@@ -28,7 +28,7 @@ from monai.transforms import (
     Transform,
 )
 
-from wsr_med.data.readers import read_scan
+from wsr_med.data.readers import MAX_PIXELS, read_scan
 
 __all__ = ["LoadScan", "LoadScand", "ResizeLongestd", "ScalePercentilesd", "PadToSquared", "scan_transforms"]
 
@@ -45,17 +45,19 @@ class LoadScan(Transform):
         spatial_dims: 2 for pictures and DICOM images, 3 for NIfTI files and DICOM series.
         min_size: the size the image is resized to next; JPEG files may decode at a reduced
             scale that keeps the longest side at least this large (None: full resolution).
+        max_pixels: the largest declared size read (see :data:`wsr_med.data.readers.MAX_PIXELS`).
     """
 
     def __init__(self, channels: int = 1, voi_lut: bool | None = None, spatial_dims: int = 2,
-                 min_size: int | None = None) -> None:
+                 min_size: int | None = None, max_pixels: int = MAX_PIXELS) -> None:
         self.channels = channels
         self.voi_lut = voi_lut
         self.spatial_dims = spatial_dims
         self.min_size = min_size
+        self.max_pixels = max_pixels
 
     def __call__(self, path: str | Path) -> torch.Tensor:
-        array, _ = read_scan(path, self.channels, self.voi_lut, self.spatial_dims, self.min_size)
+        array, _ = read_scan(path, self.channels, self.voi_lut, self.spatial_dims, self.min_size, self.max_pixels)
         return torch.from_numpy(array)
 
 
@@ -69,10 +71,11 @@ class LoadScand(MapTransform):
         voi_lut: bool | None = None,
         spatial_dims: int = 2,
         min_size: int | None = None,
+        max_pixels: int = MAX_PIXELS,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadScan(channels, voi_lut, spatial_dims, min_size)
+        self.loader = LoadScan(channels, voi_lut, spatial_dims, min_size, max_pixels)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -169,6 +172,7 @@ def scan_transforms(
     shift: float = 0.02,
     intensity: float = 0.1,
     keys: Sequence[str] = ("image",),
+    max_pixels: int = MAX_PIXELS,
 ) -> Compose:
     """The preprocessing (and, with ``train=True``, augmentation) pipeline for dictionaries ``{"image": path, ...}``.
 
@@ -184,11 +188,13 @@ def scan_transforms(
             (robust to burned-in text and collimator edges).
         rotate_degrees, zoom, shift, intensity: augmentation amplitudes (shift as a fraction of the size).
         keys: the image keys.
+        max_pixels: the largest declared scan size read, in pixels (checked before decoding).
     """
     keys = list(keys)
     lower, upper = intensity_percentiles
     steps = [
-        LoadScand(keys, channels=in_channels, voi_lut=voi_lut, spatial_dims=spatial_dims, min_size=image_size),
+        LoadScand(keys, channels=in_channels, voi_lut=voi_lut, spatial_dims=spatial_dims, min_size=image_size,
+                  max_pixels=max_pixels),
         ResizeLongestd(keys, image_size),
         ScalePercentilesd(keys, lower=lower, upper=upper),
         PadToSquared(keys, image_size),

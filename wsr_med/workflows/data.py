@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from wsr_med.data import DatasetScan, make_synthetic_folder, read_datalist, scan_folder, scan_manifest, split_items, write_datalist
+from wsr_med.data.readers import MAX_PIXELS
 from wsr_med.data.scan import DEFAULT_PATIENT_PATTERN
 from wsr_med.data.synthetic import SIDES
 from wsr_med.errors import WsrMedError
@@ -145,6 +146,7 @@ def prepare_data(
     patient_pattern: str = DEFAULT_PATIENT_PATTERN,
     reject_degenerate: bool = True,
     class_balance: str = "none",
+    max_pixels: int = MAX_PIXELS,
 ) -> PreparedData:
     """Scan ``dataset_dir``, split it at the patient level and write ``datalist.json`` and ``bad_files.csv`` in ``output_dir``.
 
@@ -164,6 +166,7 @@ def prepare_data(
             neither the manifest nor the DICOM header gives one (see :data:`wsr_med.data.scan.DEFAULT_PATIENT_PATTERN`).
         reject_degenerate: report constant and tiny images as bad files.
         class_balance: the run's setting; an imbalanced training set with ``none`` is warned about.
+        max_pixels: scans declaring more pixels are bad files.
     """
     output = Path(output_dir)
     dataset_dir = _resolve_dataset(str(dataset_dir), output, dict(synthetic or {}))
@@ -172,7 +175,8 @@ def prepare_data(
     report = output / f"{prefix}{RunFolder.BAD_FILES}"
     continuing = split == "train" and datalist.is_file()  # a continued run keeps its files
     scan = _scan(dataset_dir, classes, report if _rank() == 0 and not continuing else None, spatial_dims=spatial_dims,
-                 num_workers=num_workers, patient_pattern=patient_pattern, reject_degenerate=reject_degenerate)
+                 num_workers=num_workers, patient_pattern=patient_pattern, reject_degenerate=reject_degenerate,
+                 max_pixels=max_pixels)
     if split == "all":
         splits = {"training": [], "validation": [], "test": scan.items}
     elif split == "train":
@@ -208,7 +212,7 @@ def prepare_data(
 
 
 def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[str], spatial_dims: int = 2,
-                       num_workers: int = 2, reject_degenerate: bool = True) -> PreparedData:
+                       num_workers: int = 2, reject_degenerate: bool = True, max_pixels: int = MAX_PIXELS) -> PreparedData:
     """Every readable scan under ``dataset_dir`` (recursively, no labels) for inference.
 
     Unreadable files are reported in ``<predictions_file stem>_bad_files.csv`` beside the predictions
@@ -217,7 +221,7 @@ def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[st
     predictions_file = Path(predictions_file)
     report = predictions_file.with_name(predictions_file.stem + "_bad_files.csv")
     scan = scan_folder(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes, labelled=False,
-                       reject_degenerate=reject_degenerate, report=report)
+                       reject_degenerate=reject_degenerate, report=report, max_pixels=max_pixels)
     items = [{"image": str(scan.root / i["image"]), "relative_path": i["image"]} for i in scan.items]
     return PreparedData(classes=list(classes), training=[], validation=[], test=items,
                         bad_files_report=report, n_bad_files=len(scan.bad_files))
@@ -233,7 +237,7 @@ def prepare_evaluation(dataset_dir: str, run_dir: str, eval_dir: str, classes: l
         eval_dir: where the evaluation writes its datalist and bad-file report.
         classes: the model's classes; folder names or labels must match them.
         kwargs: scan options of :func:`prepare_data` (``spatial_dims``, ``num_workers``, ``patient_pattern``,
-            ``reject_degenerate``).
+            ``reject_degenerate``, ``max_pixels``).
     """
     if eval_split == "all":
         return prepare_data(dataset_dir, eval_dir, classes=classes, split="all", **kwargs)
