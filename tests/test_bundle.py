@@ -153,7 +153,7 @@ def test_predictions_csv(trained):
     with open(trained["out"] / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
-    assert list(rows[0]) == ["path", "predicted_class", "prob_above", "prob_left", "prob_right"]
+    assert list(rows[0]) == ["path", "predicted_class", "prob_above", "prob_left", "prob_right", "unlike_training"]
     for row in rows:
         probs = [float(row[f"prob_{c}"]) for c in ("above", "left", "right")]
         assert abs(sum(probs) - 1) < 1e-4

@@ -71,7 +71,7 @@ def test_evaluate_and_predict_use_the_trained_settings(user):
     assert metrics["n"] == 20 and metrics["classes"] == ["left", "right"]
     with open(run / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and list(rows[0]) == ["path", "predicted_class", "prob_left", "prob_right"]
+    assert len(rows) == 6 and list(rows[0]) == ["path", "predicted_class", "prob_left", "prob_right", "unlike_training"]
     assert "Results:" in user["logs"]["evaluate"].stdout and "runs/a/eval/report.html" in user["logs"]["evaluate"].stdout
 
 
@@ -124,7 +124,7 @@ def test_finished_run_is_refused_and_left_byte_identical(user):
     assert snapshot(user["run"]) == before
     ok(wsr_med(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "new_scans"))
     with open(user["run"] / "predictions.csv", newline="") as f:
-        assert list(next(csv.reader(f))) == ["path", "predicted_class", "prob_left", "prob_right"]
+        assert list(next(csv.reader(f))) == ["path", "predicted_class", "prob_left", "prob_right", "unlike_training"]
 
 
 def test_second_training_in_the_same_folder_is_refused(user):

@@ -319,3 +319,36 @@ def test_max_pixels_is_a_setting(tmp_path):
     with pytest.raises(Exception) as failure:  # MONAI wraps a transform's error
         transform({"image": str(tmp_path / "scan.png")})
     assert "above max_pixels" in str(failure.value.__cause__)
+
+
+def test_scans_unlike_the_training_data_are_flagged(tmp_path):
+    """A model trained on ultrasound (US DICOM) is asked about a chest radiograph (CR) and a colour picture."""
+    import pydicom
+    from PIL import Image
+
+    from wsr_med.data import write_dicom
+
+    train = make_synthetic_folder(tmp_path / "us", n_per_class=8, image_size=48, formats=("dcm",))
+    for path in train.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.Modality = "US"
+        ds.save_as(path)
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(next((train / "left").glob("*.dcm")), new / "us_like_training.dcm")
+    write_dicom(new / "chest.dcm", np.random.default_rng(0).random((48, 48)), "SEC-000001")  # modality DX
+    ds = pydicom.dcmread(new / "chest.dcm")
+    ds.Modality = "CR"
+    ds.save_as(new / "chest.dcm")
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(new / "colour.png")
+    settings = {**TINY, "dataset_dir": str(train), "output_dir": str(tmp_path / "run"),
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model_name": ""}
+    run_workflow("train", **settings)
+    assert set(json.loads((tmp_path / "run" / "profile.json").read_text())["modalities"]) == {"US"}
+    run_workflow("inference", output_dir=settings["output_dir"], tracking_uri=settings["tracking_uri"], dataset_dir=str(new),
+                 num_workers=0)
+    with open(tmp_path / "run" / "predictions.csv", newline="") as f:
+        flags = {row["path"]: row["unlike_training"] for row in csv.DictReader(f)}
+    assert flags["us_like_training.dcm"] == ""
+    assert "modality CR never seen in training (US)" in flags["chest.dcm"]
+    assert "3 channel(s), training had 1" in flags["colour.png"]

@@ -7,6 +7,7 @@ Layout (names are :class:`RunFolder` attributes; nothing else spells them)::
       classes.json                 class names in output order
       config.json                  resolved settings of the run, the config files as run, continuations
       datalist.json, bad_files.csv patient-level split (patients hashed), skipped files
+      profile.json                 what the training scans were like (modalities, channels, sizes, intensities)
       checkpoints/                 last epoch's training state (resume)
       eval/                        the latest evaluation report
       predictions.csv              the latest predictions
@@ -124,6 +125,7 @@ class RunFolder:
     CACHE = "cache"
     MLFLOW_RUN_ID = "mlflow_run_id"
     MLFLOW_MODEL_URI = "mlflow_model_uri"
+    PROFILE = "profile.json"
     LOCK = ".lock"
 
     def __init__(self, path: str | Path) -> None:
@@ -184,6 +186,11 @@ class RunFolder:
         if wrong:
             raise WsrMedError(f"the model in {self.path} was trained with other settings: {', '.join(wrong)}. "
                               "Leave these settings out: evaluation and prediction use the trained ones.")
+
+    def training_profile(self) -> dict | None:
+        """The training set's profile (:func:`wsr_med.data.profile.training_profile`), None for runs without one."""
+        path = self.path / self.PROFILE
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def provenance(self, dataset_dir: str | None = None, eval_split: str | None = None) -> dict:
         """Where an evaluation comes from, without paths: run, model, training settings, data (hashed), split, date."""

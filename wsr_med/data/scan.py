@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsr_med.data.csv_files import write_csv
+from wsr_med.data.profile import scan_profile
 from wsr_med.data.readers import MAX_PIXELS, ScanReadError, dicom_patient_id, read_scan, scan_format, suffix_of
 from wsr_med.errors import WsrMedError
 
@@ -82,6 +83,7 @@ class DatasetScan:
     classes: list[str]
     items: list[dict] = field(default_factory=list)
     bad_files: list[dict] = field(default_factory=list)
+    profiles: dict[str, dict] = field(default_factory=dict)  # image -> wsr_med.data.profile.scan_profile
 
     def write_report(self, path: str | Path) -> Path:
         """Write the bad-file report (``file,reason``; paths relative to the dataset root)."""
@@ -107,19 +109,20 @@ def degenerate_reason(image) -> str | None:
     return None
 
 
-def _check_file(args: tuple[str, int, bool, int]) -> tuple[str | None, str | None, str | None]:
-    """Decode one file: returns ``(sha1, dicom patient id, error reason)``."""
+def _check_file(args: tuple[str, int, bool, int]) -> tuple[str | None, str | None, str | None, dict | None]:
+    """Decode one file: returns ``(sha1, dicom patient id, error reason, profile)``."""
     path, spatial_dims, reject_degenerate, max_pixels = args
     try:
-        image, _ = read_scan(path, channels=None, spatial_dims=spatial_dims, max_pixels=max_pixels)
+        image, meta = read_scan(path, channels=None, spatial_dims=spatial_dims, max_pixels=max_pixels)
         reason = degenerate_reason(image) if reject_degenerate and spatial_dims == 2 else None
-        del image
         if reason:
-            return None, None, reason
+            return None, None, reason, None
+        profile = scan_profile(image, meta)
+        del image
     except ScanReadError as e:
-        return None, None, e.reason
+        return None, None, e.reason, None
     except Exception as e:  # a decoder bug must not stop the scan of thousands of files
-        return None, None, ScanReadError(path, f"unexpected error while reading ({type(e).__name__}: {e})").reason
+        return None, None, ScanReadError(path, f"unexpected error while reading ({type(e).__name__}: {e})").reason, None
     digest = hashlib.sha1()
     if Path(path).is_file():
         with open(path, "rb") as f:
@@ -129,7 +132,7 @@ def _check_file(args: tuple[str, int, bool, int]) -> tuple[str | None, str | Non
         for p in sorted(Path(path).rglob("*")):
             digest.update(f"{p.name}:{p.stat().st_size}".encode())
     patient = dicom_patient_id(path) if Path(path).is_file() and scan_format(path) == "dicom" else None
-    return digest.hexdigest(), patient, None
+    return digest.hexdigest(), patient, None, profile
 
 
 def _reason(path: Path) -> str:
@@ -156,13 +159,14 @@ def _check_all(root: Path, candidates: list[dict], spatial_dims: int, num_worker
             results = list(pool.map(_check_file, jobs, chunksize=8))
     else:
         results = [_check_file(job) for job in jobs]
-    for candidate, (sha1, dicom_patient, reason) in zip(candidates, results):
+    for candidate, (sha1, dicom_patient, reason, profile) in zip(candidates, results):
         if reason is not None:
             scan.bad_files.append({"file": candidate["image"], "reason": reason})
             logger.warning("skipping %s: %s", candidate["image"], reason)
             continue
         patient = candidate.pop("patient_id", None) or dicom_patient or _patient_from_name(Path(candidate["image"]), patient_pattern)
         scan.items.append({**candidate, "patient": hash_id(patient), "sha1": sha1})
+        scan.profiles[candidate["image"]] = profile
 
 
 def _finish(scan: DatasetScan, source: Path, report: str | Path | None) -> DatasetScan:

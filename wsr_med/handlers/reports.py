@@ -41,6 +41,7 @@ class _Collector:
         self.probs: list[np.ndarray] = []
         self.labels: list[int] = []
         self.paths: list[str] = []
+        self.unlike_training: list[str] = []  # why each case looks unlike the training data ("" if it does not)
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
@@ -61,6 +62,7 @@ class _Collector:
             label = torch.as_tensor(label)
             self.labels.append(int(label.argmax()) if label.numel() > 1 else int(label))
         self.paths.append(str(item.get("relative_path", item.get("image", ""))))
+        self.unlike_training.append(str(item.get("unlike_training", "")))
 
     def finish(self, engine: Engine) -> None:
         raise NotImplementedError
@@ -117,13 +119,19 @@ class EvaluationReporter(_Collector):
         collapsed = collapse_warning(probs)
         if collapsed:
             self.metrics["warnings"].append(f"The model's {collapsed}")
+        unusual = sum(bool(u) for u in self.unlike_training)
+        if unusual:
+            first = next(u for u in self.unlike_training if u)
+            self.metrics["warnings"].append(f"{unusual} of {len(self.labels)} cases look unlike the training data "
+                                            f"(e.g. {first}); see the unlike_training column of cases.csv")
         for warning in self.metrics["warnings"]:
             logger.warning("%s", warning)
         self.report_dir.mkdir(parents=True, exist_ok=True)
         (self.report_dir / "metrics.json").write_text(json.dumps(json_ready(self.metrics), indent=1, allow_nan=False))
         # 9 significant digits round-trip float32: AUC recomputed from the file matches metrics.json
-        write_csv(self.report_dir / "cases.csv", ["path", "label", *[f"prob_{c}" for c in self.classes]],
-                   [[p, self.classes[y], *[f"{v:.9g}" for v in pr]] for p, y, pr in zip(self.paths, self.labels, self.probs)])
+        write_csv(self.report_dir / "cases.csv", ["path", "label", *[f"prob_{c}" for c in self.classes], "unlike_training"],
+                  [[p, self.classes[y], *[f"{v:.9g}" for v in pr], u]
+                   for p, y, pr, u in zip(self.paths, self.labels, self.probs, self.unlike_training)])
         plots = [plot_roc(labels, probs, self.classes, self.metrics, self.report_dir / "roc.png"),
                  plot_confusion(self.metrics, self.report_dir / "confusion_matrix.png"),
                  plot_reliability(self.metrics, self.report_dir / "reliability.png")]
@@ -154,7 +162,8 @@ class EvaluationReporter(_Collector):
 
 
 class PredictionWriter(_Collector):
-    """Write ``predictions.csv``: path, predicted class, one probability column per class.
+    """Write ``predictions.csv``: path, predicted class, one probability column per class, and ``unlike_training``
+    (why the scan looks unlike the training data; empty when it does not, see :mod:`wsr_med.data.profile`).
 
     Args:
         classes: class names in the model's order (the class map saved with the model).
@@ -167,7 +176,7 @@ class PredictionWriter(_Collector):
         self.output_file = Path(output_file)
 
     def finish(self, engine: Engine) -> None:
-        write_csv(self.output_file, ["path", "predicted_class", *[f"prob_{c}" for c in self.classes]],
-                   [[path, self.classes[int(np.argmax(probs))], *[f"{p:.9g}" for p in probs]]
-                    for path, probs in zip(self.paths, self.probs)])
+        write_csv(self.output_file, ["path", "predicted_class", *[f"prob_{c}" for c in self.classes], "unlike_training"],
+                  [[path, self.classes[int(np.argmax(probs))], *[f"{p:.9g}" for p in probs], unlike]
+                   for path, probs, unlike in zip(self.paths, self.probs, self.unlike_training)])
         logger.info("predictions for %d scans written to %s", len(self.paths), self.output_file)

@@ -15,7 +15,7 @@ from monai.networks.nets import DenseNet, EfficientNetBN
 from monai.networks.nets.efficientnet import efficientnet_params
 from monai.utils import look_up_option
 
-__all__ = ["DenseNetEncoder", "EfficientNetEncoder", "BACKBONES", "build_backbone"]
+__all__ = ["DenseNetEncoder", "EfficientNetEncoder", "BACKBONES", "build_backbone", "backbone_label"]
 
 DENSENET_BLOCKS = {
     "densenet121": (6, 12, 24, 16),
@@ -98,3 +98,15 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 def build_backbone(name: str, spatial_dims: int, in_channels: int, **kwargs) -> nn.Module:
     """Build the encoder called ``name`` (one of :data:`BACKBONES`); ``kwargs`` go to the MONAI network."""
     return look_up_option(name, BACKBONES)(spatial_dims, in_channels, **kwargs)
+
+
+def backbone_label(name: str, backbone_kwargs: dict | None = None) -> str:
+    """A short name that says what the backbone is: ``densenet121``, or for a reduced DenseNet its
+    ``init_features-growth_rate-blocks`` (``densenet-16-8-2222``); other options are marked ``+``."""
+    kwargs = dict(backbone_kwargs or {})
+    if name.startswith("densenet") and {"init_features", "growth_rate", "block_config"} & set(kwargs):
+        blocks = "".join(str(b) for b in kwargs.pop("block_config", DENSENET_BLOCKS[name]))
+        label = f"densenet-{kwargs.pop('init_features', 64)}-{kwargs.pop('growth_rate', 32)}-{blocks}"
+    else:
+        label = name
+    return label + ("+" if kwargs else "")

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from wsr_med.data import DatasetScan, make_synthetic_folder, read_datalist, scan_folder, scan_manifest, split_items, write_datalist
+from wsr_med.data.profile import training_profile, unlike_training
 from wsr_med.data.readers import MAX_PIXELS
 from wsr_med.data.scan import DEFAULT_PATIENT_PATTERN
 from wsr_med.data.synthetic import SIDES
@@ -147,6 +148,7 @@ def prepare_data(
     reject_degenerate: bool = True,
     class_balance: str = "none",
     max_pixels: int = MAX_PIXELS,
+    compare_with: str | None = None,
 ) -> PreparedData:
     """Scan ``dataset_dir``, split it at the patient level and write ``datalist.json`` and ``bad_files.csv`` in ``output_dir``.
 
@@ -167,6 +169,8 @@ def prepare_data(
         reject_degenerate: report constant and tiny images as bad files.
         class_balance: the run's setting; an imbalanced training set with ``none`` is warned about.
         max_pixels: scans declaring more pixels are bad files.
+        compare_with: a trained run folder: every item gets ``unlike_training``, why it looks unlike that
+            run's training data ("" when it does not), see :mod:`wsr_med.data.profile`.
     """
     output = Path(output_dir)
     dataset_dir = _resolve_dataset(str(dataset_dir), output, dict(synthetic or {}))
@@ -198,6 +202,11 @@ def prepare_data(
                                   f"(files added, removed or changed); use another output_dir for the new data.")
         else:
             write_datalist(datalist, scan, splits, **settings)
+            if split == "train":
+                profile = training_profile([scan.profiles[i["image"]] for i in splits["training"]])
+                (output / RunFolder.PROFILE).write_text(json.dumps(profile, indent=1))
+    if compare_with is not None:
+        _flag_unlike_training(scan, compare_with)
         if scan.bad_files:
             logger.warning("%d files skipped; see %s", len(scan.bad_files), report)
     return PreparedData(
@@ -211,18 +220,35 @@ def prepare_data(
     )
 
 
+def _flag_unlike_training(scan: DatasetScan, run_dir: str) -> None:
+    """Give each item ``unlike_training`` (why it looks unlike the run's training data, or ""); log a summary."""
+    trained = RunFolder(run_dir).training_profile()
+    for item in scan.items:
+        item["unlike_training"] = unlike_training(scan.profiles[item["image"]], trained) if trained else ""
+    unusual = [i for i in scan.items if i["unlike_training"]]
+    if unusual:
+        logger.warning("%d of %d scans look unlike the training data (e.g. %s: %s); the model's answers on them are "
+                       "not to be trusted. See the unlike_training column.", len(unusual), len(scan.items),
+                       unusual[0]["image"], unusual[0]["unlike_training"])
+
+
 def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[str], spatial_dims: int = 2,
-                       num_workers: int = 2, reject_degenerate: bool = True, max_pixels: int = MAX_PIXELS) -> PreparedData:
+                       num_workers: int = 2, reject_degenerate: bool = True, max_pixels: int = MAX_PIXELS,
+                       run_dir: str | None = None) -> PreparedData:
     """Every readable scan under ``dataset_dir`` (recursively, no labels) for inference.
 
     Unreadable files are reported in ``<predictions_file stem>_bad_files.csv`` beside the predictions
-    (written even when no readable scan remains).
+    (written even when no readable scan remains). With ``run_dir``, each item says whether it looks unlike
+    that run's training data (``unlike_training``).
     """
     predictions_file = Path(predictions_file)
     report = predictions_file.with_name(predictions_file.stem + "_bad_files.csv")
     scan = scan_folder(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes, labelled=False,
                        reject_degenerate=reject_degenerate, report=report, max_pixels=max_pixels)
-    items = [{"image": str(scan.root / i["image"]), "relative_path": i["image"]} for i in scan.items]
+    if run_dir is not None:
+        _flag_unlike_training(scan, run_dir)
+    items = [{"image": str(scan.root / i["image"]), "relative_path": i["image"],
+              "unlike_training": i.get("unlike_training", "")} for i in scan.items]
     return PreparedData(classes=list(classes), training=[], validation=[], test=items,
                         bad_files_report=report, n_bad_files=len(scan.bad_files))
 
@@ -240,7 +266,7 @@ def prepare_evaluation(dataset_dir: str, run_dir: str, eval_dir: str, classes: l
             ``reject_degenerate``, ``max_pixels``).
     """
     if eval_split == "all":
-        return prepare_data(dataset_dir, eval_dir, classes=classes, split="all", **kwargs)
+        return prepare_data(dataset_dir, eval_dir, classes=classes, split="all", compare_with=run_dir, **kwargs)
     key = {"test": "test", "validation": "validation"}.get(eval_split)
     if key is None:
         raise WsrMedError(f"eval_split must be all, test or validation, got '{eval_split}'")
