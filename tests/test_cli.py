@@ -72,7 +72,11 @@ def test_evaluate_and_predict_use_the_trained_settings(user):
     with open(run / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and list(rows[0]) == ["path", "predicted_class", "prob_left", "prob_right", "unlike_training"]
-    assert "Results:" in user["logs"]["evaluate"].stdout and "runs/a/eval/report.html" in user["logs"]["evaluate"].stdout
+    evaluate = user["logs"]["evaluate"]
+    assert "Results:" in evaluate.stdout and "runs/a/eval/report.html" in evaluate.stdout
+    # an evaluation is not a validation and has no "best" epoch; MONAI's eval() warning is not shown
+    assert "val_auc" not in evaluate.stdout + evaluate.stderr and "best metric" not in evaluate.stdout + evaluate.stderr
+    assert "passed to Python `eval()`" not in evaluate.stderr and "MLflow tracking store: sqlite:///" in evaluate.stderr
 
 
 def test_continuing_a_run_stays_in_its_mlflow_run(user):
@@ -90,6 +94,7 @@ def test_continuing_a_run_stays_in_its_mlflow_run(user):
     assert lr[1] > lr[2] >= lr[3] > lr[4]
     tracked = client.get_run(run_id)
     assert tracked.data.tags["continued.max_epochs"] == "4" and tracked.data.params["max_epochs"] == "2"
+    assert tracked.info.run_name == "densenet-8-4-1111-wise-96"  # says what the network is
     versions = client.search_model_versions("name='wsr_med-left-right'")  # default: experiment and classes
     assert sorted(int(v.version) for v in versions) == [1, 2] and {v.run_id for v in versions} == {run_id}
     config = json.loads((run / "config.json").read_text())

@@ -28,8 +28,8 @@ def metric_inputs(kind: str = "probs") -> Callable:
     return transform
 
 
-def per_class_auc_metrics(classes: list[str]) -> dict:
-    """``{"val_auc_<class>": ROCAUC}`` one-vs-rest per class for multi-class tasks (none for binary ones,
+def per_class_auc_metrics(classes: list[str], prefix: str = "val_auc") -> dict:
+    """``{"<prefix>_<class>": ROCAUC}`` one-vs-rest per class for multi-class tasks (none for binary ones,
     where the single AUC says it all), to add to an evaluator's ``additional_metrics``."""
     from monai.handlers import ROCAUC
 
@@ -45,4 +45,4 @@ def per_class_auc_metrics(classes: list[str]) -> dict:
 
         return transform
 
-    return {metric_name(f"val_auc_{name}"): ROCAUC(output_transform=column(c)) for c, name in enumerate(classes)}
+    return {metric_name(f"{prefix}_{name}"): ROCAUC(output_transform=column(c)) for c, name in enumerate(classes)}
