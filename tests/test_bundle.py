@@ -91,6 +91,8 @@ def test_training_outputs_and_mlflow_record(trained):
     assert {"run/config.json", "run/datalist.json", "run/bad_files.json", "plots/spatial_weights.png",
             "eval_all/report.html", "eval_all/metrics.json", "eval_all/roc.png"} <= artifacts
     assert "eval_all_auc" in client.get_run(run.info.run_id).data.metrics
+    shared = Path(client.download_artifacts(run.info.run_id, "eval_all/report.html"))
+    assert shared.read_text().count("data:image/png;base64,") == 3  # no example scans in MLflow
 
 
 def test_mlflow_holds_no_patient_identifiers(trained, hospital):
@@ -130,7 +132,8 @@ def test_evaluation_report(trained):
     assert len(metrics["auc_ci95"]) == 2 and set(metrics["per_class"]) == {"above", "left", "right"}
     assert np.array(metrics["confusion_matrix"]).sum() == 30
     html = (eval_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "AUC 95% CI" in html
+    assert html.count("data:image/png;base64,") == 4 and "AUC 95% CI" in html  # ROC, confusion, reliability, examples
+    assert (eval_dir / "examples.png").stat().st_size > 1000
     # provenance: the report can be handed on without explaining where it came from
     for field in ("What was evaluated", "model (model.pt sha256)", "best epoch", "data (hashed location)",
                   "AUC (macro one-vs-rest)", "balanced accuracy", "prevalence"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from wsr_med.metrics import (
     classification_metrics,
     collapse_warning,
     json_ready,
+    plot_examples,
     plot_confusion,
     plot_reliability,
     plot_roc,
@@ -34,6 +36,8 @@ logger = logging.getLogger(__name__)
 class _Collector:
     """Gathers probabilities (and labels, paths) of every case an evaluator sees."""
 
+    keep_thumbnails = False
+
     def __init__(self) -> None:
         self._reset()
 
@@ -42,6 +46,7 @@ class _Collector:
         self.labels: list[int] = []
         self.paths: list[str] = []
         self.unlike_training: list[str] = []  # why each case looks unlike the training data ("" if it does not)
+        self.thumbnails: list[np.ndarray | None] = []
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
@@ -63,9 +68,19 @@ class _Collector:
             self.labels.append(int(label.argmax()) if label.numel() > 1 else int(label))
         self.paths.append(str(item.get("relative_path", item.get("image", ""))))
         self.unlike_training.append(str(item.get("unlike_training", "")))
+        if self.keep_thumbnails:
+            self.thumbnails.append(_thumbnail(item.get("image")))
 
     def finish(self, engine: Engine) -> None:
         raise NotImplementedError
+
+
+def _thumbnail(image, size: int = 64) -> np.ndarray | None:
+    """A small uint8 picture of a preprocessed 2D input ``(C, H, W)`` in [0, 1] (first channel), or None."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 3:
+        return None
+    small = torch.nn.functional.adaptive_avg_pool2d(image[:1].float().cpu()[None], size)[0, 0]
+    return (small.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 class CollapseMonitor(_Collector):
@@ -94,7 +109,12 @@ class EvaluationReporter(_Collector):
         tracking_uri: MLflow tracking URI; None or empty for no MLflow logging.
         tag: name of this evaluation in MLflow (metrics ``<tag>_auc``..., artifacts under ``<tag>/``).
         provenance: what is evaluated (see :meth:`wsr_med.runs.RunFolder.provenance`), shown first in the report.
+
+    The local report also shows example cases per class (``examples.png``: the most confident right and wrong
+    ones, as small thumbnails); the copy sent to MLflow leaves them out, as no image leaves the machine.
     """
+
+    keep_thumbnails = True
 
     def __init__(self, classes: list[str], report_dir: str | Path, threshold: float = 0.5, n_boot: int = 1000,
                  run_dir: str | Path | None = None, tracking_uri: str | None = None, tag: str = "eval",
@@ -135,7 +155,10 @@ class EvaluationReporter(_Collector):
         plots = [plot_roc(labels, probs, self.classes, self.metrics, self.report_dir / "roc.png"),
                  plot_confusion(self.metrics, self.report_dir / "confusion_matrix.png"),
                  plot_reliability(self.metrics, self.report_dir / "reliability.png")]
-        report = write_html_report(self.metrics, plots, self.report_dir / "report.html", provenance=self.provenance)
+        self._plots = plots
+        examples = plot_examples(self.thumbnails, labels, probs, self.classes, self.report_dir / "examples.png")
+        report = write_html_report(self.metrics, [*plots, *([examples] if examples else [])], self.report_dir / "report.html",
+                                   provenance=self.provenance)
         low, high = self.metrics["auc_ci95"]
         logger.info("evaluation on %d cases: AUC (%s) %.4f [%.4f, %.4f], accuracy %.4f, balanced accuracy %.4f; report %s",
                     self.metrics["n"], self.metrics["auc_kind"], self.metrics["auc"], low, high, self.metrics["accuracy"],
@@ -157,8 +180,11 @@ class EvaluationReporter(_Collector):
         for k, v in values.items():
             if v == v:  # NaN is not a metric
                 client.log_metric(run_id, f"{self.tag}_{k}", float(v))
-        for name in ("metrics.json", "report.html", "roc.png", "confusion_matrix.png", "reliability.png"):
+        for name in ("metrics.json", "roc.png", "confusion_matrix.png", "reliability.png"):
             client.log_artifact(run_id, str(self.report_dir / name), self.tag)
+        with tempfile.TemporaryDirectory() as tmp:  # the report without example images: no image leaves the machine
+            shared = write_html_report(self.metrics, self._plots, Path(tmp) / "report.html", provenance=self.provenance)
+            client.log_artifact(run_id, str(shared), self.tag)
 
 
 class PredictionWriter(_Collector):

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-__all__ = ["figure", "plain", "plot_roc", "plot_confusion", "plot_reliability", "plot_spatial_weights"]
+__all__ = ["figure", "plain", "plot_examples", "plot_roc", "plot_confusion", "plot_reliability", "plot_spatial_weights"]
 
 
 def figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (4.5, 4.5), **kwargs):
@@ -68,6 +68,33 @@ def plot_reliability(metrics: dict, path: str | Path) -> Path:
     ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfect calibration")
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"reliability, ECE {metrics['ece']:.3f}")
     ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_examples(thumbnails: list, labels: np.ndarray, probs: np.ndarray, classes: list[str], path: str | Path,
+                  per_class: int = 2) -> Path | None:
+    """Example cases per true class: the ``per_class`` most confident correct ones, then the most confident
+    wrong ones, as thumbnails ``(h, w)`` with the probability given to the true (or predicted) class."""
+    pred = probs.argmax(1)
+    rows = []
+    for c in range(len(classes)):
+        right = [i for i in np.argsort(-probs[:, c]) if labels[i] == c and pred[i] == c and thumbnails[i] is not None]
+        wrong = [i for i in np.argsort(-probs.max(1)) if labels[i] == c and pred[i] != c and thumbnails[i] is not None]
+        rows.append((c, right[:per_class], wrong[:per_class]))
+    if not any(r or w for _, r, w in rows):
+        return None
+    fig, axes = figure(len(rows), 2 * per_class, figsize=(1.9 * 2 * per_class, 2.1 * len(rows)), squeeze=False)
+    for ax_row, (c, right, wrong) in zip(axes, rows):
+        cells = [(i, True) for i in right] + [None] * (per_class - len(right)) + [(i, False) for i in wrong]
+        for ax, cell in zip(ax_row, cells + [None] * (2 * per_class - len(cells))):
+            ax.axis("off")
+            if cell is None:
+                continue
+            i, correct = cell
+            ax.imshow(thumbnails[i], cmap="gray", vmin=0, vmax=255)
+            title = (f"{plain(classes[c])}: right, p {probs[i, c]:.2f}" if correct
+                     else f"{plain(classes[c])} as {plain(classes[pred[i]])}, p {probs[i, pred[i]]:.2f}")
+            ax.set_title(title, fontsize=7, color="black" if correct else "firebrick")
     return _save(fig, path)
 
 
