@@ -136,7 +136,7 @@ def test_evaluation_report(trained):
     assert (eval_dir / "examples.png").stat().st_size > 1000
     # provenance: the report can be handed on without explaining where it came from
     for field in ("What was evaluated", "model (model.pt sha256)", "best epoch", "data (hashed location)",
-                  "AUC (macro one-vs-rest)", "balanced accuracy", "prevalence"):
+                  "AUC (macro one-vs-rest)", "balanced accuracy", "prevalence", "lowest class sensitivity"):
         assert field in html, field
     assert metrics["provenance"]["MLflow run"] == (trained["out"] / "mlflow_run_id").read_text()
     assert str(trained["out"]) not in html and 0 <= metrics["balanced_accuracy"] <= 1

@@ -199,3 +199,17 @@ def test_imbalanced_classes_are_warned_about(tmp_path, caplog):
     caplog.clear()
     prepare_data(str(data), str(tmp_path / "run2"), num_workers=0, class_balance="weighted_loss")
     assert "imbalanced" not in caplog.text
+
+
+def test_wrong_settings_and_unreachable_store_fail_in_one_line_before_the_scan(user):
+    home = user["home"]
+    refused(wsr_med(home, "train", "--dataset-dir", "hospital", "--output-dir", "runs/bad", "--set", "head=avg"),
+            "head='avg' is not one of: wise, gap")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    refused(wsr_med(home, "train", "--dataset-dir", "hospital", "--output-dir", "runs/bad", "--tracking-uri",
+                    f"http://127.0.0.1:{port}"), f"127.0.0.1:{port} cannot be reached")
+    assert not (home / "runs/bad/datalist.json").exists()  # refused before the scan

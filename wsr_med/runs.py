@@ -32,7 +32,7 @@ from pathlib import Path
 
 from wsr_med.errors import WsrMedError
 
-__all__ = ["RunFolder", "NETWORK_SETTINGS", "PATH_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "check_writable", "latest_checkpoint"]
+__all__ = ["RunFolder", "NETWORK_SETTINGS", "PATH_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "check_settings", "check_writable", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,16 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def check_settings(settings: dict) -> None:
+    """Refuse, before any data is read, a setting that names nothing known (a backbone, a head, a balance mode)."""
+    from wsr_med.networks import BACKBONES, HEADS
+
+    choices = {"backbone": list(BACKBONES), "head": list(HEADS), "class_balance": ["none", "weighted_loss", "sampler"]}
+    for key, allowed in choices.items():
+        if key in settings and settings[key] not in allowed:
+            raise WsrMedError(f"{key}={settings[key]!r} is not one of: {', '.join(allowed)}")
 
 
 def check_writable(*folders: str | Path | None) -> None:
@@ -251,6 +261,7 @@ class RunFolder:
             WsrMedError: the folder or the cache is not writable; another process trains here; the run is finished (``max_epochs`` reached); or a
                 continuation changes a setting other than :data:`CONTINUABLE_SETTINGS`.
         """
+        check_settings(settings)
         check_writable(self.path, settings.get("cache_dir"))
         self.lock()
         checkpoint, epoch = latest_checkpoint(self.checkpoints)

@@ -28,6 +28,10 @@ def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title:
     headline = {"cases": metrics["n"], f"AUC ({kind})" if kind else "AUC": metrics["auc"],
                 "AUC 95% CI": f"[{_fmt(low)}, {_fmt(high)}]", "accuracy": metrics["accuracy"],
                 "balanced accuracy": metrics.get("balanced_accuracy", float("nan")), "ECE": metrics["ece"]}
+    present = {c: m for c, m in metrics["per_class"].items() if m["support"]}
+    if present:  # the class a model neglects is the first thing to see on imbalanced data
+        weakest = min(present, key=lambda c: present[c]["sensitivity"])
+        headline[f"lowest class sensitivity ({weakest})"] = present[weakest]["sensitivity"]
     if "sensitivity" in metrics:
         headline.update({"threshold": metrics["threshold"], "sensitivity": metrics["sensitivity"],
                          "specificity": metrics["specificity"], "PPV": metrics.get("ppv", float("nan")),
