@@ -82,6 +82,7 @@ def test_evaluate_and_predict_use_the_trained_settings(user):
 def test_continuing_a_run_stays_in_its_mlflow_run(user):
     run = user["run"]
     assert "continuing it with its own settings" in user["logs"]["continue"].stdout
+    assert "best metric of train_loss" not in user["logs"]["continue"].stdout + user["logs"]["continue"].stderr
     assert (run / "mlflow_run_id").read_text() == user["first_run_id"]
     client = MlflowClient(user["uri"])
     run_id = user["first_run_id"]

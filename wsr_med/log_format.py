@@ -31,9 +31,19 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class _NoBestTrainingLoss(logging.Filter):
+    """Drops MONAI's "Got new best metric of train_loss" (the training loss is tracked, not a result to announce)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Got new best metric of train_loss")
+
+
 def escape_log_records() -> None:
-    """Give every handler of the root logger an :class:`EscapingFormatter` with its own format."""
+    """wsr_med's log policy for a workflow: every handler of the root logger formats with an
+    :class:`EscapingFormatter` (its own format kept), and the trainer does not announce a "best" training loss."""
     for handler in logging.getLogger().handlers:
         if not isinstance(handler.formatter, EscapingFormatter):
             old = handler.formatter or logging.Formatter()
             handler.setFormatter(EscapingFormatter(old._fmt, old.datefmt))
+        if not any(isinstance(f, _NoBestTrainingLoss) for f in handler.filters):
+            handler.addFilter(_NoBestTrainingLoss())
