@@ -283,7 +283,7 @@ def test_no_patient_identifier_or_path_reaches_mlflow(hostile_run):
     texts += [json.dumps(tracked.data.params), json.dumps(tracked.data.tags)]
     everything = "\n".join(texts)
     # MLflow's own artifact store (./mlruns) may appear; the dataset and the run folder may not
-    for secret in ("SMITH", "JOHN", "19700101", "SEC-0", str(hostile_run["run"]) + "/", "caf"):
+    for secret in ("SMITH", "JOHN", "19700101", "SEC-0", str(hostile_run["run"]) + "/", "FAKE"):  # FAKE: a file name
         assert secret not in everything, secret
 
 
