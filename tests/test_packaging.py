@@ -60,5 +60,5 @@ def test_demo_runs_from_the_wheel(installed):
 
 
 def test_pipelines_run_from_the_wheel(installed):
-    for command in (["ablate", "--help"], ["bench", "heads", "--help"], ["bench", "io", "--help"]):
+    for command in (["ablate", "--help"], ["bench", "heads", "--help"], ["bench", "io", "--help"], ["bench", "batchnorm", "--help"]):
         assert "usage" in run([installed["venv"] / "bin" / "wsr-med", *command], installed["cwd"]).stdout

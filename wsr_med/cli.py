@@ -7,7 +7,7 @@
     wsr-med evaluate --output-dir runs/a --dataset-dir data/other_hospital
     wsr-med predict --output-dir runs/a --dataset-dir data/unlabelled
     wsr-med ablate --dataset-dir data/hospital --heads gap wise --sizes 224 512 --folds 5
-    wsr-med bench heads | wsr-med bench io         # speed and memory benchmarks
+    wsr-med bench heads | io | batchnorm           # speed, memory and BatchNorm benchmarks
     wsr-med bundle-path                            # the installed MONAI bundle, for python -m monai.bundle run
 
 Every workflow command runs ``monai.bundle run`` on the bundle with the options as overrides, so
@@ -155,8 +155,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--formats", nargs="+", default=["dcm", "png"])
     sy.add_argument("--seed", type=int, default=0)
     sub.add_parser("ablate", help="ablation study: heads x backbones x sizes x folds (wsr-med ablate --help)", add_help=False)
-    bench = sub.add_parser("bench", help="benchmarks: 'heads' (speed/memory per head) or 'io' (reading scans)", add_help=False)
-    bench.add_argument("which", choices=["heads", "io"])
+    bench = sub.add_parser("bench", help="benchmarks: 'heads' (speed/memory per head), 'io' (reading scans), "
+                           "'batchnorm' (eval-mode outputs after a short training)", add_help=False)
+    bench.add_argument("which", choices=["heads", "io", "batchnorm"])
     sub.add_parser("bundle-path", help="print the folder of the installed MONAI bundle")
     return parser
 
@@ -172,9 +173,9 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
 
         ablation.main(rest)
     elif args.command == "bench":
-        from wsr_med.pipelines import bench_heads, bench_io
+        from wsr_med.pipelines import bench_batchnorm, bench_heads, bench_io
 
-        {"heads": bench_heads, "io": bench_io}[args.which].main(rest)
+        {"heads": bench_heads, "io": bench_io, "batchnorm": bench_batchnorm}[args.which].main(rest)
     elif args.command == "bundle-path":
         print(BUNDLE)
     elif args.command == "demo":

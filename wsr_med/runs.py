@@ -22,6 +22,7 @@ contradictory continuation *before* writing anything (:meth:`RunFolder.begin_tra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from wsr_med.errors import WsrMedError
 
-__all__ = ["RunFolder", "NETWORK_SETTINGS", "PATH_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "check_settings", "check_writable", "latest_checkpoint"]
+__all__ = ["RunFolder", "NETWORK_SETTINGS", "PATH_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "check_settings", "check_writable", "latest_checkpoint", "path_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,16 @@ def _resolved(key: str, value):
     if key in PATH_SETTINGS and value not in (None, "", "synthetic"):
         return str(Path(str(value)).expanduser().resolve())
     return _normal(value)
+
+
+def path_id(value: str | Path | None) -> str:
+    """A short stable id for a path (SHA-256 of the resolved path, 12 hex digits): what may stand for it in MLflow
+    and reports. ``none`` for no path, ``synthetic`` for the generated data set."""
+    if value in (None, ""):
+        return "none"
+    if str(value) == "synthetic":
+        return "synthetic"
+    return hashlib.sha256(str(Path(str(value)).expanduser().resolve()).encode()).hexdigest()[:12]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -204,13 +215,9 @@ class RunFolder:
 
     def provenance(self, dataset_dir: str | None = None, eval_split: str | None = None) -> dict:
         """Where an evaluation comes from, without paths: run, model, training settings, data (hashed), split, date."""
-        import hashlib
-
         settings = self.settings()
         best = json.loads((self.path / self.BEST).read_text()) if (self.path / self.BEST).is_file() else {}
         digest = hashlib.sha256(self.model.read_bytes()).hexdigest()[:16] if self.model.is_file() else "none"
-        dataset = "synthetic" if dataset_dir == "synthetic" else hashlib.sha256(
-            str(Path(str(dataset_dir)).resolve()).encode()).hexdigest()[:12] if dataset_dir else "none"
         return {
             "evaluated": time.strftime("%Y-%m-%d %H:%M"),
             "run": settings.get("run_name", self.path.name),
@@ -222,7 +229,7 @@ class RunFolder:
                        f"{settings.get('head')}, {settings.get('image_size')} px, {settings.get('in_channels')} channel(s)",
             "training": f"lr {settings.get('learning_rate')}, batch {settings.get('batch_size')}, seed {settings.get('seed')}, "
                         f"class_balance {settings.get('class_balance')}",
-            "data (hashed location)": dataset,
+            "data (hashed location)": path_id(dataset_dir),
             "cases": {"all": "every scan of the folder", "test": "the run's test split",
                       "validation": "the run's validation split"}.get(eval_split or "", eval_split or "?"),
         }

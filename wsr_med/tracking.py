@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsr_med.errors import WsrMedError
-from wsr_med.runs import PATH_SETTINGS
+from wsr_med.runs import PATH_SETTINGS, path_id
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -176,15 +176,6 @@ def tolerant(method: Callable) -> Callable:
         return obj.policy.call(method, obj, *args, **kwargs)
 
     return wrapper
-
-
-def path_id(value: str | Path | None) -> str:
-    """A short stable id for a path (SHA-256 of the resolved path), or ``none``/the value for non-paths."""
-    if value in (None, ""):
-        return "none"
-    if str(value) == "synthetic":
-        return "synthetic"
-    return hashlib.sha256(str(Path(str(value)).expanduser().resolve()).encode()).hexdigest()[:12]
 
 
 def sanitised_params(settings: dict) -> dict[str, str]:
