@@ -214,3 +214,13 @@ def test_wrong_settings_and_unreachable_store_fail_in_one_line_before_the_scan(u
     refused(wsr_med(home, "train", "--dataset-dir", "hospital", "--output-dir", "runs/bad", "--tracking-uri",
                     f"http://127.0.0.1:{port}"), f"127.0.0.1:{port} cannot be reached")
     assert not (home / "runs/bad/datalist.json").exists()  # refused before the scan
+
+
+def test_tracking_can_be_turned_off(user):
+    home = user["home"] / "no_tracking"
+    home.mkdir()
+    ok(wsr_med(home, "train", "--dataset-dir", "../hospital", "--output-dir", "runs/t", "--tracking-uri", "none", "--set",
+               "image_size=64", SMALL, "max_epochs=1", "num_workers=0"))
+    ok(wsr_med(home, "evaluate", "--output-dir", "runs/t", "--dataset-dir", "../hospital", "--tracking-uri", "none"))
+    assert (home / "runs/t/model.pt").is_file() and (home / "runs/t/eval/metrics.json").is_file()
+    assert not (home / "mlflow.db").exists() and not (home / "mlruns").exists() and not (home / "runs/t/mlflow_run_id").exists()

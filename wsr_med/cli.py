@@ -80,14 +80,16 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _print_results(output_dir: str, tracking_uri: str | None = None) -> None:
-    from wsr_med.tracking import default_tracking_uri
+    from wsr_med.tracking import default_tracking_uri, enabled
 
     out = Path(output_dir)
     print("\nResults:")
     for name, what in RESULTS:
         if (out / name).exists():
             print(f"  {what:22s} {out / name}")
-    print(f"\nMLflow: mlflow ui --backend-store-uri {tracking_uri or default_tracking_uri()}   (then open http://127.0.0.1:5000)")
+    uri = tracking_uri or default_tracking_uri()
+    if enabled(uri):
+        print(f"\nMLflow: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
 
 
 def train(args: argparse.Namespace) -> None:
@@ -203,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "evaluate", "predict", "demo"):
         from wsr_med.tracking import default_tracking_uri
 
-        print(f"MLflow tracking store: {getattr(args, 'tracking_uri', None) or default_tracking_uri()} "
-              "(--tracking-uri or MLFLOW_TRACKING_URI pin it; the default follows the current folder)", file=sys.stderr)
+        uri = getattr(args, "tracking_uri", None) or default_tracking_uri()
+        print(f"MLflow tracking store: {uri} (--tracking-uri or MLFLOW_TRACKING_URI pin it; the default follows the "
+              "current folder; --tracking-uri none turns tracking off)", file=sys.stderr)
     try:
         _run(args, rest)
     except Exception as e:

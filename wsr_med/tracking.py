@@ -38,6 +38,7 @@ __all__ = [
     "check_reachable",
     "client",
     "default_tracking_uri",
+    "enabled",
     "http_limits",
     "metric_name",
     "model_name",
@@ -59,6 +60,11 @@ _HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIM
 def sqlite_uri(path: str | Path) -> str:
     """``sqlite:///<absolute path>``: MLflow's local tracking store, no server needed."""
     return f"sqlite:///{Path(path).resolve()}"
+
+
+def enabled(tracking_uri: str | None) -> bool:
+    """Whether ``tracking_uri`` asks for tracking: ``none`` (or empty) turns MLflow off for a run."""
+    return bool(tracking_uri) and str(tracking_uri).lower() != "none"
 
 
 def default_tracking_uri() -> str:
@@ -110,7 +116,9 @@ def _store_creation_lock(tracking_uri: str) -> Iterator[None]:
 
 
 def check_reachable(tracking_uri: str) -> str:
-    """Fail at once, before any training, if the MLflow tracking store cannot be reached."""
+    """Fail at once, before any training, if the MLflow tracking store cannot be reached (nothing to check when off)."""
+    if not enabled(tracking_uri):
+        return tracking_uri
     try:
         with _store_creation_lock(tracking_uri), http_limits():
             client(tracking_uri).search_experiments(max_results=1)

@@ -167,7 +167,7 @@ class EvaluationReporter(_Collector):
 
     def _log_mlflow(self) -> None:
         run_id = RunFolder(self.run_dir).mlflow_run_id if self.run_dir else None
-        if not self.tracking_uri or run_id is None:
+        if not tracking.enabled(self.tracking_uri) or run_id is None:
             return
         tracking.Tolerant(self.tracking_uri, keeps=str(self.report_dir)).call(self._send, tracking.client(self.tracking_uri), run_id)
 
