@@ -12,8 +12,8 @@ from wsr_med.networks import (
     default_pre_pool,
     load_pretrained_weights,
     project_constraints_,
-    warm_start_batchnorm,
 )
+from wsr_med.pipelines.bench_batchnorm import train_briefly
 
 TINY_DENSENET = {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}
 
@@ -212,35 +212,19 @@ def real_batch(chest_dir) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([transform({"image": str(f)})["image"] for f in files]), torch.tensor([0] * 8 + [1] * 8)
 
 
-def _train_then_predict(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, warm_start: bool, steps: int = 30):
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(net.parameters(), 1e-3)
-    if warm_start:
-        warm_start_batchnorm(optimizer, net)
-    for _ in range(steps):
-        i = torch.randperm(len(x))[:8]
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(net(x[i]), y[i]).backward()
-        optimizer.step()
-    with torch.no_grad():
-        return torch.softmax(net.eval()(x), 1).numpy()
-
-
 @pytest.mark.parametrize("backbone", ["efficientnet-b0", "densenet121"])
 def test_a_few_dozen_steps_give_eval_outputs_that_differ(real_batch, backbone):
     from wsr_med.metrics import collapse_warning
 
-    torch.manual_seed(0)
-    probs = _train_then_predict(WiseSrNet(backbone, img_size=64), *real_batch, warm_start=True)
-    assert collapse_warning(probs) is None, probs
+    probs, _ = train_briefly(backbone, *real_batch, momentum=0.1, warm_start=True, steps=30)  # the bundle's defaults
+    assert collapse_warning(probs.numpy()) is None, probs
 
 
 def test_collapse_warning_fires_on_a_collapsed_model(real_batch):
     """MONAI's EfficientNet as it comes (momentum 0.01, plain running averages): eval outputs are one point."""
     from wsr_med.metrics import collapse_warning
 
-    torch.manual_seed(0)
-    probs = _train_then_predict(WiseSrNet("efficientnet-b0", img_size=64, bn_momentum=None), *real_batch, warm_start=False)
-    assert "collapsed" in collapse_warning(probs)
+    probs, _ = train_briefly("efficientnet-b0", *real_batch, momentum=None, warm_start=False, steps=30)
+    assert "collapsed" in collapse_warning(probs.numpy())
     assert collapse_warning(torch.full((4, 2), 0.5).numpy()) is not None
     assert collapse_warning(torch.tensor([[0.9, 0.1], [0.2, 0.8]]).numpy()) is None

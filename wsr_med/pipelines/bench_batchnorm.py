@@ -20,9 +20,12 @@ import torch
 CHEST = Path("../shared/data/chest_xray_pneumonia")
 
 
-def spread_after_training(backbone: str, images: torch.Tensor, labels: torch.Tensor, momentum: float, warm_start: bool,
-                          steps: int, seed: int = 0) -> tuple[float, float]:
-    """(eval-mode probability spread over the images, last training loss)."""
+def train_briefly(backbone: str, images: torch.Tensor, labels: torch.Tensor, momentum: float | None, warm_start: bool,
+                  steps: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Train a fresh WiseSrNet for ``steps`` AdamW steps on ``images``; returns (eval-mode probabilities, last loss).
+
+    ``momentum`` None keeps the backbone's own BatchNorm momentum (MONAI EfficientNet's 0.01).
+    """
     from wsr_med.networks import WiseSrNet, warm_start_batchnorm
 
     torch.manual_seed(seed)
@@ -37,8 +40,7 @@ def spread_after_training(backbone: str, images: torch.Tensor, labels: torch.Ten
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        probs = torch.softmax(net.eval()(images), 1)
-    return float((probs.max(0).values - probs.min(0).values).max()), float(loss.detach())
+        return torch.softmax(net.eval()(images), 1), float(loss.detach())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     for backbone in args.backbones:
         for momentum in (0.01, 0.1):
             for warm in (False, True):
-                spread, loss = spread_after_training(backbone, images, labels, momentum, warm, args.steps)
+                probs, loss = train_briefly(backbone, images, labels, momentum, warm, args.steps)
+                spread = float((probs.max(0).values - probs.min(0).values).max())
                 print(f"| {backbone} | {momentum} | {'yes' if warm else 'no'} | {spread:.3g} | {loss:.4f} |", flush=True)
 
 
