@@ -24,7 +24,6 @@ import logging
 import shutil
 import sys
 import warnings
-import traceback
 from pathlib import Path
 
 from wsr_med.errors import find_user_error

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from wsr_med.errors import WsrMedError
 
-__all__ = ["RunFolder", "NETWORK_SETTINGS", "PATH_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "check_settings", "check_writable", "latest_checkpoint", "path_id"]
+__all__ = ["RunFolder", "NETWORK_SETTINGS", "PATH_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "CLASS_BALANCE", "check_settings", "check_writable",
+           "latest_checkpoint", "path_id", "refuse_finished"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ CONTINUABLE_SETTINGS = ("max_epochs", "num_workers", "device", "amp", "progress_
 MACHINE_SETTINGS = ("device", "amp", "num_workers", "progress_bar")
 # Network settings that runs of earlier versions did not record, with the values those runs used.
 _UNRECORDED = {"head_kwargs": {}, "bn_momentum": None, "intensity_percentiles": [0.5, 99.5]}
+# How training may balance the classes (``class_balance``).
+CLASS_BALANCE = ("none", "weighted_loss", "sampler")
 # Settings that are paths: stored resolved, compared resolved, never sent to MLflow as they are.
 PATH_SETTINGS = ("dataset_dir", "output_dir", "cache_dir", "pretrained_weights", "predictions_file", "bundle_root")
 _EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
@@ -83,7 +86,7 @@ def check_settings(settings: dict) -> None:
     """Refuse, before any data is read, a setting that names nothing known (a backbone, a head, a balance mode)."""
     from wsr_med.networks import BACKBONES, HEADS
 
-    choices = {"backbone": list(BACKBONES), "head": list(HEADS), "class_balance": ["none", "weighted_loss", "sampler"]}
+    choices = {"backbone": list(BACKBONES), "head": list(HEADS), "class_balance": list(CLASS_BALANCE)}
     for key, allowed in choices.items():
         if key in settings and settings[key] not in allowed:
             raise WsrMedError(f"{key}={settings[key]!r} is not one of: {', '.join(allowed)}")
@@ -105,6 +108,16 @@ def check_writable(*folders: str | Path | None) -> None:
                 pass
         except OSError as e:
             raise WsrMedError(f"cannot write to {path} ({e.strerror or type(e).__name__}); choose a writable location") from None
+
+
+def refuse_finished(ckpt_dir: str | Path, max_epochs: int) -> tuple[Path | None, int]:
+    """The checkpoint to resume from and its epoch (see :func:`latest_checkpoint`); a run that already reached
+    ``max_epochs`` is refused, so running it again never starts over and overwrites its results."""
+    checkpoint, epoch = latest_checkpoint(ckpt_dir)
+    if epoch >= int(max_epochs):
+        raise WsrMedError(f"{Path(ckpt_dir).parent} holds a finished run ({epoch} of max_epochs={max_epochs}); "
+                          "use another output_dir, or raise max_epochs to continue training it.")
+    return checkpoint, epoch
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> tuple[Path | None, int]:
@@ -271,10 +284,7 @@ class RunFolder:
         check_settings(settings)
         check_writable(self.path, settings.get("cache_dir"))
         self.lock()
-        checkpoint, epoch = latest_checkpoint(self.checkpoints)
-        if epoch >= int(settings["max_epochs"]):
-            raise WsrMedError(f"{self.path} holds a finished run ({epoch} of max_epochs={settings['max_epochs']}); "
-                              "use another output_dir, or raise max_epochs to continue training it.")
+        checkpoint, _ = refuse_finished(self.checkpoints, settings["max_epochs"])
         if (self.path / self.CONFIG).is_file():
             saved = self.settings()
             changed = [f"{k}={_resolved(k, settings[k])!r} (run: {saved[k]!r})" for k in settings
@@ -303,8 +313,9 @@ class RunFolder:
                 raise WsrMedError(f"{self.path} was trained for classes {self.classes()}, the data now has {classes}; "
                                   "use another output_dir for another dataset.")
             previous = json.loads(config.read_text())
-            doc["continued"] = previous.get("continued", []) + [
-                {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "max_epochs": resolved.get("max_epochs")}]
+            doc["continued"] = previous.get("continued", [])
+            if previous["settings"].get("max_epochs") != resolved.get("max_epochs"):  # a resume is not a continuation
+                doc["continued"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "max_epochs": resolved.get("max_epochs")})
         else:
             _atomic_write(self.path / self.CLASSES, json.dumps(classes))
         import torch

@@ -8,8 +8,9 @@ with short HTTP retries (:func:`http_limits`), scoped to that call, so a lost se
 minutes, and the process environment is left as it was.
 
 Privacy: MLflow receives no file or folder path (exports name folders after patients) and no patient
-identifier: :func:`sanitised_params`, :func:`sanitised_config`, :func:`sanitised_datalist` and
-:func:`sanitised_report` replace them by short content hashes.
+identifier: :func:`sanitised_params` and :func:`sanitised_config` replace paths by hashes of the path
+(:func:`path_id`), :func:`sanitised_datalist` keeps items by their content hash and hashed patient, and
+:func:`sanitised_report` hashes file names and blanks path-like text in reasons.
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ import torch
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
-from wsr_med.errors import WsrMedError
-from wsr_med.runs import latest_checkpoint
+from wsr_med.runs import latest_checkpoint, refuse_finished
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -84,9 +83,7 @@ class TrainingCheckpoint:
             self._saver = None
 
     def _refuse_finished(self, engine: Engine) -> None:
-        if self.epochs_done >= self.max_epochs:
-            raise WsrMedError(f"{self.save_dir} holds a finished run ({self.epochs_done} of max_epochs={self.max_epochs}); "
-                              "use another output_dir, or raise max_epochs to continue training it.")
+        refuse_finished(self.save_dir, self.max_epochs)
 
     def _fit_schedule(self, engine: Engine) -> None:
         """Give a restored cosine schedule the run's (new) length, continuing from the epochs done."""

@@ -16,7 +16,7 @@ from wsr_med.data.readers import MAX_PIXELS
 from wsr_med.data.scan import DEFAULT_PATIENT_PATTERN
 from wsr_med.data.synthetic import SIDES
 from wsr_med.errors import WsrMedError
-from wsr_med.runs import RunFolder
+from wsr_med.runs import CLASS_BALANCE, RunFolder
 
 __all__ = ["SYNTHETIC", "PreparedData", "imbalance_warning", "class_names", "prepare_data", "prepare_evaluation", "prepare_unlabelled"]
 
@@ -88,8 +88,8 @@ class PreparedData:
 
     def sampler(self, class_balance: str = "none", seed: int = 0) -> torch.utils.data.Sampler | None:
         """A class-balanced ``WeightedRandomSampler`` for ``class_balance="sampler"``, else None."""
-        if class_balance not in ("none", "weighted_loss", "sampler"):
-            raise ValueError(f"class_balance must be none, weighted_loss or sampler, got '{class_balance}'")
+        if class_balance not in CLASS_BALANCE:
+            raise WsrMedError(f"class_balance must be one of {', '.join(CLASS_BALANCE)}, got '{class_balance}'")
         if class_balance != "sampler":
             return None
         labels = np.array([i["label"] for i in self.training])
