@@ -186,8 +186,10 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
     else:
         workflow = {"evaluate": "evaluate", "predict": "inference"}[args.command]
         overrides = _overrides(args)
+        # the run folder train wrote by default (inference.json on its own reads the bundle's models/)
+        output = overrides.setdefault("output_dir", bundle_default("output_dir", args.bundle_root))
         run_workflow(workflow, args.bundle_root, **overrides)
-        _print_results(overrides.get("output_dir", bundle_default("output_dir", args.bundle_root)), args.tracking_uri)
+        _print_results(output, args.tracking_uri)
 
 
 def main(argv: list[str] | None = None) -> int:

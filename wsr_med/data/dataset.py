@@ -78,6 +78,10 @@ class VerifiedPersistentDataset(PersistentDataset):
 
     SUFFIX = ".cache"
 
+    def __init__(self, data, transform, cache_dir: str | Path, **kwargs):
+        super().__init__(data, transform, cache_dir=None, **kwargs)
+        self.cache_dir = Path(cache_dir)  # made on the first write: building a workflow writes nothing
+
     def _cachecheck(self, item_transformed):
         entry = Path(self.cache_dir) / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}{self.SUFFIX}"
         if entry.is_file():
@@ -98,6 +102,7 @@ class VerifiedPersistentDataset(PersistentDataset):
         torch.save(item, buffer)
         payload = buffer.getvalue()
         try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=entry.parent, prefix=".tmp-", delete=False) as f:
                 f.write(hashlib.sha256(payload).digest() + payload)
             os.replace(f.name, entry)

@@ -25,7 +25,7 @@ from wsr_med.data.profile import scan_profile
 from wsr_med.data.readers import MAX_PIXELS, ScanReadError, dicom_patient_id, read_scan, scan_format, suffix_of
 from wsr_med.errors import WsrMedError
 
-__all__ = ["DatasetScan", "scan_folder", "scan_manifest", "hash_id", "DEFAULT_PATIENT_PATTERN"]
+__all__ = ["DatasetScan", "NoValidScans", "scan_folder", "scan_manifest", "hash_id", "DEFAULT_PATIENT_PATTERN"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,14 @@ def hash_id(value: str) -> str:
     """
     # surrogateescape: an id taken from a non-UTF-8 file name hashes its original bytes
     return hmac.new(_id_key(), f"{_ID_SALT}:{value}".encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:16]
+
+
+class NoValidScans(WsrMedError):
+    """Every candidate file was rejected; ``scan`` holds the reasons (``scan.bad_files``)."""
+
+    def __init__(self, message: str, scan: "DatasetScan"):
+        super().__init__(message)
+        self.scan = scan
 
 
 @dataclass
@@ -175,7 +183,7 @@ def _finish(scan: DatasetScan, source: Path, report: str | Path | None) -> Datas
         scan.write_report(report)
     if not scan.items:
         where = f"; the list is in {report}" if report is not None else ""
-        raise WsrMedError(f"{source}: no valid scans found ({len(scan.bad_files)} files rejected{where}).")
+        raise NoValidScans(f"{source}: no valid scans found ({len(scan.bad_files)} files rejected{where}).", scan)
     logger.info("%s: %d valid scans in %d classes %s, %d rejected", source, len(scan.items), len(scan.classes),
                 scan.class_counts, len(scan.bad_files))
     return scan

@@ -14,6 +14,11 @@ Scans are written as DICOM (16-bit DX, MONOCHROME2 or MONOCHROME1 with a rescale
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +28,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import zoom
 
-__all__ = ["SIDES", "synthetic_image", "make_synthetic_folder", "write_dicom"]
+__all__ = ["SIDES", "synthetic_image", "make_synthetic_folder", "synthetic_dataset", "write_dicom"]
 
 SIDES = ("left", "right", "above", "below")
 
@@ -127,4 +132,34 @@ def make_synthetic_folder(root: str | Path, n_per_class: int = 100, image_size: 
             else:
                 Image.fromarray(np.round(image * 255).astype(np.uint8)).save(path)
             n += 1
+    return root
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("WSR_MED_CACHE") or Path.home() / ".cache" / "wsr_med")
+
+
+def synthetic_dataset(n_per_class: int = 150, image_size: int = 256, n_classes: int = 2, seed: int = 1234) -> Path:
+    """The folder of ``dataset_dir=synthetic``: written once per set of options in the user's cache
+    (``$WSR_MED_CACHE``, else ``~/.cache/wsr_med``), then shared by every run that asks for it.
+
+    Not in the run folder: building a workflow (MONAI apps do it to check a bundle) must not write
+    into the working folder, and a study of many runs needs one copy. Written to a temporary folder
+    and renamed, so a folder that exists is complete; the same options always give the same pixels.
+    """
+    options = {"n_per_class": int(n_per_class), "image_size": int(image_size), "n_classes": int(n_classes), "seed": int(seed)}
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
+    root = _cache_root() / "synthetic" / digest
+    if root.is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root.parent))
+    try:
+        make_synthetic_folder(tmp, **options)
+        os.replace(tmp, root)
+    except OSError:
+        if not root.is_dir():  # another process renamed its copy first: use that one
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root

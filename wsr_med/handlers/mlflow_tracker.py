@@ -25,7 +25,7 @@ from wsr_med.tracking import tolerant
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["MLflowTracker"]
+__all__ = ["MLflowTracker", "fold_in_monai_tracking"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,33 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name).split('+')[0]}" for name in ("wsr_med", "torch", "monai", "numpy")]
+
+
+def fold_in_monai_tracking(engine: Engine) -> None:
+    """Remove the events of MONAI's own MLFlowHandler (``monai.bundle run --tracking mlflow`` adds one to each engine).
+
+    It would log to the same MLflow run again (every metric twice, ``lr_group_0``) or open a second run, and
+    it logs the executed config, folder paths included. wsr_med's handlers already log each metric once per
+    epoch and the run's config as a file (``run/config.json``, paths hashed). Called when an engine starts.
+    """
+    def owner(func):
+        parent = getattr(func, "_parent", None)  # ignite wraps filtered handlers
+        return getattr(parent() if parent is not None else func, "__self__", None)
+
+    def monai_own(func) -> bool:
+        other = owner(func)
+        return isinstance(other, MLFlowHandler) and not isinstance(other, MLflowTracker)
+
+    folded = False
+    for handlers in engine._event_handlers.values():
+        kept = [h for h in handlers if not monai_own(h[0])]
+        if len(kept) < len(handlers):
+            # in place: the engine is iterating this very list (STARTED), and must see what is attached to it now
+            handlers[:] = kept
+            folded = True
+    if folded:
+        logger.info("MONAI's MLflow tracking (--tracking mlflow) is folded into wsr_med's: one MLflow run, each metric "
+                    "once per epoch, no folder paths; the executed config stays on this machine")
 
 
 class MLflowTracker(MLFlowHandler):
@@ -68,9 +95,11 @@ class MLflowTracker(MLFlowHandler):
     def __init__(self, tracking_uri: str, output_dir: str | Path, params: dict | None = None, log_model: bool = False,
                  registered_model_name: str = "", input_shape: Sequence[int] = (1, 224, 224), parent_run_id: str = "",
                  **kwargs) -> None:
-        super().__init__(tracking_uri=tracking_uri, experiment_param=tracking.sanitised_params(params or {}), **kwargs)
-        # The configured URI, not MONAI's preference for $MLFLOW_TRACKING_URI: the config already defaults to it.
-        self.client = tracking.client(tracking_uri)
+        # MONAI's handler opens the tracking store when it is built, and MONAI apps build a workflow to inspect
+        # it: it is built (and the store opened) when the engine starts, in _open.
+        self._monai_kwargs = {"tracking_uri": tracking_uri, "experiment_param": tracking.sanitised_params(params or {}),
+                              **kwargs}
+        self._opened = False
         self.tracking_uri = tracking_uri
         self.output_dir = Path(output_dir)
         self.policy = tracking.Tolerant(tracking_uri, keeps=str(output_dir))
@@ -82,11 +111,22 @@ class MLflowTracker(MLFlowHandler):
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
 
-        super().attach(engine)
+        engine.add_event_handler(Events.STARTED, self._open)
         engine.add_event_handler(Events.EPOCH_STARTED, self._read_lr)  # before the scheduler steps
         if self.log_model:
             engine.add_event_handler(Events.COMPLETED, self.log_best_model)
             engine.add_event_handler(Events.COMPLETED, self._restore_signals)
+
+    def _open(self, engine: Engine) -> None:
+        """Build MONAI's handler and attach it (its ``start`` runs in this same STARTED event), once."""
+        if self._opened:
+            return
+        self._opened = True
+        super().__init__(**self._monai_kwargs)
+        # The configured URI, not MONAI's preference for $MLFLOW_TRACKING_URI: the config already defaults to it.
+        self.client = tracking.client(self.tracking_uri)
+        fold_in_monai_tracking(engine)
+        super().attach(engine)
 
     def _read_lr(self, engine: Engine) -> None:
         optimizer = getattr(engine, "optimizer", None)  # trainers only

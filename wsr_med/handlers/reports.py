@@ -13,6 +13,7 @@ import torch
 
 from wsr_med import tracking
 from wsr_med.data.csv_files import write_csv
+from wsr_med.handlers.mlflow_tracker import fold_in_monai_tracking
 from wsr_med.metrics import (
     classification_metrics,
     collapse_warning,
@@ -52,6 +53,8 @@ class _Collector:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.STARTED, self._reset)
+        if not engine.has_event_handler(fold_in_monai_tracking, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, fold_in_monai_tracking)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self.finish)
 

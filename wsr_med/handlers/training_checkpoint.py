@@ -65,22 +65,25 @@ class TrainingCheckpoint:
             logger.info("resuming from %s", self.resume_from)
             CheckpointLoader(str(self.resume_from), objects, map_location=self.map_location).attach(engine)
             engine.add_event_handler(Events.STARTED, self._fit_schedule)  # after the loader: it sees the restored state
-        self._saver = Checkpoint(
-            objects,
+        self._objects = objects
+        # Built when the first epoch starts (the saver makes its folder; MONAI apps build the trainer to inspect it),
+        # after every handler, those attached at STARTED (the MLflow tracker) too: the save is the epoch's last act.
+        engine.add_event_handler(Events.EPOCH_STARTED, self._attach_saver)
+
+    def _attach_saver(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        if self._objects is None:
+            return
+        saver = Checkpoint(
+            self._objects,
             DiskSaver(str(self.save_dir), atomic=True, require_empty=False),
             n_saved=1,
             filename_pattern="checkpoint_epoch={global_step}.{ext}",
             global_step_transform=lambda e, _: e.state.epoch,
         )
-        # Registered at start, hence after the handlers attached later: the save is the epoch's last act.
-        engine.add_event_handler(Events.STARTED, self._attach_saver)
-
-    def _attach_saver(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        if self._saver is not None:
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self._saver)
-            self._saver = None
+        engine.add_event_handler(Events.EPOCH_COMPLETED, saver)
+        self._objects = None
 
     def _refuse_finished(self, engine: Engine) -> None:
         refuse_finished(self.save_dir, self.max_epochs)

@@ -295,13 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     args.tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
     extra = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.dataset_dir == "synthetic":  # one generated folder for the whole study, not one per cell
-        from wsr_med.data import make_synthetic_folder
+        from wsr_med.data import synthetic_dataset
 
-        root = Path(args.output_dir) / "synthetic_data"
-        if not (root / ".complete").is_file():
-            make_synthetic_folder(root, **{"n_per_class": 150, "image_size": 256, "n_classes": 2, "seed": 1234, **extra.pop("synthetic", {})})
-            (root / ".complete").write_text("")
-        args.dataset_dir = str(root)
+        args.dataset_dir = str(synthetic_dataset(**extra.pop("synthetic", {})))
     output = Path(args.output_dir)
     heads = ["gap"] + [h for h in args.heads if h != "gap"]  # the reference first
     cells = [Cell(b, s, h, f) for b, s, h, f in itertools.product(args.backbones, args.sizes, heads, range(args.folds))]

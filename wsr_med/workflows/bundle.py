@@ -13,11 +13,15 @@ BUNDLE = Path(str(files("wsr_med") / "bundles" / "wise_srnet_classification"))
 
 
 def config_files(workflow: str, bundle_root: Path = BUNDLE) -> list[str]:
-    """``train.json``, plus ``<workflow>.json`` (an override on it) for ``evaluate``, ``inference``, ``multi_gpu_train``."""
+    """``inference.json`` alone (it stands alone, as in the model zoo); ``train.json`` for ``train``, with
+    ``<workflow>.json`` on top (an override) for ``evaluate`` and ``multi_gpu_train``."""
     configs = Path(bundle_root) / "configs"
-    if not (configs / "train.json").is_file():
+    first = "inference.json" if workflow == "inference" else "train.json"
+    if not (configs / first).is_file():
         raise FileNotFoundError(f"bundle not found in {bundle_root} (wsr-med bundle-path prints the installed one)")
-    return [str(configs / "train.json")] + ([str(configs / f"{workflow}.json")] if workflow != "train" else [])
+    if workflow in ("train", "inference"):
+        return [str(configs / first)]
+    return [str(configs / "train.json"), str(configs / f"{workflow}.json")]
 
 
 def run_workflow(workflow: str, bundle_root: Path = BUNDLE, **overrides) -> None:

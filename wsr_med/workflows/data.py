@@ -1,19 +1,24 @@
-"""Turn a dataset location into the split items of a run, writing the datalist and the bad-file report."""
+"""Turn a dataset location into the split items of a run; ``write()`` saves the datalist and the bad-file report.
+
+Scanning only reads: building a workflow (MONAI apps do it to check a bundle's properties) writes
+nothing. The workflow's ``run`` calls ``write()`` once its checks have passed.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from wsr_med.data import DatasetScan, make_synthetic_folder, read_datalist, scan_folder, scan_manifest, split_items, write_datalist
+from wsr_med.data import DatasetScan, read_datalist, scan_folder, scan_manifest, split_items, synthetic_dataset, write_datalist
 from wsr_med.data.profile import training_profile, unlike_training
 from wsr_med.data.readers import MAX_PIXELS
-from wsr_med.data.scan import DEFAULT_PATIENT_PATTERN
+from wsr_med.data.scan import DEFAULT_PATIENT_PATTERN, NoValidScans
 from wsr_med.data.synthetic import SIDES
 from wsr_med.errors import WsrMedError
 from wsr_med.runs import CLASS_BALANCE, RunFolder
@@ -49,19 +54,6 @@ def class_names(dataset_dir: str, synthetic_classes: int = 2) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _resolve_dataset(dataset_dir: str, output_dir: Path, synthetic: dict) -> str:
-    """``synthetic`` becomes a folder generated once under ``output_dir`` (by rank 0)."""
-    if dataset_dir != SYNTHETIC:
-        return dataset_dir
-    root = output_dir / "synthetic_data"
-    if _rank() == 0 and not (root / ".complete").exists():
-        logger.info("generating the synthetic hospital folder in %s", root)
-        make_synthetic_folder(root, **synthetic)
-        (root / ".complete").write_text(json.dumps(synthetic))
-    _barrier()
-    return str(root)
-
-
 @dataclass
 class PreparedData:
     """The scanned, split dataset of a run; items carry absolute image paths."""
@@ -73,6 +65,13 @@ class PreparedData:
     datalist: Path | None = None
     bad_files_report: Path | None = None
     n_bad_files: int = 0
+    _writer: Callable[[], None] | None = field(default=None, repr=False)
+
+    def write(self) -> None:
+        """Save what the scan found (datalist, bad-file report, training profile) on rank 0; once."""
+        if self._writer is not None and _rank() == 0:
+            self._writer()
+        self._writer = None
 
     @property
     def num_classes(self) -> int:
@@ -101,10 +100,17 @@ def _absolute(scan: DatasetScan, items: list[dict]) -> list[dict]:
     return [{**i, "image": str(scan.root / i["image"]), "relative_path": i["image"]} for i in items]
 
 
-def _scan(dataset_dir: str, classes: list[str] | None, report: Path | None, **options) -> DatasetScan:
-    if Path(dataset_dir).suffix.lower() == ".csv":
-        return scan_manifest(dataset_dir, classes=classes, report=report, **options)
-    return scan_folder(dataset_dir, classes=classes, report=report, **options)
+def _scan(dataset_dir: str, classes: list[str] | None, report: Path, labelled: bool = True, **options) -> DatasetScan:
+    """Scan a folder or manifest, writing nothing; when every file is rejected, the report (the user's list
+    of what to fix) is written to ``report`` before the error."""
+    try:
+        if Path(dataset_dir).suffix.lower() == ".csv":
+            return scan_manifest(dataset_dir, classes=classes, **options)
+        return scan_folder(dataset_dir, classes=classes, labelled=labelled, **options)
+    except NoValidScans as e:
+        if _rank() == 0:
+            e.scan.write_report(report)
+        raise WsrMedError(f"{str(e).rstrip('.')}; the list is in {report}).") from None
 
 
 IMBALANCE_RATIO = 2.0  # largest class / smallest class above which class_balance=none is warned about
@@ -150,10 +156,11 @@ def prepare_data(
     max_pixels: int = MAX_PIXELS,
     compare_with: str | None = None,
 ) -> PreparedData:
-    """Scan ``dataset_dir``, split it at the patient level and write ``datalist.json`` and ``bad_files.csv`` in ``output_dir``.
+    """Scan ``dataset_dir`` and split it at the patient level; :meth:`PreparedData.write` then saves
+    ``datalist.json``, ``bad_files.csv`` and ``profile.json`` in ``output_dir``.
 
     A run that continues in ``output_dir`` keeps its ``datalist.json``: the new scan must give the same
-    split, or the run is refused (the data changed under it).
+    split, or ``write()`` refuses the run (the data changed under it).
 
     Args:
         dataset_dir: a class-per-folder directory, a CSV manifest, or ``synthetic``.
@@ -163,7 +170,7 @@ def prepare_data(
         num_workers: processes that decode files during the scan.
         classes: fix the class names (evaluation on another folder with a trained model's classes).
         split: ``train`` splits the data; ``all`` puts every scan in ``test`` (evaluation of a whole folder).
-        synthetic: options of :func:`wsr_med.data.make_synthetic_folder` for ``dataset_dir=synthetic``.
+        synthetic: options of :func:`wsr_med.data.synthetic_dataset` for ``dataset_dir=synthetic``.
         patient_pattern: regular expression whose first group is the patient id in a file name, used when
             neither the manifest nor the DICOM header gives one (see :data:`wsr_med.data.scan.DEFAULT_PATIENT_PATTERN`).
         reject_degenerate: report constant and tiny images as bad files.
@@ -173,14 +180,13 @@ def prepare_data(
             run's training data ("" when it does not), see :mod:`wsr_med.data.profile`.
     """
     output = Path(output_dir)
-    dataset_dir = _resolve_dataset(str(dataset_dir), output, dict(synthetic or {}))
+    if str(dataset_dir) == SYNTHETIC:
+        dataset_dir = str(synthetic_dataset(**dict(synthetic or {})))
     prefix = "" if split == "train" else "eval_"
     datalist = output / f"{prefix}{RunFolder.DATALIST}"
     report = output / f"{prefix}{RunFolder.BAD_FILES}"
-    continuing = split == "train" and datalist.is_file()  # a continued run keeps its files
-    scan = _scan(dataset_dir, classes, report if _rank() == 0 and not continuing else None, spatial_dims=spatial_dims,
-                 num_workers=num_workers, patient_pattern=patient_pattern, reject_degenerate=reject_degenerate,
-                 max_pixels=max_pixels)
+    scan = _scan(dataset_dir, classes, report, spatial_dims=spatial_dims, num_workers=num_workers,
+                 patient_pattern=patient_pattern, reject_degenerate=reject_degenerate, max_pixels=max_pixels)
     if split == "all":
         splits = {"training": [], "validation": [], "test": scan.items}
     elif split == "train":
@@ -195,16 +201,19 @@ def prepare_data(
         raise ValueError(f"split must be 'train' or 'all', got '{split}'")
     settings = {"dataset_dir": str(dataset_dir), "seed": seed, "val_fraction": val_fraction,
                 "test_fraction": test_fraction, "n_folds": n_folds, "fold": fold, "split": split}
-    if _rank() == 0:
-        if continuing:
+
+    def write() -> None:
+        if split == "train" and datalist.is_file():  # a continued run keeps its files, and its data
             if not _same_split(datalist, splits):
                 raise WsrMedError(f"{dataset_dir} no longer gives the split this run in {output} was trained on "
                                   f"(files added, removed or changed); use another output_dir for the new data.")
-        else:
-            write_datalist(datalist, scan, splits, **settings)
-            if split == "train":
-                profile = training_profile([scan.profiles[i["image"]] for i in splits["training"]])
-                (output / RunFolder.PROFILE).write_text(json.dumps(profile, indent=1))
+            return
+        scan.write_report(report)
+        write_datalist(datalist, scan, splits, **settings)
+        if split == "train":
+            profile = training_profile([scan.profiles[i["image"]] for i in splits["training"]])
+            (output / RunFolder.PROFILE).write_text(json.dumps(profile, indent=1))
+
     if compare_with is not None:
         _flag_unlike_training(scan, compare_with)
         if scan.bad_files:
@@ -217,6 +226,7 @@ def prepare_data(
         datalist=datalist,
         bad_files_report=report,
         n_bad_files=len(scan.bad_files),
+        _writer=write,
     )
 
 
@@ -243,14 +253,14 @@ def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[st
     """
     predictions_file = Path(predictions_file)
     report = predictions_file.with_name(predictions_file.stem + "_bad_files.csv")
-    scan = scan_folder(dataset_dir, spatial_dims=spatial_dims, num_workers=num_workers, classes=classes, labelled=False,
-                       reject_degenerate=reject_degenerate, report=report, max_pixels=max_pixels)
+    scan = _scan(dataset_dir, classes, report, labelled=False, spatial_dims=spatial_dims, num_workers=num_workers,
+                 reject_degenerate=reject_degenerate, max_pixels=max_pixels)
     if run_dir is not None:
         _flag_unlike_training(scan, run_dir)
     items = [{"image": str(scan.root / i["image"]), "relative_path": i["image"],
               "unlike_training": i.get("unlike_training", "")} for i in scan.items]
-    return PreparedData(classes=list(classes), training=[], validation=[], test=items,
-                        bad_files_report=report, n_bad_files=len(scan.bad_files))
+    return PreparedData(classes=list(classes), training=[], validation=[], test=items, bad_files_report=report,
+                        n_bad_files=len(scan.bad_files), _writer=lambda: scan.write_report(report))
 
 
 def prepare_evaluation(dataset_dir: str, run_dir: str, eval_dir: str, classes: list[str], eval_split: str = "all",
