@@ -164,24 +164,93 @@ def test_predictions_csv(trained):
         assert (trained["unlabelled"] / row["path"]).is_file()
 
 
-def test_verify_net_in_out_and_ckpt_export(trained, hospital, tmp_path):
+def test_inference_json_alone_passes_verify_net_in_out_and_ckpt_export(trained, tmp_path):
+    """The zoo's tools read inference.json alone; with a run folder's output_dir the network is the trained one."""
     base = [sys.executable, "-m", "monai.bundle"]
-    meta = ["--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "train.json")]
-    subprocess.run([*base, "verify_net_in_out", "network_def", *meta], check=True, capture_output=True)
+    common = ["--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.json"),
+              "--output_dir", str(trained["out"])]
+    shape = ["--_meta_#network_data_format#inputs#image#spatial_shape", "[64, 64]",
+             "--_meta_#network_data_format#outputs#pred#num_channels", "3"]
+    checked = subprocess.run([*base, "verify_net_in_out", "network_def", *common, *shape], capture_output=True, text=True)
+    assert checked.returncode == 0 and "verified with no error" in checked.stdout + checked.stderr, checked.stderr[-2000:]
     ts = tmp_path / "model.ts"
-    # with evaluate.json on top, the network comes from the run folder: no settings to repeat
-    configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
     subprocess.run([*base, "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(trained["out"] / "model.pt"),
-                    "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", configs, "--output_dir", str(trained["out"])],
-                   check=True, capture_output=True)
-    exported = torch.jit.load(ts)
+                    *common], check=True, capture_output=True)
     from wsr_med.networks import WiseSrNet
 
     local = WiseSrNet(out_channels=3, img_size=64, backbone_kwargs=TINY["backbone_kwargs"]).eval()
     local.load_state_dict(torch.load(trained["out"] / "model.pt", weights_only=True))
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(exported(x), local(x))
+        torch.testing.assert_close(torch.jit.load(ts)(x), local(x))
+
+
+def test_exported_bundle_passes_the_model_zoo_checks_and_runs_from_its_folder(trained, hospital, tmp_path, monkeypatch):
+    """wsr-med export-bundle: the zoo's full-mode checks pass; load() gives every trained tensor; inference.json
+    runs from inside the bundle with nothing repeated; the run's numbers are in metadata and docs; no path leaks."""
+    from monai.bundle import load
+
+    import zoo_checks
+    from wsr_med.workflows.export import export_bundle
+
+    schema = Path(__file__).resolve().parents[2] / "shared" / "reference" / "meta_schema_20240725.json"
+    if not schema.is_file():
+        pytest.skip("../shared/reference not present")
+    bundle = export_bundle(trained["out"], tmp_path / "zoo" / "tiny_wise", data_license=None)
+    with pytest.raises(Exception, match="never overwrites"):
+        export_bundle(trained["out"], bundle)
+    assert zoo_checks.verify(str(bundle), str(schema)) == ["directory", "version and changelog", "metadata format",
+                                                             "properties", "data shape", "torchscript"]
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    evaluation = json.loads((trained["out"] / "eval" / "metrics.json").read_text())
+    assert metadata["eval_metrics"]["auc"] == round(evaluation["auc"], 4)
+    assert metadata["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "above", "1": "left", "2": "right"}
+    assert metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == [64, 64]
+    assert metadata["version"] in metadata["changelog"] and "wsr_med" in metadata["required_packages_version"]
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert f"{round(evaluation['auc'], 4)}" in readme and "## Performance" in readme and "## License" in readme
+    assert len((bundle / "LICENSE").read_text().splitlines()) > 150  # the Apache text, not a notice
+
+    trained_state = torch.load(trained["out"] / "model.pt", weights_only=True)
+    monkeypatch.chdir(tmp_path)  # load() from elsewhere creates nothing where it runs
+    before = set(tmp_path.rglob("*"))
+    net = load(name="tiny_wise", bundle_dir=str(tmp_path / "zoo"), workflow_type="inference", device="cpu")
+    assert set(tmp_path.rglob("*")) == before
+    assert net.state_dict().keys() == trained_state.keys()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in trained_state.items())
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(bundle / "models" / "model.ts")(x), net.eval()(x))
+
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                           "--dataset_dir", str(trained["unlabelled"]), "--num_workers", "0"],
+                          cwd=bundle, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(bundle / "eval" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {"prob_above", "prob_left", "prob_right"} <= set(rows[0])
+    for path in bundle.rglob("*"):  # neither the data's nor the run's location is in the bundle
+        if path.is_file() and path.suffix in (".json", ".md", ".yml", ".conf"):
+            text = path.read_text()
+            assert str(hospital) not in text and str(trained["out"]) not in text, path
+
+
+def test_monai_tracking_switch_is_folded_into_one_run(tmp_path, hospital):
+    """python -m monai.bundle run --tracking mlflow: one MLflow run, each metric once per epoch, the config as a file."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(tmp_path / "run"), "tracking_uri": uri,
+                "max_epochs": 2, "experiment_name": "switch", "registered_model_name": ""}
+    done = subprocess.run([*bundle_command(["train.json"], settings), "--tracking", "mlflow"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(uri)
+    experiments = [e for e in client.search_experiments() if e.name != "Default"]
+    assert [e.name for e in experiments] == ["switch"]
+    _, run = only_run(uri, "switch")
+    assert set(run.data.metrics) == {"train_loss", "val_auc", "val_accuracy", "val_loss", "learning_rate",
+                                     "val_auc_above", "val_auc_left", "val_auc_right"}
+    for metric in run.data.metrics:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2], metric
+    assert "run/config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "run")}
 
 
 def free_port() -> int:
@@ -340,26 +409,33 @@ def test_metadata_verifies_against_the_current_schema():
     assert result.returncode == 0 and "metadata is verified with no error" in result.stdout + result.stderr, result.stderr[-2000:]
 
 
-def test_workflows_are_property_clean_and_initialize_writes_nothing(trained, tmp_path, monkeypatch):
-    """MONAI apps check a bundle's properties and may initialize it to inspect it: nothing is written until run."""
+def test_workflows_are_property_clean_and_building_them_writes_nothing(trained, hospital, tmp_path, monkeypatch):
+    """MONAI apps build a bundle's workflows to check their properties: nothing is written until run."""
     from monai.bundle import ConfigWorkflow
 
     monkeypatch.chdir(tmp_path)
     common = {"meta_file": str(CONFIGS / "metadata.json"), "logging_file": str(CONFIGS / "logging.conf")}
-    fresh = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), workflow_type="train", output_dir=str(tmp_path / "new"),
-                           **common)
+    fresh = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), workflow_type="train", **common,
+                           **{**TINY, "dataset_dir": str(hospital), "output_dir": str(tmp_path / "new"), "max_epochs": 1,
+                              "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     fresh.initialize()
-    assert list(tmp_path.iterdir()) == []  # no run folder, no MLflow store, no synthetic data
+    assert fresh.check_properties() == []
+    assert list(tmp_path.iterdir()) == []  # no run folder, no checkpoint folder, no MLflow store, no cache
     run = trained["settings"]
-    train = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), workflow_type="train", **common, **run)
-    train.initialize()
-    assert train.check_properties() == []
-    for overlay in ("evaluate.json", "inference.json"):
-        workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / overlay)], workflow_type="infer",
-                                  output_dir=run["output_dir"], dataset_dir=run["dataset_dir"], tracking_uri=run["tracking_uri"],
-                                  num_workers=0, **common)
+    workflows = {
+        "evaluate": ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")], workflow_type="infer",
+                                   output_dir=run["output_dir"], dataset_dir=run["dataset_dir"], tracking_uri=run["tracking_uri"],
+                                   num_workers=0, **common),
+        "inference": ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), workflow_type="infer",
+                                    output_dir=run["output_dir"], dataset_dir=str(tmp_path / "not_there"), **common),
+    }
+    for name, workflow in workflows.items():
         workflow.initialize()
-        assert workflow.check_properties() == [], overlay
+        assert workflow.check_properties() == [], name
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(Exception) as failure:  # a missing folder is an error when the workflow runs
+        workflows["inference"].run()
+    assert "not_there" in f"{failure.value} {failure.value.__cause__}"
 
 
 def test_sigterm_marks_the_mlflow_run_killed_and_resume_says_so(tmp_path, hospital):

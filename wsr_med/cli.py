@@ -8,6 +8,7 @@
     wsr-med predict --output-dir runs/a --dataset-dir data/unlabelled
     wsr-med ablate --dataset-dir data/hospital --heads gap wise --sizes 224 512 --folds 5
     wsr-med bench heads | io | batchnorm           # speed, memory and BatchNorm benchmarks
+    wsr-med export-bundle --output-dir runs/a --bundle-dir bundles/chest_v1   # a model-zoo bundle of a trained run
     wsr-med bundle-path                            # the installed MONAI bundle, for python -m monai.bundle run
 
 Every workflow command runs ``monai.bundle run`` on the bundle with the options as overrides, so
@@ -159,6 +160,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: 'heads' (speed/memory per head), 'io' (reading scans), "
                            "'batchnorm' (eval-mode outputs after a short training)", add_help=False)
     bench.add_argument("which", choices=["heads", "io", "batchnorm"])
+    ex = sub.add_parser("export-bundle", help="turn a trained run folder into a self-contained MONAI model-zoo bundle")
+    ex.add_argument("--output-dir", required=True, help="the trained run folder")
+    ex.add_argument("--bundle-dir", required=True, help="the new bundle folder (must not exist)")
+    ex.add_argument("--version", default="1.0.0", help="the bundle's version (default 1.0.0)")
+    ex.add_argument("--data-license", help="a text file with the training data's licence (docs/data_license.txt)")
+    ex.add_argument("--name", help="the bundle's name (default: from the run name)")
     sub.add_parser("bundle-path", help="print the folder of the installed MONAI bundle")
     return parser
 
@@ -179,6 +186,12 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
         {"heads": bench_heads, "io": bench_io, "batchnorm": bench_batchnorm}[args.which].main(rest)
     elif args.command == "bundle-path":
         print(BUNDLE)
+    elif args.command == "export-bundle":
+        from wsr_med.workflows.export import export_bundle
+
+        bundle = export_bundle(args.output_dir, args.bundle_dir, args.version, args.data_license, args.name)
+        print(f"bundle written to {bundle}; run it from there: python -m monai.bundle run --config_file "
+              "configs/inference.json --dataset_dir <scans>")
     elif args.command == "demo":
         demo(args)
     elif args.command == "train":

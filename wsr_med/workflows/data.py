@@ -100,17 +100,37 @@ def _absolute(scan: DatasetScan, items: list[dict]) -> list[dict]:
     return [{**i, "image": str(scan.root / i["image"]), "relative_path": i["image"]} for i in items]
 
 
-def _scan(dataset_dir: str, classes: list[str] | None, report: Path, labelled: bool = True, **options) -> DatasetScan:
-    """Scan a folder or manifest, writing nothing; when every file is rejected, the report (the user's list
-    of what to fix) is written to ``report`` before the error."""
+def _scan(dataset_dir: str, classes: list[str] | None, report: Path, labelled: bool = True, fail_on_run: bool = False,
+          **options) -> DatasetScan | PreparedData:
+    """Scan a folder or manifest, writing nothing. When every file is rejected the bad-file report (the user's
+    list of what to fix) is written to ``report`` before the error.
+
+    ``fail_on_run``: for evaluation and inference, whose workflows MONAI apps (and the model zoo's checks)
+    build without data: a missing folder, or one without a valid scan, returns data that writes the report
+    and raises the error when the workflow runs (in ``write()``), not when it is built.
+    """
     try:
-        if Path(dataset_dir).suffix.lower() == ".csv":
+        if labelled and Path(dataset_dir).suffix.lower() == ".csv":
             return scan_manifest(dataset_dir, classes=classes, **options)
         return scan_folder(dataset_dir, classes=classes, labelled=labelled, **options)
     except NoValidScans as e:
+        scan, error = e.scan, WsrMedError(f"{str(e).rstrip('.')}; the list is in {report}).")
+    except WsrMedError as e:
+        if not fail_on_run:
+            raise
+        scan, error = None, e
+
+    def fail() -> None:
+        if scan is not None:
+            scan.write_report(report)
+        raise error
+
+    if not fail_on_run:
         if _rank() == 0:
-            e.scan.write_report(report)
-        raise WsrMedError(f"{str(e).rstrip('.')}; the list is in {report}).") from None
+            fail()
+        raise error
+    return PreparedData(classes=list(classes or []), training=[], validation=[], test=[], bad_files_report=report,
+                        _writer=fail)
 
 
 IMBALANCE_RATIO = 2.0  # largest class / smallest class above which class_balance=none is warned about
@@ -185,8 +205,11 @@ def prepare_data(
     prefix = "" if split == "train" else "eval_"
     datalist = output / f"{prefix}{RunFolder.DATALIST}"
     report = output / f"{prefix}{RunFolder.BAD_FILES}"
-    scan = _scan(dataset_dir, classes, report, spatial_dims=spatial_dims, num_workers=num_workers,
-                 patient_pattern=patient_pattern, reject_degenerate=reject_degenerate, max_pixels=max_pixels)
+    options = {"spatial_dims": spatial_dims, "num_workers": num_workers, "patient_pattern": patient_pattern,
+               "reject_degenerate": reject_degenerate, "max_pixels": max_pixels}
+    scan = _scan(dataset_dir, classes, report, fail_on_run=split == "all", **options)
+    if isinstance(scan, PreparedData):
+        return scan
     if split == "all":
         splits = {"training": [], "validation": [], "test": scan.items}
     elif split == "train":
@@ -253,8 +276,10 @@ def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[st
     """
     predictions_file = Path(predictions_file)
     report = predictions_file.with_name(predictions_file.stem + "_bad_files.csv")
-    scan = _scan(dataset_dir, classes, report, labelled=False, spatial_dims=spatial_dims, num_workers=num_workers,
-                 reject_degenerate=reject_degenerate, max_pixels=max_pixels)
+    scan = _scan(dataset_dir, classes, report, labelled=False, fail_on_run=True, spatial_dims=spatial_dims,
+                 num_workers=num_workers, reject_degenerate=reject_degenerate, max_pixels=max_pixels)
+    if isinstance(scan, PreparedData):
+        return scan
     if run_dir is not None:
         _flag_unlike_training(scan, run_dir)
     items = [{"image": str(scan.root / i["image"]), "relative_path": i["image"],
