@@ -224,3 +224,18 @@ def test_tracking_can_be_turned_off(user):
     ok(wsr_med(home, "evaluate", "--output-dir", "runs/t", "--dataset-dir", "../hospital", "--tracking-uri", "none"))
     assert (home / "runs/t/model.pt").is_file() and (home / "runs/t/eval/metrics.json").is_file()
     assert not (home / "mlflow.db").exists() and not (home / "mlruns").exists() and not (home / "runs/t/mlflow_run_id").exists()
+
+
+def test_export_bundle_then_run_it_from_its_folder(user):
+    """The README's export step: a trained run becomes a zoo bundle a MONAI user runs with the commands they know."""
+    home = user["home"]
+    done = ok(wsr_med(home, "export-bundle", "--output-dir", "runs/a", "--bundle-dir", "exported/left_right"))
+    bundle = home / "exported" / "left_right"
+    assert "bundle written to exported/left_right" in done.stdout
+    refused(wsr_med(home, "export-bundle", "--output-dir", "runs/a", "--bundle-dir", "exported/left_right"), "never overwrites")
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["image_size"] == 96 and inference["classes"] == ["left", "right"]  # pinned, not read from the run
+    ok(subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                       "--dataset_dir", str(home / "new_scans")], cwd=bundle, capture_output=True, text=True, timeout=600))
+    with open(bundle / "eval" / "predictions.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 6
