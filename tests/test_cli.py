@@ -239,3 +239,25 @@ def test_export_bundle_then_run_it_from_its_folder(user):
                        "--dataset_dir", str(home / "new_scans")], cwd=bundle, capture_output=True, text=True, timeout=600))
     with open(bundle / "eval" / "predictions.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 6
+
+
+def test_operating_point_is_chosen_on_validation_and_used_by_evaluate_and_predict(user):
+    home, run = user["home"], user["run"]
+    calibration = json.loads((run / "calibration.json").read_text())
+    datalist = json.loads((run / "datalist.json").read_text())
+    best = json.loads((run / "best.json").read_text())
+    # fitted on the validation split of the best epoch: no other case (test split, evaluated folders) chooses it
+    assert calibration["n_cases"] == len(datalist["validation"]) and calibration["epoch"] == best["epoch"]
+    threshold = calibration["decision"]["threshold"]
+    before = (run / "calibration.json").read_bytes()
+    ok(wsr_med(home, "evaluate", "--output-dir", "runs/a", "--dataset-dir", "hospital"))
+    ok(wsr_med(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "new_scans"))
+    assert (run / "calibration.json").read_bytes() == before
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["operating_point"]["threshold"] == threshold and metrics["operating_point"]["rule"] == "youden"
+    assert len(metrics["operating_point"]["sensitivity"]) == 3  # value and 95% CI
+    assert metrics["calibration"]["temperature"] == calibration["decision"]["temperature"]
+    assert "Operating point" in (run / "eval" / "report.html").read_text()
+    with open(run / "predictions.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            assert row["predicted_class"] == ("right" if float(row["prob_right"]) >= threshold else "left")

@@ -27,3 +27,53 @@ def test_bootstrap_redraws_resamples_missing_a_class():
     groups = [np.array([0, 1]), np.array([1, 0, 1])]
     both = lambda idx: float(all(len(set(y[i])) == 2 for y, i in zip(groups, idx)))  # noqa: E731
     assert bootstrap_ci(groups, both, n_boot=50) == (1.0, 1.0)
+
+
+def test_operating_points_on_constructed_scores():
+    from wsr_med.metrics import choose_threshold
+
+    positive = np.array([0, 0, 0, 0, 1, 0, 1, 1, 1, 1], dtype=bool)
+    scores = np.arange(10) / 10  # one negative (0.5) among the positives
+    assert choose_threshold(positive, scores, "youden") == 0.4  # sensitivity 1, specificity 4/5
+    assert choose_threshold(positive, scores, "sensitivity:0.8") == 0.6  # highest threshold keeping 4 of 5 positives
+    assert choose_threshold(positive, scores, "specificity:1.0") == 0.6  # lowest threshold calling no negative
+    assert choose_threshold(positive, scores, "fixed:0.3") == 0.3
+    with pytest.raises(ValueError, match="operating_point must be one of"):
+        choose_threshold(positive, scores, "sensitivity:high")
+
+
+def test_temperature_scaling_fixes_an_overconfident_model_and_is_reapplied(tmp_path):
+    import json
+
+    from wsr_med.metrics import apply_temperature, fit_decision, negative_log_likelihood
+    from wsr_med.runs import RunFolder
+
+    rng = np.random.default_rng(0)
+    calibrated = rng.uniform(0.05, 0.95, 2000)
+    labels = (rng.random(2000) < calibrated).astype(int)  # each case positive with its stated probability
+    honest = np.stack([1 - calibrated, calibrated], 1)
+    overconfident = apply_temperature(honest, 0.25)  # the same ranking, four times too sharp
+    decision, fit = fit_decision(labels, overconfident, "youden")
+    assert decision.temperature == pytest.approx(4, rel=0.15) and fit["nll_after"] < fit["nll_before"] - 0.1
+    assert negative_log_likelihood(labels, decision.probabilities(overconfident)) == pytest.approx(fit["nll_after"])
+    (tmp_path / "best.json").write_text(json.dumps({"metric": "val_auc", "value": 0.8, "epoch": 3}))
+    (tmp_path / "classes.json").write_text(json.dumps(["a", "b"]))
+    (tmp_path / "calibration.json").write_text(json.dumps({"epoch": 3, "decision": decision.to_dict(), **fit}))
+    assert RunFolder(tmp_path).decision() == decision  # stored, read back, the same
+    (tmp_path / "best.json").write_text(json.dumps({"metric": "val_auc", "value": 0.9, "epoch": 4}))
+    assert RunFolder(tmp_path).decision().temperature == 1.0  # fitted for another epoch's weights: not used
+
+
+def test_operating_point_metrics_have_intervals():
+    from wsr_med.metrics import operating_point_metrics
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 200)
+    scores = np.clip(labels * 0.4 + rng.random(200) * 0.6, 0, 1)
+    m = operating_point_metrics(labels, scores, 0.5, n_boot=200)
+    called = scores >= 0.5
+    assert m["sensitivity"][0] == pytest.approx(called[labels == 1].mean())
+    assert m["specificity"][0] == pytest.approx((~called)[labels == 0].mean())
+    for key, (value, low, high) in m.items():
+        assert low <= value <= high, key
+    assert m["specificity_at_sensitivity_0.95"][0] <= m["specificity_at_sensitivity_0.90"][0]

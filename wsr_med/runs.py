@@ -160,6 +160,7 @@ class RunFolder:
     MLFLOW_RUN_ID = "mlflow_run_id"
     MLFLOW_MODEL_URI = "mlflow_model_uri"
     PROFILE = "profile.json"
+    CALIBRATION = "calibration.json"
     LOCK = ".lock"
 
     def __init__(self, path: str | Path) -> None:
@@ -220,6 +221,23 @@ class RunFolder:
         if wrong:
             raise WsrMedError(f"the model in {self.path} was trained with other settings: {', '.join(wrong)}. "
                               "Leave these settings out: evaluation and prediction use the trained ones.")
+
+    def decision(self):
+        """The run's :class:`wsr_med.metrics.Decision` (temperature, operating point) fitted on its validation
+        split at the best epoch; the identity (argmax, threshold 0.5 for binary tasks) for runs without one."""
+        from wsr_med.metrics import Decision
+
+        path = self.path / self.CALIBRATION
+        best = json.loads((self.path / self.BEST).read_text()) if (self.path / self.BEST).is_file() else {}
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            if doc.get("epoch") == best.get("epoch"):
+                return Decision(**doc["decision"])
+            logger.warning("%s belongs to epoch %s, model.pt to epoch %s: probabilities uncalibrated, threshold 0.5",
+                           path, doc.get("epoch"), best.get("epoch"))
+        binary = len(self.classes()) == 2
+        return Decision(threshold=0.5 if binary else None, operating_point="fixed:0.5" if binary else "argmax",
+                        fitted_on="none (the run has no calibration.json)")
 
     def training_profile(self) -> dict | None:
         """The training set's profile (:func:`wsr_med.data.profile.training_profile`), None for runs without one."""

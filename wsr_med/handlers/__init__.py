@@ -4,5 +4,5 @@ from wsr_med.handlers.best_model import BestModelSaver, atomic_save
 from wsr_med.handlers.constraint_handler import BatchNormWarmStart, ConstraintHandler
 from wsr_med.handlers.finite_loss import FiniteLossCheck
 from wsr_med.handlers.mlflow_tracker import MLflowTracker
-from wsr_med.handlers.reports import CollapseMonitor, EvaluationReporter, PredictionWriter
+from wsr_med.handlers.reports import CalibrationFitter, CollapseMonitor, EvaluationReporter, PredictionWriter
 from wsr_med.handlers.training_checkpoint import TrainingCheckpoint

@@ -15,9 +15,17 @@ from wsr_med import tracking
 from wsr_med.data.csv_files import write_csv
 from wsr_med.handlers.mlflow_tracker import fold_in_monai_tracking
 from wsr_med.metrics import (
+    Decision,
+    brier_score,
+    choose_threshold,
     classification_metrics,
     collapse_warning,
+    expected_calibration_error,
+    fit_decision,
     json_ready,
+    negative_log_likelihood,
+    operating_point_metrics,
+    parse_operating_point,
     plot_examples,
     plot_confusion,
     plot_reliability,
@@ -29,7 +37,7 @@ from wsr_med.runs import RunFolder
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["CollapseMonitor", "EvaluationReporter", "PredictionWriter"]
+__all__ = ["CalibrationFitter", "CollapseMonitor", "EvaluationReporter", "PredictionWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +107,49 @@ class CollapseMonitor(_Collector):
             logger.warning("epoch %s: validation %s", engine.state.epoch, self.warning)
 
 
+class CalibrationFitter(_Collector):
+    """On the validator: when this epoch's weights became ``model.pt`` (``best.json`` says so), fit the temperature
+    (by NLL) and the operating point on these validation cases and write ``calibration.json`` beside them.
+
+    Only validation cases are used: the test split and evaluated folders never choose a threshold.
+
+    Args:
+        run_dir: the run folder.
+        operating_point: ``youden``, ``sensitivity:0.95``, ``specificity:0.95`` or ``fixed:0.5`` (binary tasks;
+            multi-class decisions are the most probable class).
+    """
+
+    def __init__(self, run_dir: str | Path, operating_point: str = "youden") -> None:
+        super().__init__()
+        parse_operating_point(operating_point)  # a wrong rule is refused when the workflow is built
+        self.run = RunFolder(run_dir)
+        self.operating_point = operating_point
+
+    def finish(self, engine: Engine) -> None:
+        best_file = self.run / RunFolder.BEST
+        best = json.loads(best_file.read_text()) if best_file.is_file() else {}
+        epoch = int(engine.state.epoch)
+        if best.get("epoch") != epoch or not self.labels:
+            return
+        try:
+            decision, fit = fit_decision(np.array(self.labels), np.stack(self.probs), self.operating_point,
+                                         fitted_on=f"validation split, epoch {epoch}")
+        except ValueError as e:  # e.g. one class only in a tiny validation split
+            logger.warning("epoch %d: no calibration fitted (%s); evaluation and prediction use threshold 0.5", epoch, e)
+            (self.run / RunFolder.CALIBRATION).unlink(missing_ok=True)
+            return
+        doc = {"epoch": epoch, "decision": decision.to_dict(), **fit}
+        tmp = self.run / (RunFolder.CALIBRATION + ".tmp")
+        tmp.write_text(json.dumps(json_ready(doc), indent=1))
+        tmp.replace(self.run / RunFolder.CALIBRATION)
+        if not 0.051 < decision.temperature < 19.9:
+            logger.warning("epoch %d: the fitted temperature %.3g is at its bound: the %d validation cases are too few or "
+                           "perfectly separated to calibrate on", epoch, decision.temperature, len(self.labels))
+        logger.info("epoch %d: temperature %.3f (validation NLL %.4f -> %.4f)%s", epoch, decision.temperature,
+                    fit["nll_before"], fit["nll_after"],
+                    f", {self.operating_point} threshold {decision.threshold:.4f}" if decision.threshold is not None else "")
+
+
 class EvaluationReporter(_Collector):
     """Write ``metrics.json``, ROC / confusion / reliability PNGs, ``report.html`` and the per-case
     ``cases.csv`` (label and probabilities, for paired comparisons) to ``report_dir``; log them to MLflow.
@@ -106,8 +157,10 @@ class EvaluationReporter(_Collector):
     Args:
         classes: class names, in the model's order.
         report_dir: where the files go (created).
-        threshold: decision threshold on the positive class (binary tasks).
-        n_boot: bootstrap resamples for the AUC confidence interval.
+        decision: the run's temperature and operating point (:meth:`wsr_med.runs.RunFolder.decision`, fitted on
+            its validation split); probabilities are recalibrated with it before every figure.
+        threshold: a fixed threshold on the positive class instead of the run's (binary tasks); None: the run's.
+        n_boot: bootstrap resamples for the confidence intervals.
         run_dir: the training run folder; its MLflow run receives the report (prefix ``eval_``).
         tracking_uri: MLflow tracking URI; None or empty for no MLflow logging.
         tag: name of this evaluation in MLflow (metrics ``<tag>_auc``..., artifacts under ``<tag>/``).
@@ -119,13 +172,15 @@ class EvaluationReporter(_Collector):
 
     keep_thumbnails = True
 
-    def __init__(self, classes: list[str], report_dir: str | Path, threshold: float = 0.5, n_boot: int = 1000,
-                 run_dir: str | Path | None = None, tracking_uri: str | None = None, tag: str = "eval",
-                 provenance: dict | None = None) -> None:
+    def __init__(self, classes: list[str], report_dir: str | Path, decision: Decision | None = None,
+                 threshold: float | None = None, n_boot: int = 1000, run_dir: str | Path | None = None,
+                 tracking_uri: str | None = None, tag: str = "eval", provenance: dict | None = None) -> None:
         super().__init__()
         self.classes = list(classes)
         self.report_dir = Path(report_dir)
-        self.threshold = threshold
+        self.decision = decision or Decision(threshold=0.5 if len(self.classes) == 2 else None)
+        if threshold is not None:
+            self.decision = Decision(self.decision.temperature, float(threshold), f"fixed:{threshold}", "the threshold setting")
         self.n_boot = n_boot
         self.run_dir = Path(run_dir) if run_dir else None
         self.tracking_uri = tracking_uri
@@ -136,8 +191,12 @@ class EvaluationReporter(_Collector):
     def finish(self, engine: Engine) -> None:
         if not self.labels:
             raise ValueError("evaluation needs labelled cases; for unlabelled scans use the inference workflow")
-        labels, probs = np.array(self.labels), np.stack(self.probs)
-        self.metrics = classification_metrics(labels, probs, self.classes, self.threshold, self.n_boot)
+        labels, raw = np.array(self.labels), np.stack(self.probs)
+        probs = self.decision.probabilities(raw)
+        threshold = self.decision.threshold if self.decision.threshold is not None else 0.5
+        self.metrics = classification_metrics(labels, probs, self.classes, threshold, self.n_boot)
+        self.metrics["operating_point"] = self._operating_point(labels, probs)
+        self.metrics["calibration"] = self._calibration(labels, raw, probs)
         self.metrics["provenance"] = self.provenance
         collapsed = collapse_warning(probs)
         if collapsed:
@@ -154,10 +213,13 @@ class EvaluationReporter(_Collector):
         # 9 significant digits round-trip float32: AUC recomputed from the file matches metrics.json
         write_csv(self.report_dir / "cases.csv", ["path", "label", *[f"prob_{c}" for c in self.classes], "unlike_training"],
                   [[p, self.classes[y], *[f"{v:.9g}" for v in pr], u]
-                   for p, y, pr, u in zip(self.paths, self.labels, self.probs, self.unlike_training)])
+                   for p, y, pr, u in zip(self.paths, self.labels, probs, self.unlike_training)])
+        before = self.metrics["calibration"]
         plots = [plot_roc(labels, probs, self.classes, self.metrics, self.report_dir / "roc.png"),
                  plot_confusion(self.metrics, self.report_dir / "confusion_matrix.png"),
-                 plot_reliability(self.metrics, self.report_dir / "reliability.png")]
+                 plot_reliability(self.metrics, self.report_dir / "reliability.png"),
+                 plot_reliability({"ece": before["ece_before"], "reliability": before.pop("reliability_before")},
+                                  self.report_dir / "reliability_uncalibrated.png")]
         self._plots = plots
         examples = plot_examples(self.thumbnails, labels, probs, self.classes, self.report_dir / "examples.png")
         report = write_html_report(self.metrics, [*plots, *([examples] if examples else [])], self.report_dir / "report.html",
@@ -167,6 +229,31 @@ class EvaluationReporter(_Collector):
                     self.metrics["n"], self.metrics["auc_kind"], self.metrics["auc"], low, high, self.metrics["accuracy"],
                     self.metrics["balanced_accuracy"], report)  # NaN prints as nan
         self._log_mlflow()
+
+    def _operating_point(self, labels: np.ndarray, probs: np.ndarray) -> dict:
+        """Binary: the run's point with bootstrap CIs and the fixed-specificity/sensitivity points; multi-class:
+        argmax, and each class's one-vs-rest Youden point on these cases (for reference only: chosen on them)."""
+        point = {"rule": self.decision.operating_point, "chosen_on": self.decision.fitted_on}
+        if len(self.classes) == 2:
+            point["threshold"] = self.decision.threshold if self.decision.threshold is not None else 0.5
+            if len(np.unique(labels)) == 2:
+                point.update(operating_point_metrics(labels, probs[:, 1], point["threshold"], self.n_boot))
+            return point
+        point["one_vs_rest_youden_on_these_cases"] = {
+            c: {"threshold": t, "sensitivity": float((probs[labels == k, k] >= t).mean()),
+                "specificity": float((probs[labels != k, k] < t).mean())}
+            for k, c in enumerate(self.classes) if 0 < (labels == k).sum() < len(labels)
+            for t in [choose_threshold(labels == k, probs[:, k], "youden")]}
+        return point
+
+    def _calibration(self, labels: np.ndarray, raw: np.ndarray, probs: np.ndarray) -> dict:
+        """ECE, Brier score and NLL on these cases before and after the run's temperature."""
+        ece_before, reliability_before = expected_calibration_error(labels, raw)
+        return {"temperature": self.decision.temperature, "fitted_on": self.decision.fitted_on,
+                "ece_before": ece_before, "ece_after": expected_calibration_error(labels, probs)[0],
+                "brier_before": brier_score(labels, raw), "brier_after": brier_score(labels, probs),
+                "nll_before": negative_log_likelihood(labels, raw), "nll_after": negative_log_likelihood(labels, probs),
+                "reliability_before": reliability_before}
 
     def _log_mlflow(self) -> None:
         run_id = RunFolder(self.run_dir).mlflow_run_id if self.run_dir else None
@@ -183,7 +270,7 @@ class EvaluationReporter(_Collector):
         for k, v in values.items():
             if v == v:  # NaN is not a metric
                 client.log_metric(run_id, f"{self.tag}_{k}", float(v))
-        for name in ("metrics.json", "roc.png", "confusion_matrix.png", "reliability.png"):
+        for name in ("metrics.json", "roc.png", "confusion_matrix.png", "reliability.png", "reliability_uncalibrated.png"):
             client.log_artifact(run_id, str(self.report_dir / name), self.tag)
         with tempfile.TemporaryDirectory() as tmp:  # the report without example images: no image leaves the machine
             shared = write_html_report(self.metrics, self._plots, Path(tmp) / "report.html", provenance=self.provenance)
@@ -197,15 +284,20 @@ class PredictionWriter(_Collector):
     Args:
         classes: class names in the model's order (the class map saved with the model).
         output_file: the CSV path; written to a temporary name and renamed, never half-written.
+        decision: the run's temperature and operating point: the probabilities are calibrated with it and
+            ``predicted_class`` is its decision (binary: the threshold; multi-class: the most probable class).
     """
 
-    def __init__(self, classes: list[str], output_file: str | Path) -> None:
+    def __init__(self, classes: list[str], output_file: str | Path, decision: Decision | None = None) -> None:
         super().__init__()
         self.classes = list(classes)
         self.output_file = Path(output_file)
+        self.decision = decision or Decision()
 
     def finish(self, engine: Engine) -> None:
+        probs = self.decision.probabilities(np.stack(self.probs)) if self.probs else np.zeros((0, len(self.classes)))
+        predicted = self.decision.classes(probs)
         write_csv(self.output_file, ["path", "predicted_class", *[f"prob_{c}" for c in self.classes], "unlike_training"],
-                  [[path, self.classes[int(np.argmax(probs))], *[f"{p:.9g}" for p in probs], unlike]
-                   for path, probs, unlike in zip(self.paths, self.probs, self.unlike_training)])
+                  [[path, self.classes[int(k)], *[f"{p:.9g}" for p in row], unlike]
+                   for path, k, row, unlike in zip(self.paths, predicted, probs, self.unlike_training)])
         logger.info("predictions for %d scans written to %s", len(self.paths), self.output_file)

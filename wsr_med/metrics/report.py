@@ -12,6 +12,8 @@ __all__ = ["write_html_report"]
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if v == v else "—"  # NaN: not defined on these cases
+    if isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, float) for x in v):
+        return f"{_fmt(v[0])} [{_fmt(v[1])}, {_fmt(v[2])}]"  # value [95% CI]
     return html.escape(str(v))
 
 
@@ -44,6 +46,20 @@ def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title:
         for c, m in metrics["per_class"].items()
     )
     described = "<h2>What was evaluated</h2>" + _table(provenance) if provenance else ""
+    point = metrics.get("operating_point") or {}
+    per_class_points = point.get("one_vs_rest_youden_on_these_cases")
+    if per_class_points:
+        point = {**{k: v for k, v in point.items() if k != "one_vs_rest_youden_on_these_cases"},
+                 **{f"{c}: one-vs-rest Youden point on these cases (threshold, sensitivity, specificity)":
+                    f"{_fmt(m['threshold'])}, {_fmt(m['sensitivity'])}, {_fmt(m['specificity'])}" for c, m in per_class_points.items()}}
+    decision = ("<h2>Operating point (value [95% bootstrap CI])</h2>" + _table(point)) if point else ""
+    calibration = metrics.get("calibration")
+    if calibration:
+        decision += "<h2>Calibration (temperature scaling; before → after, on these cases)</h2>" + _table({
+            "temperature": calibration["temperature"], "fitted on": calibration["fitted_on"],
+            "ECE": f"{_fmt(calibration['ece_before'])} → {_fmt(calibration['ece_after'])}",
+            "Brier score": f"{_fmt(calibration['brier_before'])} → {_fmt(calibration['brier_after'])}",
+            "NLL": f"{_fmt(calibration['nll_before'])} → {_fmt(calibration['nll_after'])}"})
     warnings = "".join(f'<p class="warning">{html.escape(w)}</p>' for w in metrics.get("warnings", []))
     images = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()}"/>'
@@ -56,6 +72,7 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:i
 img{{max-width:480px}}.warning{{background:#fff3cd;border:1px solid #e0a800;padding:8px}}</style></head><body><h1>{html.escape(title)}</h1>
 {warnings}<table>{rows}</table><h2>Per class (one vs rest)</h2>
 <table><tr><th>class</th><th>AUC</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>cases</th><th>prevalence</th></tr>{per_class}</table>
+{decision}
 {described}
 <h2>Plots</h2>{images}</body></html>"""
     path = Path(path)
