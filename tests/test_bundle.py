@@ -92,7 +92,8 @@ def test_training_outputs_and_mlflow_record(trained):
             "eval_all/report.html", "eval_all/metrics.json", "eval_all/roc.png"} <= artifacts
     assert "eval_all_auc" in client.get_run(run.info.run_id).data.metrics
     shared = Path(client.download_artifacts(run.info.run_id, "eval_all/report.html"))
-    assert shared.read_text().count("data:image/png;base64,") == 3  # no example scans in MLflow
+    shared_text = shared.read_text()  # roc, confusion, reliability after and before calibration; no example scans
+    assert shared_text.count("data:image/png;base64,") == 4 and "<figcaption>examples" not in shared_text
 
 
 def test_mlflow_holds_no_patient_identifiers(trained, hospital):
@@ -108,21 +109,98 @@ def test_mlflow_holds_no_patient_identifiers(trained, hospital):
     assert "case0" not in text  # file names stay local; MLflow gets content hashes
 
 
-def test_registered_model_reproduces_predictions(trained):
+def test_logged_network_reproduces_the_weights(trained):
+    """The bare network (torch.export) is logged beside the served model, for those who embed it."""
     import mlflow.pytorch
 
     from wsr_med.tracking import tracking_uri_context
     from wsr_med.networks import WiseSrNet
 
-    client = MlflowClient(trained["uri"])
-    version = client.get_latest_versions("tiny_wise")[0]
+    run_id = (trained["out"] / "mlflow_run_id").read_text()
     with tracking_uri_context(trained["uri"]):
-        registry_model = mlflow.pytorch.load_model(f"models:/tiny_wise/{version.version}")  # exported in eval mode
+        network = mlflow.pytorch.load_model(f"runs:/{run_id}/network")  # exported in eval mode
     local = WiseSrNet(out_channels=3, img_size=64, backbone_kwargs=TINY["backbone_kwargs"])
     local.load_state_dict(torch.load(trained["out"] / "model.pt", weights_only=True))
     x = torch.rand(4, 1, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(registry_model(x), local.eval()(x))
+        torch.testing.assert_close(network(x), local.eval()(x))
+
+
+SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "highdicom_dx_image.dcm"
+
+
+def test_served_model_answers_like_predict_and_names_no_patient(trained, hospital, tmp_path):
+    """mlflow models serve on the registered model: a real DICOM by path, a PNG as bytes and a broken file in one
+    request; the probabilities are wsr-med predict's, the broken row carries an error, no identifier comes back."""
+    import base64
+
+    import mlflow.pyfunc
+    import pandas as pd
+    import pydicom
+
+    from wsr_med.tracking import tracking_uri_context
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    dicom = SHARED_DICOM if SHARED_DICOM.is_file() else next((hospital / "left").glob("*.dcm"))
+    (scans / "a.dcm").write_bytes(dicom.read_bytes())
+    png = next((hospital / "right").glob("*.png"))
+    (scans / "b.png").write_bytes(png.read_bytes())
+    predictions = tmp_path / "predictions.csv"
+    run_workflow("inference", output_dir=str(trained["out"]), dataset_dir=str(scans), predictions_file=str(predictions),
+                 num_workers=0)
+    with open(predictions, newline="") as f:
+        expected = {row["path"]: row for row in csv.DictReader(f)}
+    records = [{"path": str(scans / "a.dcm")}, {"bytes": base64.b64encode((scans / "b.png").read_bytes()).decode()},
+               {"bytes": base64.b64encode(b"\x00" * 300).decode()}]
+
+    version = max(int(v.version) for v in MlflowClient(trained["uri"]).search_model_versions("name='tiny_wise'"))
+    with tracking_uri_context(trained["uri"]):
+        in_process = mlflow.pyfunc.load_model(f"models:/tiny_wise/{version}").predict(pd.DataFrame(records))
+    port = free_port()
+    bin_dir = Path(sys.executable).parent  # as in an activated environment: mlflow starts uvicorn from it
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"], "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/tiny_wise/{version}",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", server)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                         data=json.dumps({"dataframe_records": records}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            text = response.read().decode()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers
+        server.wait(timeout=30)
+    answer = json.loads(text)["predictions"]
+    assert len(answer) == 3
+    for row, name in zip(answer[:2], ("a.dcm", "b.png")):
+        for c in ("above", "left", "right"):
+            assert row[f"prob_{c}"] == pytest.approx(float(expected[name][f"prob_{c}"]), abs=1e-5), (name, c)
+            assert row[f"prob_{c}"] == pytest.approx(float(in_process[f"prob_{c}"][answer.index(row)]), abs=1e-6)
+        assert row["predicted_class"] == expected[name]["predicted_class"] and row["error"] == ""
+    assert answer[2]["error"].startswith("row 2: ScanReadError") and answer[2]["predicted_class"] == ""
+    header = pydicom.dcmread(dicom, stop_before_pixels=True)
+    for tag in ("PatientName", "PatientID", "AccessionNumber", "StudyDate", "PatientBirthDate"):
+        value = str(header.get(tag, "") or "")
+        if len(value) > 3:
+            assert value not in text, tag
+    assert str(scans) not in text
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
 
 
 def test_evaluation_report(trained):

@@ -34,7 +34,7 @@ from pathlib import Path
 from wsr_med.errors import WsrMedError
 
 __all__ = ["RunFolder", "NETWORK_SETTINGS", "PATH_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "CLASS_BALANCE", "check_settings", "check_writable",
-           "latest_checkpoint", "path_id", "refuse_finished"]
+           "latest_checkpoint", "path_id", "refuse_finished", "settings_without_paths"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ def path_id(value: str | Path | None) -> str:
     if str(value) == "synthetic":
         return "synthetic"
     return hashlib.sha256(str(Path(str(value)).expanduser().resolve()).encode()).hexdigest()[:12]
+
+
+def settings_without_paths(settings: dict) -> dict:
+    """``settings`` with every path setting replaced by its :func:`path_id`, other values as they are: what may
+    travel with a model (a served model, an exported bundle) without naming a folder."""
+    return {k: (path_id(v) if k in PATH_SETTINGS and v not in (None, "") else v) for k, v in settings.items()}
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -223,36 +223,39 @@ class MLflowTracker(MLFlowHandler):
 
     @tolerant
     def log_best_model(self, engine: Engine) -> None:
-        """Log ``model.pt`` (the best epoch) as an MLflow PyTorch model, registered, plus the spatial-weight picture."""
+        """Log ``model.pt`` (the best epoch) twice: the served model (:mod:`wsr_med.workflows.serving`: scan in,
+        calibrated probabilities and decision out), registered; and the bare network (torch.export) as
+        ``network`` for those who embed it. Plus the spatial-weight picture."""
+        from wsr_med.workflows.serving import log_served_model
+
         weights = self.output_dir / RunFolder.MODEL
         if not weights.is_file():
             logger.warning("no %s to log: no validation epoch completed", weights)
             return
         model = copy.deepcopy(getattr(engine.network, "module", engine.network)).cpu().eval()
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        # batch of 2: torch.export would fix a batch of 1 into the saved program
-        example = np.random.default_rng(0).random((2, *self.input_shape), dtype=np.float32)
-        with torch.no_grad():
-            output = model(torch.from_numpy(example)).numpy()
-        with tempfile.TemporaryDirectory() as tmp:
-            info = self._log_model(model, example, output, Path(tmp))
+        with tracking.tracking_uri_context(self.tracking_uri), mlflow.start_run(run_id=self.cur_run.info.run_id):
+            with tempfile.TemporaryDirectory() as tmp:
+                self._log_network(model, Path(tmp))
+            info = log_served_model(self.output_dir, self.registered_model_name, _requirements())
         (self.output_dir / RunFolder.MLFLOW_MODEL_URI).write_text(info.model_uri)
         self._log_spatial_weights(model)
         logger.info("logged model %s%s", info.model_uri,
                     f", registered as '{self.registered_model_name}'" if self.registered_model_name else "")
 
-    def _log_model(self, model: torch.nn.Module, example: np.ndarray, output: np.ndarray, tmp: Path):
+    def _log_network(self, model: torch.nn.Module, tmp: Path):
+        """The bare network as ``network`` (torch.export program: loads without unpickling code), not registered."""
         from mlflow.models import infer_signature
 
+        # batch of 2: torch.export would fix a batch of 1 into the saved program
+        example = np.random.default_rng(0).random((2, *self.input_shape), dtype=np.float32)
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
         (tmp / RunFolder.CONFIG).write_text(json.dumps(tracking.sanitised_config(self.output_dir / RunFolder.CONFIG), indent=1))
         extra = [str(tmp / RunFolder.CONFIG), str(self.output_dir / RunFolder.CLASSES)]
-        with tracking.tracking_uri_context(self.tracking_uri), mlflow.start_run(run_id=self.cur_run.info.run_id):
-            info = mlflow.pytorch.log_model(
-                model, name="model", signature=infer_signature(example, output), input_example=example,
-                registered_model_name=self.registered_model_name or None, extra_files=extra,
-                pip_requirements=_requirements(), serialization_format="pt2",  # torch.export: loads without unpickling code
-            )
-        return info
+        return mlflow.pytorch.log_model(model, name="network", signature=infer_signature(example, output),
+                                        input_example=example, extra_files=extra, pip_requirements=_requirements(),
+                                        serialization_format="pt2")
 
     def _log_spatial_weights(self, model: torch.nn.Module) -> None:
         from wsr_med.metrics import plot_spatial_weights

@@ -20,7 +20,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 from wsr_med.errors import WsrMedError
-from wsr_med.runs import NETWORK_SETTINGS, PATH_SETTINGS, RunFolder, path_id
+from wsr_med.runs import NETWORK_SETTINGS, RunFolder, path_id, settings_without_paths
 from wsr_med.workflows.bundle import BUNDLE
 
 __all__ = ["export_bundle"]
@@ -111,11 +111,11 @@ def export_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "1
 def _write_models(run: RunFolder, models: Path, settings: dict) -> None:
     """The weights and what the inference config reads beside them; ``config.json`` with its paths hashed."""
     shutil.copy(run.model, models / RunFolder.MODEL)
-    for name in (RunFolder.CLASSES, RunFolder.BEST, RunFolder.PROFILE):
+    for name in (RunFolder.CLASSES, RunFolder.BEST, RunFolder.PROFILE, RunFolder.CALIBRATION):
         if (run / name).is_file():
             shutil.copy(run / name, models / name)
-    hashed = {k: (path_id(v) if k in PATH_SETTINGS and v not in (None, "") else v) for k, v in settings.items()}
-    (models / RunFolder.CONFIG).write_text(json.dumps({"settings": hashed, "exported": time.strftime("%Y-%m-%d")}, indent=1))
+    (models / RunFolder.CONFIG).write_text(json.dumps({"settings": settings_without_paths(settings),
+                                                       "exported": time.strftime("%Y-%m-%d")}, indent=1))
 
 
 def _write_configs(configs: Path, trained: dict, classes: list[str], settings: dict) -> None:
