@@ -1,5 +1,7 @@
 """Wise-SrNet head, the head family and the MONAI backbones."""
 
+import re
+
 import pytest
 import torch
 from monai.networks.nets import DenseNet121
@@ -228,3 +230,64 @@ def test_collapse_warning_fires_on_a_collapsed_model(real_batch):
     assert "collapsed" in collapse_warning(probs.numpy())
     assert collapse_warning(torch.full((4, 2), 0.5).numpy()) is not None
     assert collapse_warning(torch.tensor([[0.9, 0.1], [0.2, 0.8]]).numpy()) is None
+
+
+def test_imagenet_weights_by_name_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    """pretrained_weights=imagenet: the file in $TORCH_HOME/hub/checkpoints is found and every backbone tensor
+    loads (RGB stem summed for grayscale); an empty cache, downloads off, is a clear error naming file and folder."""
+    from wsr_med.errors import WsrMedError
+    from wsr_med.networks import imagenet_weights_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "densenet121-a639ec97.pth"
+    assert imagenet_weights_file("densenet121") == expected
+    with pytest.raises(WsrMedError) as missing:
+        WiseSrNet("densenet121", img_size=64, pretrained_weights="imagenet")
+    assert "densenet121-a639ec97.pth is not in" in str(missing.value) and str(expected.parent) in str(missing.value)
+    reference = DenseNet121(spatial_dims=2, in_channels=3, out_channels=1000)
+    expected.parent.mkdir(parents=True)
+    # torchvision's names (norm.1, conv.2) and no BatchNorm counters, as in the real file
+    torch.save({re.sub(r"layers\.(norm|relu|conv)([12])", r"\1.\2", k).replace("class_layers.out", "classifier"): v
+                for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}, expected)
+    net = WiseSrNet("densenet121", img_size=64, pretrained_weights="imagenet")
+    torch.testing.assert_close(net.backbone.features.conv0.weight, reference.features.conv0.weight.sum(1, keepdim=True))
+    for key, value in reference.features.state_dict().items():
+        if not key.endswith("num_batches_tracked") and key != "conv0.weight":
+            torch.testing.assert_close(net.backbone.features.state_dict()[key], value)
+    with pytest.raises(WsrMedError, match="no ImageNet weights for backbone 'densenet264'"):
+        WiseSrNet("densenet264", img_size=64, pretrained_weights="imagenet")
+
+
+def test_a_checkpoint_that_misses_backbone_tensors_is_an_error(tmp_path):
+    from wsr_med.errors import WsrMedError
+
+    reference = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
+    partial = {k: v for k, v in reference.state_dict().items() if "denseblock4" not in k}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(WsrMedError, match="does not fit this backbone"):
+        WiseSrNet("densenet121", img_size=64, pretrained_weights=tmp_path / "partial.pt")
+
+
+def test_backbone_learning_rate_scale_makes_two_parameter_groups():
+    from wsr_med.networks import optimizer_param_groups
+
+    net = WiseSrNet(img_size=64, backbone_kwargs=TINY_DENSENET)
+    assert len(optimizer_param_groups(net, 0.01)) == len(list(net.parameters()))  # one plain group
+    groups = optimizer_param_groups(net, 0.01, {"backbone_lr_scale": 0.1})
+    assert [g["lr"] for g in groups] == [pytest.approx(0.001), 0.01]
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+
+
+def test_freeze_backbone_trains_the_head_alone_for_the_first_epochs():
+    from ignite.engine import Engine, Events
+
+    from wsr_med.handlers import FreezeBackbone
+
+    net = WiseSrNet(img_size=64, backbone_kwargs=TINY_DENSENET)
+    seen = []
+    engine = Engine(lambda e, batch: None)
+    FreezeBackbone(net, epochs=2).attach(engine)
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.append(
+        (any(p.requires_grad for p in net.backbone.parameters()), all(p.requires_grad for p in net.head.parameters()))))
+    engine.run([0], max_epochs=3)
+    assert seen == [(False, True), (False, True), (True, True)]

@@ -2,6 +2,7 @@
 
 from wsr_med.handlers.best_model import BestModelSaver, atomic_save
 from wsr_med.handlers.constraint_handler import BatchNormWarmStart, ConstraintHandler
+from wsr_med.handlers.finetune import FreezeBackbone
 from wsr_med.handlers.finite_loss import FiniteLossCheck
 from wsr_med.handlers.mlflow_tracker import MLflowTracker
 from wsr_med.handlers.reports import CalibrationFitter, CollapseMonitor, EvaluationReporter, PredictionWriter

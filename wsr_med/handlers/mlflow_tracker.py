@@ -130,7 +130,8 @@ class MLflowTracker(MLFlowHandler):
 
     def _read_lr(self, engine: Engine) -> None:
         optimizer = getattr(engine, "optimizer", None)  # trainers only
-        self._epoch_lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
+        # the last group is the head (the backbone may run at finetune.backbone_lr_scale x learning_rate)
+        self._epoch_lr = float(optimizer.param_groups[-1]["lr"]) if optimizer is not None else None
 
     def _default_epoch_log(self, engine: Engine) -> None:
         super()._default_epoch_log(engine)

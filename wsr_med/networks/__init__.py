@@ -17,4 +17,5 @@ from wsr_med.networks.heads import (
     build_compression,
     default_pre_pool,
 )
+from wsr_med.networks.pretrained import IMAGENET_WEIGHTS, imagenet_weights_file, optimizer_param_groups, resolve_pretrained_weights
 from wsr_med.networks.wise_srnet import WiseSrNet, load_pretrained_weights

@@ -11,8 +11,10 @@ import torch
 import torch.nn as nn
 from monai.utils import ensure_tuple_rep
 
+from wsr_med.errors import WsrMedError
 from wsr_med.networks.backbones import build_backbone
 from wsr_med.networks.heads import ClassificationHead
+from wsr_med.networks.pretrained import resolve_pretrained_weights
 
 __all__ = ["WiseSrNet", "load_pretrained_weights"]
 
@@ -33,11 +35,14 @@ class WiseSrNet(nn.Module):
             :data:`wsr_med.networks.heads.HEADS` (``wise`` is Wise-SrNet, ``gap`` is MONAI's default).
         dropout: dropout probability before the final Linear layer.
         pretrained_weights: path of a local state dict (a WiseSrNet, a MONAI DenseNet/EfficientNet
-            or a torchvision DenseNet checkpoint) to initialise from; nothing is ever downloaded.
-            See :func:`load_pretrained_weights`.
+            or a torchvision DenseNet checkpoint) to initialise from, or ``imagenet``: the backbone's ImageNet
+            checkpoint from torch's hub cache (:mod:`wsr_med.networks.pretrained`). Every backbone tensor must
+            load. See :func:`load_pretrained_weights`.
         backbone_kwargs: extra arguments of the MONAI backbone (e.g. ``{"init_features": 16,
             "growth_rate": 8, "block_config": [2, 2, 2, 2]}`` for a small DenseNet).
         head_kwargs: options of the head (``pre_pool``, ``max_kernel`` for ``wise``; ``p`` for ``gem``).
+        download_weights: with ``pretrained_weights="imagenet"``, download a checkpoint missing from the cache
+            (off by default: hospital machines are often offline, and nothing is fetched unasked).
         bn_momentum: momentum of every BatchNorm running statistic in the backbone; PyTorch's 0.1 by
             default for both families. MONAI's EfficientNet uses TensorFlow's 0.01, with which the running
             statistics of a model trained for a few hundred steps are still near their initial values and
@@ -64,6 +69,7 @@ class WiseSrNet(nn.Module):
         backbone_kwargs: dict | None = None,
         head_kwargs: dict | None = None,
         bn_momentum: float | None = 0.1,
+        download_weights: bool = False,
     ) -> None:
         super().__init__()
         self.img_size: list[int] = list(ensure_tuple_rep(img_size, spatial_dims))
@@ -78,7 +84,7 @@ class WiseSrNet(nn.Module):
             head, self.backbone.out_channels, self.feature_size, out_channels, spatial_dims, dropout, **dict(head_kwargs or {})
         )
         if pretrained_weights is not None:
-            load_pretrained_weights(self, pretrained_weights)
+            load_pretrained_weights(self, resolve_pretrained_weights(pretrained_weights, backbone, download_weights))
 
     def _probe_feature_size(self, backbone: str, spatial_dims: int, in_channels: int, kwargs: dict) -> list[int]:
         # A copy on the meta device gives the output shape without memory or compute.
@@ -144,8 +150,14 @@ def load_pretrained_weights(model: nn.Module, path: str | Path) -> dict[str, lis
             skipped.append(f"{key} (shape {tuple(value.shape)} != {tuple(want)})")
             continue
         new_state[dest] = value
-    model.load_state_dict(new_state, strict=False)
     report = {"loaded": sorted(new_state), "skipped": skipped, "missing": [k for k in target if k not in new_state]}
+    # old checkpoints carry no BatchNorm step counters; every other backbone tensor must come from the file
+    unmatched = [k for k in report["missing"] if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
+    if unmatched:
+        raise WsrMedError(f"pretrained_weights {path} does not fit this backbone: {len(unmatched)} of its tensors are not "
+                          f"in the file or have another shape (e.g. {', '.join(unmatched[:5])}); "
+                          f"checkpoint tensors skipped: {', '.join(skipped[:5]) or 'none'}")
+    model.load_state_dict(new_state, strict=False)
     logger.info(
         "pretrained_weights %s: loaded %d of the model's %d tensors, %d checkpoint tensors skipped%s; left as initialised: %s",
         path, len(report["loaded"]), len(target), len(skipped), f" ({', '.join(skipped[:10])})" if skipped else "",
