@@ -7,7 +7,7 @@
     wsr-med evaluate --output-dir runs/a --dataset-dir data/other_hospital
     wsr-med predict --output-dir runs/a --dataset-dir data/unlabelled
     wsr-med ablate --dataset-dir data/hospital --heads gap wise --sizes 224 512 --folds 5
-    wsr-med bench heads | io | batchnorm           # speed, memory and BatchNorm benchmarks
+    wsr-med bench heads | io | batchnorm | serve   # speed, memory, BatchNorm and serving benchmarks
     wsr-med export-bundle --output-dir runs/a --bundle-dir bundles/chest_v1   # a model-zoo bundle of a trained run
     wsr-med bundle-path                            # the installed MONAI bundle, for python -m monai.bundle run
 
@@ -158,8 +158,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sub.add_parser("ablate", help="ablation study: heads x backbones x sizes x folds (wsr-med ablate --help)", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks: 'heads' (speed/memory per head), 'io' (reading scans), "
-                           "'batchnorm' (eval-mode outputs after a short training)", add_help=False)
-    bench.add_argument("which", choices=["heads", "io", "batchnorm"])
+                           "'batchnorm' (eval-mode outputs after a short training), 'serve' (REST vs in-process)",
+                           add_help=False)
+    bench.add_argument("which", choices=["heads", "io", "batchnorm", "serve"])
     ex = sub.add_parser("export-bundle", help="turn a trained run folder into a self-contained MONAI model-zoo bundle")
     ex.add_argument("--output-dir", required=True, help="the trained run folder")
     ex.add_argument("--bundle-dir", required=True, help="the new bundle folder (must not exist)")
@@ -181,9 +182,9 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
 
         ablation.main(rest)
     elif args.command == "bench":
-        from wsr_med.pipelines import bench_batchnorm, bench_heads, bench_io
+        from wsr_med.pipelines import bench_batchnorm, bench_heads, bench_io, bench_serve
 
-        {"heads": bench_heads, "io": bench_io, "batchnorm": bench_batchnorm}[args.which].main(rest)
+        {"heads": bench_heads, "io": bench_io, "batchnorm": bench_batchnorm, "serve": bench_serve}[args.which].main(rest)
     elif args.command == "bundle-path":
         print(BUNDLE)
     elif args.command == "export-bundle":
