@@ -210,7 +210,7 @@ def test_evaluation_report(trained):
     assert len(metrics["auc_ci95"]) == 2 and set(metrics["per_class"]) == {"above", "left", "right"}
     assert np.array(metrics["confusion_matrix"]).sum() == 30
     html = (eval_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "AUC 95% CI" in html  # ROC, confusion, reliability, examples
+    assert html.count("data:image/png;base64,") == 5 and "AUC 95% CI" in html  # ROC, confusion, reliability (calibrated and not), examples
     assert (eval_dir / "examples.png").stat().st_size > 1000
     # provenance: the report can be handed on without explaining where it came from
     for field in ("What was evaluated", "model (model.pt sha256)", "best epoch", "data (hashed location)",

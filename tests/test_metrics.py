@@ -45,7 +45,7 @@ def test_operating_points_on_constructed_scores():
 def test_temperature_scaling_fixes_an_overconfident_model_and_is_reapplied(tmp_path):
     import json
 
-    from wsr_med.metrics import apply_temperature, fit_decision, negative_log_likelihood
+    from wsr_med.metrics import Decision, apply_temperature, fit_decision, negative_log_likelihood
     from wsr_med.runs import RunFolder
 
     rng = np.random.default_rng(0)
@@ -59,9 +59,9 @@ def test_temperature_scaling_fixes_an_overconfident_model_and_is_reapplied(tmp_p
     (tmp_path / "best.json").write_text(json.dumps({"metric": "val_auc", "value": 0.8, "epoch": 3}))
     (tmp_path / "classes.json").write_text(json.dumps(["a", "b"]))
     (tmp_path / "calibration.json").write_text(json.dumps({"epoch": 3, "decision": decision.to_dict(), **fit}))
-    assert RunFolder(tmp_path).decision() == decision  # stored, read back, the same
+    assert Decision.of_run(RunFolder(tmp_path)) == decision  # stored, read back, the same
     (tmp_path / "best.json").write_text(json.dumps({"metric": "val_auc", "value": 0.9, "epoch": 4}))
-    assert RunFolder(tmp_path).decision().temperature == 1.0  # fitted for another epoch's weights: not used
+    assert Decision.of_run(RunFolder(tmp_path)).temperature == 1.0  # fitted for another epoch's weights: not used
 
 
 def test_operating_point_metrics_have_intervals():

@@ -228,22 +228,18 @@ class RunFolder:
             raise WsrMedError(f"the model in {self.path} was trained with other settings: {', '.join(wrong)}. "
                               "Leave these settings out: evaluation and prediction use the trained ones.")
 
-    def decision(self):
-        """The run's :class:`wsr_med.metrics.Decision` (temperature, operating point) fitted on its validation
-        split at the best epoch; the identity (argmax, threshold 0.5 for binary tasks) for runs without one."""
-        from wsr_med.metrics import Decision
-
+    def calibration(self) -> dict | None:
+        """``calibration.json`` (temperature and operating point fitted on the validation split at the best epoch,
+        see :class:`wsr_med.handlers.CalibrationFitter`), or None: none fitted, or fitted for other weights."""
         path = self.path / self.CALIBRATION
+        if not path.is_file():
+            return None
+        doc = json.loads(path.read_text())
         best = json.loads((self.path / self.BEST).read_text()) if (self.path / self.BEST).is_file() else {}
-        if path.is_file():
-            doc = json.loads(path.read_text())
-            if doc.get("epoch") == best.get("epoch"):
-                return Decision(**doc["decision"])
-            logger.warning("%s belongs to epoch %s, model.pt to epoch %s: probabilities uncalibrated, threshold 0.5",
-                           path, doc.get("epoch"), best.get("epoch"))
-        binary = len(self.classes()) == 2
-        return Decision(threshold=0.5 if binary else None, operating_point="fixed:0.5" if binary else "argmax",
-                        fitted_on="none (the run has no calibration.json)")
+        if doc.get("epoch") != best.get("epoch"):
+            logger.warning("%s belongs to epoch %s, model.pt to epoch %s: not used", path, doc.get("epoch"), best.get("epoch"))
+            return None
+        return doc
 
     def training_profile(self) -> dict | None:
         """The training set's profile (:func:`wsr_med.data.profile.training_profile`), None for runs without one."""

@@ -157,7 +157,7 @@ class EvaluationReporter(_Collector):
     Args:
         classes: class names, in the model's order.
         report_dir: where the files go (created).
-        decision: the run's temperature and operating point (:meth:`wsr_med.runs.RunFolder.decision`, fitted on
+        decision: the run's temperature and operating point (:meth:`wsr_med.metrics.Decision.of_run`, fitted on
             its validation split); probabilities are recalibrated with it before every figure.
         threshold: a fixed threshold on the positive class instead of the run's (binary tasks); None: the run's.
         n_boot: bootstrap resamples for the confidence intervals.

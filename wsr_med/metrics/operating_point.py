@@ -112,6 +112,17 @@ class Decision:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def of_run(cls, run) -> "Decision":
+        """The decision of a :class:`wsr_med.runs.RunFolder`: its ``calibration.json``, or for runs without one
+        uncalibrated probabilities with threshold 0.5 (binary) or the most probable class."""
+        calibration = run.calibration()
+        if calibration is not None:
+            return cls(**calibration["decision"])
+        binary = len(run.classes()) == 2
+        return cls(threshold=0.5 if binary else None, operating_point="fixed:0.5" if binary else "argmax",
+                   fitted_on="none (the run has no calibration for its model)")
+
 
 def fit_decision(labels: np.ndarray, probs: np.ndarray, operating_point: str = "youden", fitted_on: str = "validation") -> tuple[Decision, dict]:
     """Fit the temperature (by NLL) and, for binary tasks, the threshold of ``operating_point`` on these cases

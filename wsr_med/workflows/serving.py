@@ -5,7 +5,7 @@ Registered with every trained run (:class:`wsr_med.handlers.MLflowTracker`), so
 ``mlflow models serve -m models:/<name>/<version> --env-manager local`` answers ``/invocations`` with
 ``{"dataframe_records": [{"path": "/data/scan.dcm"}, {"bytes": "<base64 of a DICOM/PNG/JPEG/TIFF>"}]}``.
 The preprocessing is the training's own (:func:`wsr_med.data.scan_transforms`, ``train=False``), the network
-and decision the run folder's (:meth:`wsr_med.runs.RunFolder.decision`). An answer holds no path and no
+and decision the run folder's (:meth:`wsr_med.metrics.Decision.of_run`). An answer holds no path and no
 patient identifier: a row is identified by its position, an error names the row, not the file.
 """
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from wsr_med.data.readers import MAX_PIXELS
+from wsr_med.metrics import Decision
 from wsr_med.runs import RunFolder, settings_without_paths
 
 __all__ = ["ScanClassifier", "log_served_model", "served_model_signature", "trained_network"]
@@ -57,7 +58,7 @@ class ScanClassifier(mlflow.pyfunc.PythonModel):
         run = RunFolder(context.artifacts["run"])
         settings = run.trained_settings()
         self.classes = run.classes()
-        self.decision = run.decision()
+        self.decision = Decision.of_run(run)
         self.network = trained_network(run.path)
         self.transform = scan_transforms(image_size=settings["image_size"], in_channels=settings["in_channels"],
                                          spatial_dims=settings["spatial_dims"], voi_lut=settings["voi_lut"],
