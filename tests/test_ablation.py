@@ -21,10 +21,14 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     data = make_synthetic_folder(root / "data", n_per_class=12, image_size=64, n_classes=2)
     argv = ["--dataset-dir", str(data), "--output-dir", str(root / "out"), "--heads", "gap", "wise",
-            "--sizes", "64", "--folds", "2", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--sizes", "64", "--folds", "2", "--seeds", "0", "1", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}",
             "--experiment-name", "study", "--set", *TINY]
     ablation.main(argv)
     return {"root": root, "out": root / "out", "argv": argv, "uri": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+NET = "densenet-8-4-1111"  # what the cells' backbone is, in their names
+CELLS = [f"{NET}-64-{h}-fold{f}-seed{s}" for h in ("gap", "wise") for f in (0, 1) for s in (0, 1)]
 
 
 def test_parent_and_child_runs(study):
@@ -32,9 +36,11 @@ def test_parent_and_child_runs(study):
     runs = client.search_runs([client.get_experiment_by_name("study").experiment_id])
     parent_id = (study["out"] / "parent_run_id").read_text().strip()
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
-    assert len(runs) == 5 and len(children) == 4
-    assert {r.info.run_name for r in children} == {f"densenet121-64-{h}-fold{f}" for h in ("gap", "wise") for f in (0, 1)}
-    assert all("eval_validation_auc_shuffled" in r.data.metrics for r in children)
+    assert len(runs) == 9 and len(children) == 8
+    assert {r.info.run_name for r in children} == set(CELLS)
+    assert all("eval_test_auc_shuffled" in r.data.metrics and "eval_test_auc_last_epoch" in r.data.metrics for r in children)
+    # the held-out fold is evaluated after training only: one selected-model evaluation reaches MLflow per cell
+    assert all(len(client.get_metric_history(r.info.run_id, "eval_test_auc")) == 1 for r in children)
     artifacts = {a.path for a in client.list_artifacts(parent_id, "summary")}
     assert {"summary/grid.json", "summary/summary.csv", "summary/summary.md", "summary/auc_by_head.png",
             "summary/val_curves.png"} <= artifacts
@@ -44,18 +50,42 @@ def test_summary_and_paired_comparison(study):
     with open(study["out"] / "summary.csv") as f:
         rows = {r["head"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"gap", "wise"}
-    assert rows["gap"]["auc_vs_gap"] == "" and rows["wise"]["auc_vs_gap"] != ""
-    low, high = float(rows["wise"]["auc_vs_gap_ci_low"]), float(rows["wise"]["auc_vs_gap_ci_high"])
-    assert low <= float(rows["wise"]["auc_vs_gap"]) <= high
+    assert rows["gap"]["auc_vs_gap"] == "" and rows["wise"]["auc_vs_gap"] != "" and rows["wise"]["cells"] == "4"
+    for kind in ("ci", "bootstrap"):
+        low, high = float(rows["wise"][f"auc_vs_gap_{kind}_low"]), float(rows["wise"][f"auc_vs_gap_{kind}_high"])
+        assert low <= float(rows["wise"]["auc_vs_gap"]) <= high
+    assert 0 <= float(rows["wise"]["auc_vs_gap_p"]) <= 1
     # fold by fold, so the difference is the difference of the per-fold means
     assert float(rows["wise"]["auc_vs_gap"]) == pytest.approx(float(rows["wise"]["auc_mean"]) - float(rows["gap"]["auc_mean"]))
     assert int(rows["wise"]["head_params"]) > int(rows["gap"]["head_params"])
-    assert "ΔAUC vs gap" in (study["out"] / "summary.md").read_text()
+    summary = (study["out"] / "summary.md").read_text()
+    assert "corrected t" in summary and "wise - gap, per fold x seed: f0s0" in summary
     for name in ("auc_by_head.png", "val_curves.png"):
         assert (study["out"] / name).stat().st_size > 1000
-    cell = json.loads((study["out"] / "densenet121-64-wise-fold0" / "cell.json").read_text())
-    assert len(cell["val_auc_curve"]) == 2
-    assert (study["out"] / "densenet121-64-wise-fold0" / "eval" / "diagnostics.png").stat().st_size > 1000
+    cell = json.loads((study["out"] / CELLS[4] / "cell.json").read_text())
+    assert len(cell["val_auc_curve"]) == 2 and cell["seed"] == 0 and len(cell["overrides_id"]) == 12
+    assert (study["out"] / CELLS[4] / "eval" / "diagnostics.png").stat().st_size > 1000
+
+
+def test_inner_validation_never_holds_a_held_out_patient(study):
+    folds = {}
+    for name in CELLS:
+        datalist = json.loads((study["out"] / name / "datalist.json").read_text())
+        patients = {k: {i["patient"] for i in datalist[k]} for k in ("training", "validation", "test")}
+        assert patients["test"] and patients["validation"] and patients["training"]
+        assert not patients["test"] & (patients["validation"] | patients["training"])
+        assert not patients["validation"] & patients["training"]
+        folds.setdefault(name.split("-", 5)[-1].replace("wise-", "").replace("gap-", ""), []).append(patients["test"])
+    assert all(a == b for a, b in folds.values())  # gap and wise are tested on the same patients
+    assert folds["fold0-seed0"] != folds["fold0-seed1"]  # each seed draws its own folds
+
+
+def test_a_study_folder_refuses_other_overrides(study):
+    from wsr_med.errors import WsrMedError
+
+    argv = [a if a != "max_epochs=2" else "max_epochs=3" for a in study["argv"]]
+    with pytest.raises(WsrMedError, match="max_epochs: 2 -> 3"):
+        ablation.main(argv)
 
 
 def test_paired_difference_ignores_a_fold_shifted_scores(tmp_path):
@@ -74,14 +104,14 @@ def test_paired_difference_ignores_a_fold_shifted_scores(tmp_path):
 
 
 def test_gap_is_blind_to_shuffled_positions(study):
-    for fold in (0, 1):
-        cell = json.loads((study["out"] / f"densenet121-64-gap-fold{fold}" / "cell.json").read_text())
+    for name in CELLS[:4]:
+        cell = json.loads((study["out"] / name / "cell.json").read_text())
         assert cell["auc_shuffled"] == pytest.approx(cell["auc"], abs=1e-6)
 
 
 def test_trained_wise_head_sees_positions(study):
     # the cell's folder alone says which network and preprocessing it was trained with
-    net, images, labels, _ = ablation.load_cell(study["out"] / "densenet121-64-wise-fold0", str(study["out"] / "cache"))
+    net, images, labels, _ = ablation.load_cell(study["out"] / CELLS[4], str(study["out"] / "cache"))
     assert images.shape[1:] == (1, 64, 64) and net.head.compression.depthwise.weight.shape[-1] > 1
     with torch.no_grad():
         plain = net(images)
@@ -95,9 +125,9 @@ def test_resume_skips_finished_cells(study, caplog):
     caplog.set_level("INFO")
     ablation.main(study["argv"])
     assert [p.stat().st_mtime_ns for p in cells] == before
-    assert caplog.text.count("skipping finished cell") == 4
+    assert caplog.text.count("skipping finished cell") == 8
     client = MlflowClient(study["uri"])
-    assert len(client.search_runs([client.get_experiment_by_name("study").experiment_id])) == 5
+    assert len(client.search_runs([client.get_experiment_by_name("study").experiment_id])) == 9
 
 
 def test_shuffle_leaves_gap_logits_unchanged():

@@ -77,3 +77,21 @@ def test_operating_point_metrics_have_intervals():
     for key, (value, low, high) in m.items():
         assert low <= value <= high, key
     assert m["specificity_at_sensitivity_0.95"][0] <= m["specificity_at_sensitivity_0.90"][0]
+
+
+def test_corrected_resampled_t_test_by_hand():
+    """Six differences (3 folds x 2 seeds), 80 training and 20 test cases per fold."""
+    from scipy import stats
+
+    from wsr_med.metrics import corrected_resampled_ttest
+
+    d = [0.01, 0.03, -0.01, 0.02, 0.00, 0.04]
+    # mean 0.015; s^2 = 0.00175 / 5 = 0.00035; corrected variance (1/6 + 20/80) * 0.00035 = 0.000145833
+    se = 0.000145833333 ** 0.5  # 0.0120761
+    out = corrected_resampled_ttest(d, n_train=80, n_test=20)
+    assert out["mean"] == pytest.approx(0.015) and out["J"] == 6 and out["df"] == 5
+    assert out["t"] == pytest.approx(1.24212, abs=1e-4)  # 0.015 / 0.0120761
+    assert out["p"] == pytest.approx(2 * stats.t.sf(1.24212, 5), abs=1e-4) and 0.26 < out["p"] < 0.28
+    assert out["ci"] == pytest.approx([0.015 - 2.570582 * se, 0.015 + 2.570582 * se], abs=1e-6)
+    naive = stats.ttest_1samp(d, 0).pvalue  # without the correction: overlapping training sets ignored
+    assert naive < out["p"]

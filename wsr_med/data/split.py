@@ -30,12 +30,14 @@ def assign_folds(items: list[dict], n_folds: int, seed: int = 0) -> list[int]:
 
 
 def split_items(items: list[dict], val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0,
-                n_folds: int = 0, fold: int = 0) -> dict[str, list[dict]]:
+                n_folds: int = 0, fold: int = 0, inner_validation: bool = False) -> dict[str, list[dict]]:
     """Split items into ``training``/``validation``/``test`` at the patient level.
 
     * A ``split`` field on the items (from a manifest) wins: ``train``/``val``/``test``.
     * ``n_folds >= 2``: k-fold cross-validation; fold ``fold`` is the validation set and
-      ``test_fraction`` is ignored.
+      ``test_fraction`` is ignored. With ``inner_validation``, fold ``fold`` is the ``test`` set instead
+      (the reported one) and ``val_fraction`` of the other folds' patients, stratified, is the
+      ``validation`` set that picks the checkpoint: the reported fold chooses nothing.
     * Otherwise: ``test_fraction`` of the patients go to test, then ``val_fraction`` (of all) to
       validation, each by a stratified group fold of the nearest size.
     """
@@ -52,8 +54,13 @@ def split_items(items: list[dict], val_fraction: float = 0.2, test_fraction: flo
         if not 0 <= fold < n_folds:
             raise ValueError(f"fold must be in [0, {n_folds}), got {fold}")
         folds = assign_folds(items, n_folds, seed)
-        return {"training": [i for i, f in zip(items, folds) if f != fold],
-                "validation": [i for i, f in zip(items, folds) if f == fold], "test": []}
+        rest = [i for i, f in zip(items, folds) if f != fold]
+        held_out = [i for i, f in zip(items, folds) if f == fold]
+        if not inner_validation:
+            return {"training": rest, "validation": held_out, "test": []}
+        inner = assign_folds(rest, max(2, round(1 / val_fraction)), seed + 1)
+        return {"training": [i for i, f in zip(rest, inner) if f != 0],
+                "validation": [i for i, f in zip(rest, inner) if f == 0], "test": held_out}
     rest, test = items, []
     if test_fraction > 0:
         folds = assign_folds(items, max(2, round(1 / test_fraction)), seed)

@@ -5,3 +5,4 @@ from wsr_med.metrics.plots import figure, plain, plot_confusion, plot_examples, 
 from wsr_med.metrics.report import write_html_report
 from wsr_med.metrics.operating_point import (OPERATING_POINTS, Decision, apply_temperature, brier_score, choose_threshold,
                                                fit_decision, negative_log_likelihood, operating_point_metrics, parse_operating_point)
+from wsr_med.metrics.comparison import corrected_resampled_ttest

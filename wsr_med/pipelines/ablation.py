@@ -1,28 +1,37 @@
-"""Ablation study: heads x backbones x image sizes x patient-level folds, each cell a run of the bundle.
+"""Ablation study: heads x backbones x image sizes x patient-level folds x seeds, each cell a run of the bundle.
 
     wsr-med ablate --dataset-dir ../shared/data/chest_xray_pneumonia/labels_3class.csv \\
         --output-dir runs/ablation_chest3 --heads gap wise wise_unconstrained depthwise gem flatten \\
-        --sizes 128 256 --folds 5 --set "backbone_kwargs={'init_features':16,'growth_rate':8,'block_config':[2,2,2,2]}" max_epochs=15
+        --sizes 128 --folds 5 --seeds 0 1 2 --set "backbone_kwargs={'init_features':16,'growth_rate':8,'block_config':[2,2,2,2]}" max_epochs=15
 
-All cells are child runs of one MLflow parent run. Each cell trains on k-1 folds, is evaluated on
-its validation fold (``eval/metrics.json``, per-case ``eval/cases.csv``) and probed with the
-spatial-shuffle diagnostic. The study writes ``summary.csv`` / ``summary.md`` (mean and spread of AUC
-and accuracy, parameters, median seconds per epoch, shuffle drop, and each head's AUC difference to
-``gap``, fold by fold on the same cases, with a paired bootstrap CI), ``auc_by_head.png`` and ``val_curves.png``, and logs
-them to the parent run. Run the same command again after an interruption: finished cells are
-skipped, an interrupted cell resumes from its last epoch.
+Protocol. For each seed the patients are split into k folds (stratified; the seed draws the folds). A cell
+holds one fold out as its test fold; of the other folds' patients, ``val_fraction`` (stratified) is an
+inner validation split, which alone picks the checkpoint (best inner-validation AUC). The held-out fold
+chooses nothing: it is evaluated after training, with the selected model (``eval/``) and with the last
+epoch's (``eval_last/``), on uncalibrated probabilities.
+
+All cells are child runs of one MLflow parent run, named after the network (``densenet-16-8-2222-128-wise-fold0-seed1``).
+The study writes ``summary.csv`` / ``summary.md``: per head the mean and spread of the outer-fold AUC and
+accuracy over folds x seeds, the last epoch's AUC, parameters, seconds per epoch, the shuffle diagnostic,
+and the AUC difference to ``gap`` (paired, same cases) with the corrected resampled t-test over folds x
+seeds (Nadeau & Bengio 2003) and, as a secondary column, a case bootstrap with each model fixed; the
+differences of every fold and seed are listed under the table. Plus ``auc_by_head.png`` (t intervals)
+and ``val_curves.png``, logged to the parent run. A study folder holds one set of overrides
+(``grid.json``): a rerun with other ``--set`` values is refused, naming the keys. Run the same command
+again after an interruption: finished cells are skipped, an interrupted cell resumes from its last epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +40,9 @@ import torch
 from wsr_med.cli import parse_value
 from wsr_med import tracking
 from wsr_med.data.csv_files import unneutralise
-from wsr_med.metrics import bootstrap_ci, figure, plain, roc_auc
+from wsr_med.errors import WsrMedError
+from wsr_med.metrics import bootstrap_ci, corrected_resampled_ttest, figure, plain, roc_auc
+from wsr_med.networks import backbone_label
 from wsr_med.runs import RunFolder, latest_checkpoint
 from wsr_med.workflows import load_model, parse_bundle, run_workflow
 
@@ -40,14 +51,36 @@ logger = logging.getLogger("wsr_med.ablation")
 
 @dataclass(frozen=True)
 class Cell:
+    """One training of the grid; ``network`` says what the backbone is (``densenet-16-8-2222``)."""
+
     backbone: str
     image_size: int
     head: str
     fold: int
+    seed: int = 0
+    network: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.backbone}-{self.image_size}-{self.head}-fold{self.fold}"
+        return f"{self.network or self.backbone}-{self.image_size}-{self.head}-fold{self.fold}-seed{self.seed}"
+
+
+def overrides_id(overrides: dict) -> str:
+    """A short hash of a study's ``--set`` overrides: part of every cell's identity."""
+    return hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_study_overrides(output: Path, overrides: dict) -> None:
+    """Refuse to add cells trained with other overrides to a study folder (they would mix into its summary)."""
+    grid_file = output / "grid.json"
+    if not grid_file.is_file():
+        return
+    before = json.loads(grid_file.read_text()).get("overrides", {})
+    unset = "<unset>"
+    changed = [f"{k}: {before.get(k, unset)!r} -> {overrides.get(k, unset)!r}" for k in sorted(set(before) | set(overrides))
+               if before.get(k, unset) != overrides.get(k, unset)]
+    if changed:
+        raise WsrMedError(f"{output} holds a study run with other overrides ({'; '.join(changed)}); use another --output-dir")
 
 
 def _parent_run(client, experiment_name: str, output: Path, grid: dict) -> str:
@@ -66,7 +99,7 @@ def _parent_run(client, experiment_name: str, output: Path, grid: dict) -> str:
 
 def _cases_file(output: Path, cell: Cell, head: str) -> Path:
     """The per-case predictions of ``cell``'s backbone, size and fold with ``head``."""
-    return output / Cell(cell.backbone, cell.image_size, head, cell.fold).name / RunFolder.EVAL / "cases.csv"
+    return output / replace(cell, head=head).name / RunFolder.EVAL / "cases.csv"
 
 
 def _read_cases(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
@@ -80,7 +113,7 @@ def _read_cases(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str
 
 
 def load_cell(cell_dir: Path, cache_dir: str) -> tuple[torch.nn.Module, torch.Tensor, np.ndarray, list[str]]:
-    """A finished cell's best model (eval mode), its validation images ``(N, C, *S)``, labels and class names."""
+    """A finished cell's selected model (eval mode), its held-out fold's images ``(N, C, *S)``, labels and class names."""
     from monai.data import DataLoader
 
     from wsr_med.data import read_datalist, scan_dataset
@@ -88,7 +121,8 @@ def load_cell(cell_dir: Path, cache_dir: str) -> tuple[torch.nn.Module, torch.Te
     folder = RunFolder(cell_dir)
     config = parse_bundle("evaluate", output_dir=str(cell_dir))  # the network and preprocessing the cell was trained with
     net = load_model(config.get_parsed_content("network_def"), folder.model, "cpu")
-    items = read_datalist(folder / RunFolder.DATALIST, "validation")
+    split = "test" if read_datalist(folder / RunFolder.DATALIST, "test") else "validation"  # studies before inner validation
+    items = read_datalist(folder / RunFolder.DATALIST, split)
     dataset = scan_dataset(items, config.get_parsed_content("validate#preprocessing"), cache_dir)
     batches = list(DataLoader(dataset, batch_size=64, num_workers=0))
     images = torch.cat([b["image"] for b in batches])
@@ -153,26 +187,37 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
     common = {"cache_dir": str(Path(args.output_dir) / "cache"),  # shared: keys hold the preprocessing
               **settings, "dataset_dir": args.dataset_dir, "output_dir": str(cell_dir), "tracking_uri": args.tracking_uri,
               "experiment_name": args.experiment_name, "run_name": cell.name, "registered_model_name": "",
-              "parent_run_id": parent_run_id, "n_folds": args.folds, "fold": cell.fold, "seed": args.seed}
+              "parent_run_id": parent_run_id, "n_folds": args.folds, "fold": cell.fold, "seed": cell.seed,
+              "inner_validation": True}
     logger.info("cell %s", cell.name)
     timing = cell_dir / "train_seconds.txt"
     if latest_checkpoint(RunFolder(cell_dir).checkpoints)[1] < common.get("max_epochs", 30):
         start = time.perf_counter()
         run_workflow("train", **common)
         timing.write_text(str(time.perf_counter() - start))  # a resumed cell counts its last sitting only
-    run_workflow("evaluate", **common, eval_split="validation")
+    # the held-out fold, after training: once with the model the inner validation chose, once with the last epoch's
+    evaluate = {**common, "eval_split": "test", "calibrated": False}
+    run_workflow("evaluate", **evaluate)
+    last_checkpoint = latest_checkpoint(RunFolder(cell_dir).checkpoints)[0]
+    run_workflow("evaluate", **{**evaluate, "tracking_uri": "none", "model_path": str(last_checkpoint),
+                                "eval_dir": str(cell_dir / "eval_last")})
     metrics = json.loads((cell_dir / RunFolder.EVAL / "metrics.json").read_text())
+    last = json.loads((cell_dir / "eval_last" / "metrics.json").read_text())
+    counts = json.loads((cell_dir / RunFolder.DATALIST).read_text())["counts"]
     net, images, labels, classes = load_cell(cell_dir, common["cache_dir"])
     shuffled = shuffle_auc(net, images, labels)
     diagnostics = cell_figure(net, images, labels, classes, cell_dir / RunFolder.EVAL / "diagnostics.png")
     curve, seconds_per_epoch = _validation_history(cell_dir, args)
-    result = {**asdict(cell), "auc": metrics["auc"], "accuracy": metrics["accuracy"], "auc_shuffled": shuffled,
-              "params": sum(p.numel() for p in net.parameters()), "head_params": sum(p.numel() for p in net.head.parameters()),
+    result = {**asdict(cell), "overrides_id": overrides_id(extra), "auc": metrics["auc"], "accuracy": metrics["accuracy"],
+              "auc_last_epoch": last["auc"], "auc_shuffled": shuffled, "n_train": counts["training"] + counts["validation"],
+              "n_test": counts["test"], "params": sum(p.numel() for p in net.parameters()),
+              "head_params": sum(p.numel() for p in net.head.parameters()),
               "seconds_per_epoch": seconds_per_epoch, "val_auc_curve": curve,
               "train_seconds": float(timing.read_text()) if timing.is_file() else float("nan")}
     run_id = RunFolder(cell_dir).mlflow_run_id
     client = tracking.client(args.tracking_uri)
-    client.log_metric(run_id, "eval_validation_auc_shuffled", shuffled)
+    client.log_metric(run_id, "eval_test_auc_shuffled", shuffled)
+    client.log_metric(run_id, "eval_test_auc_last_epoch", last["auc"])
     client.log_metric(run_id, "seconds_per_epoch", result["seconds_per_epoch"])
     client.log_artifact(run_id, str(diagnostics), "plots")
     tmp = done.with_suffix(".tmp")
@@ -195,21 +240,28 @@ def _validation_history(cell_dir: Path, args: argparse.Namespace) -> tuple[list[
     return [m.value for m in history], float(np.median(intervals)) if len(intervals) else float("nan")
 
 
-def paired_difference(output: Path, cells: list[Cell], head: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over folds of AUC(head) - AUC(gap) on the same validation cases, with a paired bootstrap 95% CI.
-
-    Each fold is a different trained model, so AUC is taken within a fold, then averaged: pooling the folds'
-    predictions would rank one model's scores against another's, and a fold whose scores are merely shifted
-    (ranked perfectly, badly calibrated) would lower the pooled AUC. The bootstrap resamples cases within each
-    fold, the same cases for both heads; it covers case sampling, not retraining.
-    """
-    folds = []
+def fold_differences(output: Path, cells: list[Cell], head: str) -> list[tuple[Cell, float, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per cell (fold x seed): AUC(head) - AUC(gap) on the same held-out cases, with those cases' labels and
+    both heads' probabilities."""
+    out = []
     for c in cells:
         paths, labels, probs_h, _ = _read_cases(_cases_file(output, c, head))
         paths_g, labels_g, probs_g, _ = _read_cases(_cases_file(output, c, "gap"))
         if paths != paths_g or not np.array_equal(labels, labels_g):
-            raise ValueError(f"{head} and gap were evaluated on different cases in fold {c.fold}")
-        folds.append((labels, probs_h, probs_g))
+            raise ValueError(f"{head} and gap were evaluated on different cases in {c.name}")
+        out.append((c, roc_auc(labels, probs_h) - roc_auc(labels, probs_g), labels, probs_h, probs_g))
+    return out
+
+
+def paired_difference(output: Path, cells: list[Cell], head: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over cells of AUC(head) - AUC(gap) on the same held-out cases, with a paired case-bootstrap 95% CI.
+
+    Each cell is a different trained model, so AUC is taken within a cell, then averaged: pooling the cells'
+    predictions would rank one model's scores against another's. The bootstrap resamples cases within each
+    cell, the same cases for both heads: it covers case sampling with every model fixed, not retraining
+    (:func:`wsr_med.metrics.corrected_resampled_ttest` over the cells covers that).
+    """
+    folds = [(y, ph, pg) for _, _, y, ph, pg in fold_differences(output, cells, head)]
 
     def mean_difference(indices: list[np.ndarray]) -> float:
         return float(np.mean([roc_auc(y[i], ph[i]) - roc_auc(y[i], pg[i]) for (y, ph, pg), i in zip(folds, indices)]))
@@ -218,60 +270,85 @@ def paired_difference(output: Path, cells: list[Cell], head: str, n_boot: int = 
     return mean_difference([np.arange(len(y)) for y, _, _ in folds]), low, high
 
 
+def _t_half_width(values: list[float]) -> float:
+    """Half width of the 95% t interval of the mean of ``values``."""
+    from scipy import stats
+
+    k = len(values)
+    return float(stats.t.ppf(0.975, k - 1) * statistics.stdev(values) / k ** 0.5) if k > 1 else float("nan")
+
+
 def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path]:
     """Write summary.csv / summary.md and the plots; returns the files written."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["backbone"], r["image_size"], r["head"]), []).append(r)
-    rows = []
-    for (backbone, size, head), rs in groups.items():
+        groups.setdefault((r.get("network") or r["backbone"], r["image_size"], r["head"]), []).append(r)
+    rows, listed = [], []
+    for (network, size, head), rs in groups.items():
         aucs, accs = [r["auc"] for r in rs], [r["accuracy"] for r in rs]
-        row = {"backbone": backbone, "image_size": size, "head": head, "folds": len(rs),
+        row = {"network": network, "image_size": size, "head": head, "cells": len(rs),
                "auc_mean": statistics.mean(aucs), "auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+               "auc_last_epoch_mean": statistics.mean(r.get("auc_last_epoch", float("nan")) for r in rs),
                "accuracy_mean": statistics.mean(accs), "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                "auc_shuffled_mean": statistics.mean(r["auc_shuffled"] for r in rs),
                "params": rs[0]["params"], "head_params": rs[0]["head_params"],
                "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs)}
-        same = [c for c in cells if (c.backbone, c.image_size, c.head) == (backbone, size, head)]
-        has_gap = all(_cases_file(output, c, "gap").is_file() for c in same)
-        if head != "gap" and has_gap:
-            row["auc_vs_gap"], row["auc_vs_gap_ci_low"], row["auc_vs_gap_ci_high"] = paired_difference(output, same, head)
+        same = [c for c in cells if ((c.network or c.backbone), c.image_size, c.head) == (network, size, head)]
+        if head != "gap" and all(_cases_file(output, c, "gap").is_file() for c in same):
+            differences = fold_differences(output, same, head)
+            n_train = statistics.mean(r.get("n_train", 0) for r in rs) or 1.0
+            n_test = statistics.mean(r.get("n_test", 0) for r in rs)
+            test = corrected_resampled_ttest([d for _, d, *_ in differences], n_train, n_test)
+            row.update({"auc_vs_gap": test["mean"], "auc_vs_gap_ci_low": test["ci"][0], "auc_vs_gap_ci_high": test["ci"][1],
+                        "auc_vs_gap_p": test["p"]})
+            _, row["auc_vs_gap_bootstrap_low"], row["auc_vs_gap_bootstrap_high"] = paired_difference(output, same, head)
+            listed.append(f"- {network}, {size} px, {head} - gap, per fold x seed: " + ", ".join(
+                f"f{c.fold}s{c.seed} {d:+.3f}" for c, d, *_ in differences))
         rows.append(row)
-    fields = ["backbone", "image_size", "head", "folds", "auc_mean", "auc_sd", "accuracy_mean", "accuracy_sd",
-              "auc_vs_gap", "auc_vs_gap_ci_low", "auc_vs_gap_ci_high", "auc_shuffled_mean", "params", "head_params",
+    fields = ["network", "image_size", "head", "cells", "auc_mean", "auc_sd", "auc_last_epoch_mean", "accuracy_mean",
+              "accuracy_sd", "auc_vs_gap", "auc_vs_gap_ci_low", "auc_vs_gap_ci_high", "auc_vs_gap_p",
+              "auc_vs_gap_bootstrap_low", "auc_vs_gap_bootstrap_high", "auc_shuffled_mean", "params", "head_params",
               "seconds_per_epoch"]
     with open(output / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| backbone | size | head | folds | AUC mean ± sd | accuracy mean ± sd | ΔAUC vs gap [95% CI] | AUC, positions shuffled | params | head params | s/epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| network | size | head | folds x seeds | AUC mean ± sd | AUC, last epoch | accuracy mean ± sd | "
+             "ΔAUC vs gap [95% CI, corrected t] | p | case-bootstrap CI (models fixed) | AUC, positions shuffled | params | "
+             "head params | s/epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        delta = (f"{r['auc_vs_gap']:+.3f} [{r['auc_vs_gap_ci_low']:+.3f}, {r['auc_vs_gap_ci_high']:+.3f}]"
-                 if "auc_vs_gap" in r else "—")
-        lines.append(f"| {r['backbone']} | {r['image_size']} | {r['head']} | {r['folds']} | {r['auc_mean']:.3f} ± {r['auc_sd']:.3f} | "
-                     f"{r['accuracy_mean']:.3f} ± {r['accuracy_sd']:.3f} | {delta} | {r['auc_shuffled_mean']:.3f} | "
-                     f"{r['params']:,} | {r['head_params']:,} | {r['seconds_per_epoch']:.1f} |")
+        has = "auc_vs_gap" in r
+        delta = f"{r['auc_vs_gap']:+.3f} [{r['auc_vs_gap_ci_low']:+.3f}, {r['auc_vs_gap_ci_high']:+.3f}]" if has else "—"
+        boot = f"[{r['auc_vs_gap_bootstrap_low']:+.3f}, {r['auc_vs_gap_bootstrap_high']:+.3f}]" if has else "—"
+        p_value = f"{r['auc_vs_gap_p']:.3f}" if has else "—"
+        lines.append(f"| {r['network']} | {r['image_size']} | {r['head']} | {r['cells']} | {r['auc_mean']:.3f} ± {r['auc_sd']:.3f} | "
+                     f"{r['auc_last_epoch_mean']:.3f} | {r['accuracy_mean']:.3f} ± {r['accuracy_sd']:.3f} | {delta} | {p_value} | "
+                     f"{boot} | {r['auc_shuffled_mean']:.3f} | {r['params']:,} | {r['head_params']:,} | {r['seconds_per_epoch']:.1f} |")
+    lines += ["", "AUC on each cell's held-out fold, with the checkpoint its inner validation split chose. The CI and p "
+              "of ΔAUC are the corrected resampled t-test over folds x seeds (Nadeau & Bengio 2003); the case "
+              "bootstrap keeps every trained model fixed and covers case sampling only.", "", *listed]
     (output / "summary.md").write_text("\n".join(lines) + "\n")
 
-    configs = sorted({(r["backbone"], r["image_size"]) for r in rows})
+    configs = sorted({(r["network"], r["image_size"]) for r in rows})
     fig, axes = figure(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
-    for ax, (backbone, size) in zip(axes[0], configs):
-        sub = [r for r in rows if (r["backbone"], r["image_size"]) == (backbone, size)]
-        ax.errorbar(range(len(sub)), [r["auc_mean"] for r in sub], yerr=[1.96 * r["auc_sd"] / max(r["folds"], 1) ** 0.5 for r in sub],
-                    fmt="o", capsize=4)
+    for ax, (network, size) in zip(axes[0], configs):
+        sub = [r for r in rows if (r["network"], r["image_size"]) == (network, size)]
+        spreads = [_t_half_width([x["auc"] for x in groups[(network, size, r["head"])]]) for r in sub]
+        ax.errorbar(range(len(sub)), [r["auc_mean"] for r in sub], yerr=spreads, fmt="o", capsize=4)
         ax.set_xticks(range(len(sub)), [r["head"] for r in sub], rotation=45, ha="right")
-        ax.set(title=f"{backbone}, {size} px", ylabel="validation AUC (mean, 95% CI over folds)")
+        ax.set(title=f"{network}, {size} px", ylabel="held-out AUC (mean, 95% t interval over folds x seeds)")
     fig.tight_layout()
     fig.savefig(output / "auc_by_head.png", dpi=110)
     fig, axes = figure(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
-    for ax, (backbone, size) in zip(axes[0], configs):
+    for ax, (network, size) in zip(axes[0], configs):
         for head in sorted({r["head"] for r in results}):
-            curves = [r["val_auc_curve"] for r in results if (r["backbone"], r["image_size"], r["head"]) == (backbone, size, head)]
+            curves = [r["val_auc_curve"] for r in results
+                      if ((r.get("network") or r["backbone"]), r["image_size"], r["head"]) == (network, size, head)]
             if curves:
                 n = min(len(c) for c in curves)
                 ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], 0), label=head)
-        ax.set(title=f"{backbone}, {size} px", xlabel="epoch", ylabel="validation AUC (mean over folds)")
+        ax.set(title=f"{network}, {size} px", xlabel="epoch", ylabel="inner-validation AUC (mean over cells)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(output / "val_curves.png", dpi=110)
@@ -286,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbones", nargs="+", default=["densenet121"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[224])
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="each seed redraws the folds and the training")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--experiment-name", default="wsr_med_ablation")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="bundle overrides for every cell")
@@ -294,16 +371,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
     extra = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    output = Path(args.output_dir)
+    check_study_overrides(output, extra)
     if args.dataset_dir == "synthetic":  # one generated folder for the whole study, not one per cell
         from wsr_med.data import synthetic_dataset
 
-        args.dataset_dir = str(synthetic_dataset(**extra.pop("synthetic", {})))
-    output = Path(args.output_dir)
+        args.dataset_dir = str(synthetic_dataset(**extra.get("synthetic", {})))
     heads = ["gap"] + [h for h in args.heads if h != "gap"]  # the reference first
-    cells = [Cell(b, s, h, f) for b, s, h, f in itertools.product(args.backbones, args.sizes, heads, range(args.folds))]
+    cells = [Cell(b, s, h, f, seed, backbone_label(b, extra.get("backbone_kwargs")))
+             for b, s, h, seed, f in itertools.product(args.backbones, args.sizes, heads, args.seeds, range(args.folds))]
     client = tracking.client(args.tracking_uri)
     grid = {"dataset_dir": args.dataset_dir, "heads": heads, "backbones": args.backbones, "sizes": args.sizes,
-            "folds": args.folds, "seed": args.seed, "overrides": extra}
+            "folds": args.folds, "seeds": args.seeds, "overrides": extra, "overrides_id": overrides_id(extra),
+            "protocol": "inner validation selects the checkpoint; the held-out fold is evaluated after training"}
     parent = _parent_run(client, args.experiment_name, output, grid)
     (output / "grid.json").write_text(json.dumps(grid, indent=1))  # the parent's params keep the first invocation's grid
     start = time.perf_counter()

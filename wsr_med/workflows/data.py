@@ -175,6 +175,7 @@ def prepare_data(
     class_balance: str = "none",
     max_pixels: int = MAX_PIXELS,
     compare_with: str | None = None,
+    inner_validation: bool = False,
 ) -> PreparedData:
     """Scan ``dataset_dir`` and split it at the patient level; :meth:`PreparedData.write` then saves
     ``datalist.json``, ``bad_files.csv`` and ``profile.json`` in ``output_dir``.
@@ -186,7 +187,7 @@ def prepare_data(
         dataset_dir: a class-per-folder directory, a CSV manifest, or ``synthetic``.
         output_dir: the run's folder (``split="all"``: the evaluation's folder).
         spatial_dims: 2 for images, 3 for volumes (NIfTI files or DICOM series folders).
-        val_fraction, test_fraction, n_folds, fold, seed: the split, see :func:`wsr_med.data.split_items`.
+        val_fraction, test_fraction, n_folds, fold, seed, inner_validation: the split, see :func:`wsr_med.data.split_items`.
         num_workers: processes that decode files during the scan.
         classes: fix the class names (evaluation on another folder with a trained model's classes).
         split: ``train`` splits the data; ``all`` puts every scan in ``test`` (evaluation of a whole folder).
@@ -213,7 +214,7 @@ def prepare_data(
     if split == "all":
         splits = {"training": [], "validation": [], "test": scan.items}
     elif split == "train":
-        splits = split_items(scan.items, val_fraction, test_fraction, seed, n_folds, fold)
+        splits = split_items(scan.items, val_fraction, test_fraction, seed, n_folds, fold, inner_validation)
         if not splits["training"] or not splits["validation"]:
             counts = {k: len(v) for k, v in splits.items()}
             raise WsrMedError(f"{dataset_dir}: too few patients for a training and a validation set {counts}.")
@@ -223,7 +224,8 @@ def prepare_data(
     else:
         raise ValueError(f"split must be 'train' or 'all', got '{split}'")
     settings = {"dataset_dir": str(dataset_dir), "seed": seed, "val_fraction": val_fraction,
-                "test_fraction": test_fraction, "n_folds": n_folds, "fold": fold, "split": split}
+                "test_fraction": test_fraction, "n_folds": n_folds, "fold": fold, "inner_validation": inner_validation,
+                "split": split}
 
     def write() -> None:
         if split == "train" and datalist.is_file():  # a continued run keeps its files, and its data
