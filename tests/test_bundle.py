@@ -274,7 +274,10 @@ def test_exported_bundle_passes_the_model_zoo_checks_and_runs_from_its_folder(tr
     schema = Path(__file__).resolve().parents[2] / "shared" / "reference" / "meta_schema_20240725.json"
     if not schema.is_file():
         pytest.skip("../shared/reference not present")
-    bundle = export_bundle(trained["out"], tmp_path / "zoo" / "tiny_wise", data_license=None)
+    licence = tmp_path / "licence.txt"
+    licence.write_text("CC BY 4.0, Kermany et al. 2018\n")
+    bundle = export_bundle(trained["out"], tmp_path / "zoo" / "tiny_wise", data_license=licence)
+    assert (bundle / "docs" / "data_license.txt").read_text() == licence.read_text()
     with pytest.raises(Exception, match="never overwrites"):
         export_bundle(trained["out"], bundle)
     assert zoo_checks.verify(str(bundle), str(schema)) == ["directory", "version and changelog", "metadata format",
