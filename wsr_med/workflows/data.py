@@ -34,11 +34,6 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def class_names(dataset_dir: str, synthetic_classes: int = 2) -> list[str]:
     """The class names of a dataset without decoding anything: folder names, manifest labels or the synthetic sides."""
     if dataset_dir == SYNTHETIC:
