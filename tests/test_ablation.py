@@ -137,3 +137,19 @@ def test_shuffle_leaves_gap_logits_unchanged():
     gap = WiseSrNet(head="gap", **kwargs).eval()
     with torch.no_grad():
         np.testing.assert_allclose(gap(x).numpy(), logits_with_shuffled_positions(gap, x).numpy(), atol=1e-6)
+
+
+def test_paper_size_study_runs_its_path_on_a_cpu(tmp_path):
+    """wsr-med ablate-paper --tiny: cache warmed first, then gap vs wise under the ablation's protocol."""
+    from wsr_med.pipelines import paper_size
+
+    data = make_synthetic_folder(tmp_path / "data", n_per_class=12, image_size=64, n_classes=3)
+    out = tmp_path / "paper"
+    paper_size.main(["--tiny", "--dataset-dir", str(data), "--output-dir", str(out), "--max-epochs", "1",
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    entries = len(list((out / "cache").glob("*.cache")))
+    assert entries == 2 * 36  # every scan, for the training and the validation transforms
+    with open(out / "summary.csv") as f:
+        rows = {r["head"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"gap", "wise"} and rows["wise"]["cells"] == "2" and rows["wise"]["network"] == "densenet-8-4-1111"
+    assert len(list((out / "cache").glob("*.cache"))) == entries  # training found every scan in the warmed cache

@@ -6,7 +6,8 @@
     wsr-med train --output-dir runs/a --set max_epochs=80          # continue a run with its own settings
     wsr-med evaluate --output-dir runs/a --dataset-dir data/other_hospital
     wsr-med predict --output-dir runs/a --dataset-dir data/unlabelled
-    wsr-med ablate --dataset-dir data/hospital --heads gap wise --sizes 224 512 --folds 5
+    wsr-med ablate --dataset-dir data/hospital --heads gap wise --sizes 224 512 --folds 5 --seeds 0 1 2
+    wsr-med ablate-paper                           # DenseNet121 at 224/512 px, gap vs wise: the study for a GPU
     wsr-med bench heads | io | batchnorm | serve   # speed, memory, BatchNorm and serving benchmarks
     wsr-med export-bundle --output-dir runs/a --bundle-dir bundles/chest_v1   # a model-zoo bundle of a trained run
     wsr-med bundle-path                            # the installed MONAI bundle, for python -m monai.bundle run
@@ -156,7 +157,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--classes", type=int, default=2)
     sy.add_argument("--formats", nargs="+", default=["dcm", "png"])
     sy.add_argument("--seed", type=int, default=0)
-    sub.add_parser("ablate", help="ablation study: heads x backbones x sizes x folds (wsr-med ablate --help)", add_help=False)
+    sub.add_parser("ablate", help="ablation study: heads x backbones x sizes x folds x seeds (wsr-med ablate --help)", add_help=False)
+    sub.add_parser("ablate-paper", help="the paper-size study for a GPU: DenseNet121, 224/512 px, gap vs wise "
+                   "(wsr-med ablate-paper --help)", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks: 'heads' (speed/memory per head), 'io' (reading scans), "
                            "'batchnorm' (eval-mode outputs after a short training), 'serve' (REST vs in-process)",
                            add_help=False)
@@ -181,6 +184,10 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
         from wsr_med.pipelines import ablation
 
         ablation.main(rest)
+    elif args.command == "ablate-paper":
+        from wsr_med.pipelines import paper_size
+
+        paper_size.main(rest)
     elif args.command == "bench":
         from wsr_med.pipelines import bench_batchnorm, bench_heads, bench_io, bench_serve
 
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("ablate", "bench"):
+    if rest and args.command not in ("ablate", "ablate-paper", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handler = logging.StreamHandler()
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
