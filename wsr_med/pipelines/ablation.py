@@ -337,7 +337,7 @@ def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path
         spreads = [_t_half_width([x["auc"] for x in groups[(network, size, r["head"])]]) for r in sub]
         ax.errorbar(range(len(sub)), [r["auc_mean"] for r in sub], yerr=spreads, fmt="o", capsize=4)
         ax.set_xticks(range(len(sub)), [r["head"] for r in sub], rotation=45, ha="right")
-        ax.set(title=f"{network}, {size} px", ylabel="held-out AUC (mean, 95% t interval over folds x seeds)")
+        ax.set(title=f"{network}, {size} px", ylabel="held-out AUC (mean, 95% t CI)")
     fig.tight_layout()
     fig.savefig(output / "auc_by_head.png", dpi=110)
     fig, axes = figure(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
