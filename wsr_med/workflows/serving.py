@@ -4,8 +4,9 @@ calibrated class probabilities, the decision at the run's operating point, and a
 Registered with every trained run (:class:`wsr_med.handlers.MLflowTracker`), so
 ``mlflow models serve -m models:/<name>/<version> --env-manager local`` answers ``/invocations`` with
 ``{"dataframe_records": [{"path": "/data/scan.dcm"}, {"bytes": "<base64 of a DICOM/PNG/JPEG/TIFF>"}]}``.
-The preprocessing is the training's own (:func:`wsr_med.data.scan_transforms`, ``train=False``), the network
-and decision the run folder's (:meth:`wsr_med.metrics.Decision.of_run`). An answer holds no path and no
+The network and preprocessing are what the bundle's ``inference.json`` builds on the run folder (as for
+``wsr-med predict``: the training's own :func:`wsr_med.data.scan_transforms`), the decision the run's
+(:meth:`wsr_med.metrics.Decision.of_run`). An answer holds no path and no
 patient identifier: a row is identified by its position, an error names the row, not the file.
 """
 
@@ -23,28 +24,14 @@ import mlflow
 import numpy as np
 import torch
 
-from wsr_med.data.readers import MAX_PIXELS
 from wsr_med.metrics import Decision
 from wsr_med.runs import RunFolder, settings_without_paths
 
-__all__ = ["ScanClassifier", "log_served_model", "served_model_signature", "trained_network"]
+__all__ = ["ScanClassifier", "log_served_model", "served_model_signature"]
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 256 * 1024 * 1024  # one scan's bytes above this are refused before decoding
-
-
-def trained_network(run_dir: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The network of a run folder (its trained settings and classes) with its ``model.pt`` weights, in eval mode."""
-    from wsr_med.networks import WiseSrNet
-    from wsr_med.workflows.model import load_model
-
-    run = RunFolder(run_dir)
-    s = run.trained_settings()
-    network = WiseSrNet(backbone=s["backbone"], spatial_dims=s["spatial_dims"], in_channels=s["in_channels"],
-                        out_channels=len(run.classes()), img_size=s["image_size"], head=s["head"], dropout=s["dropout"],
-                        backbone_kwargs=s["backbone_kwargs"], head_kwargs=s["head_kwargs"], bn_momentum=s["bn_momentum"])
-    return load_model(network, run.model, device)
 
 
 class ScanClassifier(mlflow.pyfunc.PythonModel):
@@ -53,17 +40,15 @@ class ScanClassifier(mlflow.pyfunc.PythonModel):
     batch_size = 16
 
     def load_context(self, context) -> None:
-        from wsr_med.data import scan_transforms
+        from wsr_med.workflows.bundle import parse_bundle
 
         run = RunFolder(context.artifacts["run"])
-        settings = run.trained_settings()
-        self.classes = run.classes()
+        # the bundle's inference.json on this run folder: the network and preprocessing wsr-med predict builds
+        config = parse_bundle("inference", output_dir=str(run.path), device="cpu")
+        self.classes = config.get_parsed_content("classes")
+        self.network = config.get_parsed_content("network")
+        self.transform = config.get_parsed_content("preprocessing")
         self.decision = Decision.of_run(run)
-        self.network = trained_network(run.path)
-        self.transform = scan_transforms(image_size=settings["image_size"], in_channels=settings["in_channels"],
-                                         spatial_dims=settings["spatial_dims"], voi_lut=settings["voi_lut"],
-                                         intensity_percentiles=settings["intensity_percentiles"],
-                                         max_pixels=int(run.settings().get("max_pixels", MAX_PIXELS)), train=False)
 
     def _load(self, row: dict, tmp: Path, n: int) -> torch.Tensor:
         path, data = row.get("path"), row.get("bytes")
