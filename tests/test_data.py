@@ -319,6 +319,29 @@ def test_cache_reuses_and_invalidates(tmp_path, synthetic_dir):
     assert transform_signature(scan_transforms(48, train=True)) == transform_signature(scan_transforms(48, train=True))
 
 
+def test_a_2048_px_scan_goes_through_read_cache_and_a_training_step(tmp_path):
+    from wsr_med.networks import WiseSrNet
+
+    write_dicom(tmp_path / "big.dcm", gradient_image(2400, 2100), "PID-1")  # larger than the input, as exports are
+    items = [{"image": str(tmp_path / "big.dcm"), "label": 1}]
+    uncached = scan_dataset(items, scan_transforms(2048))[0]["image"]
+    first = scan_dataset(items, scan_transforms(2048), tmp_path / "cache")[0]["image"]
+    again = scan_dataset(items, scan_transforms(2048), tmp_path / "cache")[0]["image"]
+    assert first.shape == (1, 2048, 2048) and first.dtype == torch.float32
+    assert torch.equal(first, again)  # the first epoch sees what later epochs read
+    assert (first - uncached).abs().max() <= 0.5 / 65535 + 1e-7  # uint16 storage: a rounding, nothing more
+    entry = next((tmp_path / "cache").glob("*.cache"))
+    assert entry.stat().st_size <= 0.5 * first.numel() * 4 + 4096  # half of float32's 16 MiB, plus the header
+    net = WiseSrNet("densenet121", out_channels=2, img_size=2048, checkpointing=True,
+                    backbone_kwargs={"init_features": 4, "growth_rate": 2, "block_config": [1, 1, 1, 1]})
+    assert net.head.compression.pre_pool == (10, 10) and net.head.compression.kernel_size == (6, 6)
+    optimizer = torch.optim.AdamW(net.parameters(), 1e-3)
+    loss = torch.nn.functional.cross_entropy(net(first[None]), torch.tensor([1]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in net.parameters())
+
+
 def test_jpeg_reduced_decode_keeps_enough_pixels(chest_dir):
     path = max((chest_dir / "NORMAL").glob("*.jpeg"), key=lambda p: Image.open(p).size[0])
     full, meta = read_scan(path)

@@ -122,7 +122,7 @@ def test_damaged_cache_entries_are_rebuilt(tmp_path, caplog):
     entries[2].write_bytes(b"")
     caplog.set_level(logging.WARNING, "wsr_med")
     again = [scan_dataset(items, scan_transforms(32), tmp_path / "cache")[i]["image"] for i in range(4)]
-    assert all(torch.equal(a, b) for a, b in zip(fresh, again))
+    assert all((a - b).abs().max() <= 0.5 / 65535 + 1e-7 for a, b in zip(fresh, again))  # stored as uint16
     assert caplog.text.count("is damaged") == 3
     assert all(e.stat().st_size > 1000 for e in entries[:3])  # rebuilt
 

@@ -14,6 +14,7 @@ from wsr_med.networks import (
     default_pre_pool,
     load_pretrained_weights,
     project_constraints_,
+    warm_start_batchnorm,
 )
 from wsr_med.pipelines.bench_batchnorm import train_briefly
 
@@ -291,3 +292,45 @@ def test_freeze_backbone_trains_the_head_alone_for_the_first_epochs():
         (any(p.requires_grad for p in net.backbone.parameters()), all(p.requires_grad for p in net.head.parameters()))))
     engine.run([0], max_epochs=3)
     assert seen == [(False, True), (False, True), (True, True)]
+
+
+@pytest.mark.parametrize("backbone, kwargs", [("densenet121", {"init_features": 8, "growth_rate": 4, "block_config": [2, 2, 2, 2]}),
+                                              ("efficientnet-b0", {})])
+@pytest.mark.parametrize("spatial_dims, size", [(2, 64), (3, 32)])
+def test_checkpointing_gives_the_same_outputs_gradients_and_batchnorm_statistics(backbone, kwargs, spatial_dims, size):
+    torch.manual_seed(0)
+    plain = WiseSrNet(backbone, spatial_dims, 1, 3, size, backbone_kwargs=kwargs)
+    checkpointed = WiseSrNet(backbone, spatial_dims, 1, 3, size, backbone_kwargs=kwargs, checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, *[size] * spatial_dims)
+    results = []
+    for net in (plain, checkpointed):
+        optimizer = torch.optim.AdamW(net.parameters(), 1e-3)
+        warm_start_batchnorm(optimizer, net)
+        for step in range(2):  # the second step runs with the statistics and weights the first left
+            torch.manual_seed(step)  # EfficientNet's drop-connect: the same draws in both
+            logits = net(x)
+            optimizer.zero_grad()
+            logits.logsumexp(1).sum().backward()
+            optimizer.step()
+        results.append((logits.detach(), {n: p.grad for n, p in net.named_parameters()}, net.state_dict()))
+    (logits_a, grads_a, state_a), (logits_b, grads_b, state_b) = results
+    torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name in state_a:  # running means/variances and batch counts: the recomputation must not count twice
+        torch.testing.assert_close(state_b[name], state_a[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert int(state_b[next(k for k in state_b if k.endswith("num_batches_tracked"))]) == 2
+
+
+def test_checkpointing_keeps_less_for_backward_and_inference_is_plain():
+    from wsr_med.pipelines.bench_heads import saved_activations_mib
+
+    kwargs = {"init_features": 16, "growth_rate": 8, "block_config": [2, 2, 2, 2]}
+    x, y = torch.rand(2, 1, 128, 128), torch.tensor([0, 1])
+    plain = WiseSrNet("densenet121", 2, 1, 2, 128, backbone_kwargs=kwargs).train()
+    checkpointed = WiseSrNet("densenet121", 2, 1, 2, 128, backbone_kwargs=kwargs, checkpointing=True).train()
+    assert saved_activations_mib(checkpointed, x, y) < 0.35 * saved_activations_mib(plain, x, y)
+    scripted = torch.jit.script(checkpointed.eval())  # the export path: no checkpoint in the scripted graph
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), checkpointed(x))

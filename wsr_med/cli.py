@@ -8,7 +8,8 @@
     wsr-med predict --output-dir runs/a --dataset-dir data/unlabelled
     wsr-med ablate --dataset-dir data/hospital --heads gap wise --sizes 224 512 --folds 5 --seeds 0 1 2
     wsr-med ablate-paper                           # DenseNet121 at 224/512 px, gap vs wise: the study for a GPU
-    wsr-med bench heads | io | batchnorm | serve   # speed, memory, BatchNorm and serving benchmarks
+    wsr-med bench heads | io | batchnorm | serve | memory | train   # speed, memory, BatchNorm, serving,
+                                                   # checkpointing, training loop benchmarks
     wsr-med export-bundle --output-dir runs/a --bundle-dir bundles/chest_v1   # a model-zoo bundle of a trained run
     wsr-med bundle-path                            # the installed MONAI bundle, for python -m monai.bundle run
 
@@ -161,9 +162,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ablate-paper", help="the paper-size study for a GPU: DenseNet121, 224/512 px, gap vs wise "
                    "(wsr-med ablate-paper --help)", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks: 'heads' (speed/memory per head), 'io' (reading scans), "
-                           "'batchnorm' (eval-mode outputs after a short training), 'serve' (REST vs in-process)",
+                           "'batchnorm' (eval-mode outputs after a short training), 'serve' (REST vs in-process), "
+                           "'memory' (large scans with and without checkpointing), 'train' (bundle loop vs bare loop)",
                            add_help=False)
-    bench.add_argument("which", choices=["heads", "io", "batchnorm", "serve"])
+    bench.add_argument("which", choices=["heads", "io", "batchnorm", "serve", "memory", "train"])
     ex = sub.add_parser("export-bundle", help="turn a trained run folder into a self-contained MONAI model-zoo bundle")
     ex.add_argument("--output-dir", required=True, help="the trained run folder")
     ex.add_argument("--bundle-dir", required=True, help="the new bundle folder (must not exist)")
@@ -189,9 +191,9 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
 
         paper_size.main(rest)
     elif args.command == "bench":
-        from wsr_med.pipelines import bench_batchnorm, bench_heads, bench_io, bench_serve
+        import importlib
 
-        {"heads": bench_heads, "io": bench_io, "batchnorm": bench_batchnorm, "serve": bench_serve}[args.which].main(rest)
+        importlib.import_module(f"wsr_med.pipelines.bench_{args.which}").main(rest)
     elif args.command == "bundle-path":
         print(BUNDLE)
     elif args.command == "export-bundle":

@@ -15,6 +15,8 @@ from monai.networks.nets import DenseNet, EfficientNetBN
 from monai.networks.nets.efficientnet import efficientnet_params
 from monai.utils import look_up_option
 
+from wsr_med.networks.checkpointing import run_segments
+
 __all__ = ["DenseNetEncoder", "EfficientNetEncoder", "BACKBONES", "build_backbone", "backbone_label"]
 
 DENSENET_BLOCKS = {
@@ -35,6 +37,9 @@ class DenseNetEncoder(nn.Module):
         kwargs: other :class:`monai.networks.nets.DenseNet` arguments (``init_features``,
             ``growth_rate``, ``bn_size``, ``dropout_prob``, ``act``, ``norm``); small values give
             the reduced configurations used for CPU studies and tests.
+
+    Set ``checkpointing = True`` to recompute each dense block (with its transition) in backward
+    instead of keeping its activations (:mod:`wsr_med.networks.checkpointing`).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, block_config: Sequence[int], **kwargs) -> None:
@@ -43,9 +48,22 @@ class DenseNetEncoder(nn.Module):
         self.features = net.features
         self.act = net.class_layers.relu
         self.out_channels: int = net.class_layers.out.in_features
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return self._forward_segments(x)
         return self.act(self.features(x))
+
+    @torch.jit.unused
+    def _forward_segments(self, x: torch.Tensor) -> torch.Tensor:
+        # the stem, then each dense block with the transition after it; the final norm joins the last block
+        segments: list[list[nn.Module]] = [[]]
+        for name, module in self.features.named_children():
+            if name.startswith("denseblock"):
+                segments.append([])
+            segments[-1].append(module)
+        return self.act(run_segments(segments, x, checkpointing=True))
 
 
 class EfficientNetEncoder(nn.Module):
@@ -59,6 +77,9 @@ class EfficientNetEncoder(nn.Module):
         spatial_dims: 1, 2 or 3.
         in_channels: input channels.
         kwargs: other :class:`monai.networks.nets.EfficientNetBN` arguments (e.g. ``norm``).
+
+    Set ``checkpointing = True`` to recompute each MBConv stage in backward instead of keeping its
+    activations (:mod:`wsr_med.networks.checkpointing`).
     """
 
     def __init__(self, model_name: str, spatial_dims: int, in_channels: int, **kwargs) -> None:
@@ -71,11 +92,22 @@ class EfficientNetEncoder(nn.Module):
             if hasattr(block, "_swish"):
                 block._swish = nn.SiLU()
         self.out_channels: int = net._fc.in_features
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return self._forward_segments(x)
         x = self._swish(self._bn0(self._conv_stem(self._conv_stem_padding(x))))
         x = self._blocks(x)
         return self._swish(self._bn1(self._conv_head(self._conv_head_padding(x))))
+
+    @torch.jit.unused
+    def _forward_segments(self, x: torch.Tensor) -> torch.Tensor:
+        # the stem, then one segment per MBConv stage (MONAI builds each stage as one Sequential)
+        segments: list[list[nn.Module]] = [[self._conv_stem_padding, self._conv_stem, self._bn0, self._swish]]
+        segments += [[stage] for stage in self._blocks]
+        segments[-1] += [self._conv_head_padding, self._conv_head, self._bn1, self._swish]
+        return run_segments(segments, x, checkpointing=True)
 
 
 def _densenet(name: str) -> Callable[..., nn.Module]:

@@ -8,7 +8,7 @@ import torch
 
 from wsr_med.errors import WsrMedError
 
-__all__ = ["load_model"]
+__all__ = ["amp_dtype", "load_model", "place_network"]
 
 
 def load_model(network: torch.nn.Module, checkpoint: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -24,3 +24,15 @@ def load_model(network: torch.nn.Module, checkpoint: str | Path, device: torch.d
     except RuntimeError as e:
         raise WsrMedError(f"{path} does not fit this network configuration (backbone, head, image_size, classes): {e}") from None
     return network.to(device).eval()
+
+
+def amp_dtype() -> torch.dtype:
+    """The autocast type on this machine's GPU: bfloat16 where supported (no loss scaling needed), else float16."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def place_network(network: torch.nn.Module, device: torch.device | str, channels_last: bool = False) -> torch.nn.Module:
+    """``network`` on ``device``; with ``channels_last``, its 4D weights in channels-last memory order, which
+    tensor-core convolutions on CUDA run fastest in (2D networks; a no-op for 3D)."""
+    network = network.to(device)
+    return network.to(memory_format=torch.channels_last) if channels_last else network
