@@ -153,3 +153,73 @@ def test_paper_size_study_runs_its_path_on_a_cpu(tmp_path):
         rows = {r["head"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"gap", "wise"} and rows["wise"]["cells"] == "2" and rows["wise"]["network"] == "densenet-8-4-1111"
     assert len(list((out / "cache").glob("*.cache"))) == entries  # training found every scan in the warmed cache
+
+
+# ---------------------------------------------------------------- a study spread over processes
+
+
+def _ablate(home, name, *extra):
+    """``wsr-med ablate`` on the seed-0 half of the ``study`` grid, started from ``home``, logging to ``<name>.log``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argv = [str(Path(sys.executable).parent / "wsr-med"), "ablate", "--dataset-dir", "data", "--output-dir", "spread",
+            "--tracking-uri", "sqlite:///spread.db", "--heads", "gap", "wise", "--sizes", "64", "--folds", "2",
+            "--seeds", "0", "--experiment-name", "spread", *extra, "--set", *TINY]
+    return subprocess.Popen(argv, cwd=home, stdout=open(home / f"{name}.log", "w"), stderr=subprocess.STDOUT, text=True)
+
+
+def _summary(out):
+    with open(out / "summary.csv") as f:
+        return {r["head"]: {k: v for k, v in r.items() if k != "seconds_per_epoch"} for r in csv.DictReader(f)}
+
+
+def test_shards_and_workers_make_the_one_process_study_and_a_killed_worker_leaves_its_cell_to_the_rerun(study, tmp_path):
+    """Shard 1/2 in two worker processes and shard 2/2 in one, at once, one worker killed in the middle of a cell,
+    then shard 1/2 again: the summary is the one the ``study`` fixture's single process gives for these cells."""
+    import argparse
+    import os
+    import re
+    import shutil
+    import signal
+    import time
+
+    make_synthetic_folder(tmp_path / "data", n_per_class=12, image_size=64, n_classes=2)  # the study's data
+    first, second = _ablate(tmp_path, "shard1", "--shard", "1/2", "--workers", "2"), _ablate(tmp_path, "shard2", "--shard", "2/2")
+    out, killed, deadline = tmp_path / "spread", None, time.monotonic() + 600
+    while killed is None and time.monotonic() < deadline and first.poll() is None:
+        for pid, cell in re.findall(r"worker pid (\d+) runs cell (\S+)", (tmp_path / "shard1.log").read_text()):
+            if (out / cell / "eval").is_dir() and not (out / cell / "cell.json").exists():
+                os.kill(int(pid), signal.SIGKILL)  # trained, evaluating: the cell has not finished
+                killed = cell
+                break
+        time.sleep(0.05)
+    assert killed, "no worker was caught in the middle of a cell"
+    assert first.wait(timeout=900) != 0 and second.wait(timeout=900) == 0, (tmp_path / "shard2.log").read_text()[-3000:]
+    log = (tmp_path / "shard1.log").read_text()
+    assert f"{killed}: its worker process ended" in log and "Run the same command again" in log
+    assert not (out / killed / "cell.json").exists() and len(list(out.glob("*/cell.json"))) == 3  # the others went on
+    rerun = _ablate(tmp_path, "rerun", "--shard", "1/2", "--workers", "2")
+    assert rerun.wait(timeout=900) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    assert "skipping finished cell" in (tmp_path / "rerun.log").read_text()
+
+    reference = tmp_path / "one"  # the same four cells, trained by the study fixture's single process
+    cells = [ablation.Cell("densenet121", 64, h, f, 0, NET) for h in ("gap", "wise") for f in (0, 1)]
+    for cell in cells:
+        shutil.copytree(study["out"] / cell.name, reference / cell.name)
+    done, results = ablation.finished_results(cells, argparse.Namespace(output_dir=str(reference), tracking_uri=study["uri"]))
+    ablation.summarise(reference, results, done)
+    spread, one = _summary(out), _summary(reference)
+    assert spread.keys() == one.keys() == {"gap", "wise"} and spread["wise"]["cells"] == "2"
+    for head in one:
+        for key, value in one[head].items():
+            try:
+                assert float(spread[head][key]) == pytest.approx(float(value), abs=1e-6), (head, key)
+            except ValueError:
+                assert spread[head][key] == value, (head, key)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'spread.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("spread").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 5  # one parent run for every process, four cells under it
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs if r not in parents} == {parents[0].info.run_id}

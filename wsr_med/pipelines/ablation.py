@@ -19,6 +19,13 @@ differences of every fold and seed are listed under the table. Plus ``auc_by_hea
 and ``val_curves.png``, logged to the parent run. A study folder holds one set of overrides
 (``grid.json``): a rerun with other ``--set`` values is refused, naming the keys. Run the same command
 again after an interruption: finished cells are skipped, an interrupted cell resumes from its last epoch.
+
+Spreading a study. ``--workers N`` runs N cells at once, one process each: on a machine with GPUs, worker
+k sees GPU k mod (number of GPUs) alone (``CUDA_VISIBLE_DEVICES``); on the CPU the cores are shared out.
+``--shard i/N`` runs every N-th cell starting with the i-th, so N machines (a Slurm array, or N shells)
+that see the same study folder and MLflow server share one grid, one experiment and one parent run. Every
+process writes the summary of the cells finished so far when it ends: the last one to finish writes the
+whole study's. A worker that dies leaves its cell to the next run of the same command.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
+import os
+import queue
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -83,7 +93,16 @@ def check_study_overrides(output: Path, overrides: dict) -> None:
         raise WsrMedError(f"{output} holds a study run with other overrides ({'; '.join(changed)}); use another --output-dir")
 
 
+def study_lock(output: Path):
+    """The lock that makes the study's shared files (parent run, grid, summary) one process's at a time."""
+    from filelock import FileLock
+
+    output.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(output / ".study.lock"))
+
+
 def _parent_run(client, experiment_name: str, output: Path, grid: dict) -> str:
+    """The study's MLflow parent run: made by the first process of a study, found by the others."""
     path = output / "parent_run_id"
     if path.is_file():
         return path.read_text().strip()
@@ -180,9 +199,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
     done = cell_dir / "cell.json"
     if done.is_file():
         logger.info("skipping finished cell %s", cell.name)
-        result = json.loads(done.read_text())
-        result["val_auc_curve"], result["seconds_per_epoch"] = _validation_history(cell_dir, args)  # as new cells do
-        return result
+        return json.loads(done.read_text())
     settings = {**extra, "backbone": cell.backbone, "image_size": cell.image_size, "head": cell.head}
     common = {"cache_dir": str(Path(args.output_dir) / "cache"),  # shared: keys hold the preprocessing
               **settings, "dataset_dir": args.dataset_dir, "output_dir": str(cell_dir), "tracking_uri": args.tracking_uri,
@@ -240,6 +257,87 @@ def _validation_history(cell_dir: Path, args: argparse.Namespace) -> tuple[list[
     return [m.value for m in history], float(np.median(intervals)) if len(intervals) else float("nan")
 
 
+def finished_results(cells: list[Cell], args: argparse.Namespace) -> tuple[list[Cell], list[dict]]:
+    """The cells of ``cells`` that have finished (in any process), with their results."""
+    done, results = [], []
+    for cell in cells:
+        cell_dir = Path(args.output_dir) / cell.name
+        if (cell_dir / "cell.json").is_file():
+            result = json.loads((cell_dir / "cell.json").read_text())
+            result["val_auc_curve"], result["seconds_per_epoch"] = _validation_history(cell_dir, args)
+            done.append(cell)
+            results.append(result)
+    return done, results
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` (1 <= i <= N) -> ``(i, N)``."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes i/N, e.g. 1/4; got {text!r}") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: i must be between 1 and N")
+    return i, n
+
+
+def _worker(k: int, gpus: int, threads: int, tasks, events, args: argparse.Namespace, parent: str, extra: dict) -> None:
+    """One worker process: runs the cells it takes from ``tasks`` until it takes ``None``."""
+    if gpus:  # before anything touches CUDA: this worker sees one GPU, as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(k % gpus)
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker {k}: %(name)s: %(message)s")
+    while (cell := tasks.get()) is not None:
+        events.put(("started", cell.name, os.getpid()))
+        try:
+            run_cell(cell, args, parent, extra)
+            events.put(("finished", cell.name, None))
+        except Exception as e:  # the dispatcher reports it; the other cells go on
+            logger.exception("cell %s failed", cell.name)
+            events.put(("failed", cell.name, f"{type(e).__name__}: {e}"))
+
+
+def run_in_workers(cells: list[Cell], args: argparse.Namespace, parent: str, extra: dict) -> dict[str, str]:
+    """Run ``cells`` in ``args.workers`` processes at once; returns ``{cell name: why}`` for cells that failed."""
+    gpus = torch.cuda.device_count()
+    threads = 1 if gpus else max(1, len(os.sched_getaffinity(0)) // args.workers)
+    context = multiprocessing.get_context("spawn")  # fresh processes: CUDA and threads are set before first use
+    tasks, events = context.Queue(), context.Queue()
+    for cell in cells:
+        tasks.put(cell)
+    workers = [context.Process(target=_worker, args=(k, gpus, threads, tasks, events, args, parent, extra))
+               for k in range(args.workers)]
+    for w in workers:
+        tasks.put(None)
+        w.start()
+    running: dict[int, str] = {}  # worker pid -> cell
+    failed: dict[str, str] = {}
+    try:
+        while True:
+            try:
+                kind, name, info = events.get(timeout=2)
+            except queue.Empty:
+                for w in workers:
+                    if not w.is_alive() and w.pid in running:
+                        failed[running.pop(w.pid)] = f"its worker process ended (exit code {w.exitcode}) during the cell"
+                if not any(w.is_alive() for w in workers):
+                    break
+                continue
+            if kind == "started":
+                running[info] = name
+                logger.info("worker pid %d runs cell %s", info, name)
+            else:
+                running = {pid: n for pid, n in running.items() if n != name}
+                if kind == "failed":
+                    failed[name] = info
+    finally:
+        for w in workers:
+            w.join(timeout=5)
+            if w.is_alive():
+                w.terminate()
+    return failed
+
+
 def fold_differences(output: Path, cells: list[Cell], head: str) -> list[tuple[Cell, float, np.ndarray, np.ndarray, np.ndarray]]:
     """Per cell (fold x seed): AUC(head) - AUC(gap) on the same held-out cases, with those cases' labels and
     both heads' probabilities."""
@@ -279,7 +377,7 @@ def _t_half_width(values: list[float]) -> float:
 
 
 def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path]:
-    """Write summary.csv / summary.md and the plots; returns the files written."""
+    """Write summary.csv / summary.md and the plots of the finished ``cells`` and their ``results``; returns the files."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r.get("network") or r["backbone"], r["image_size"], r["head"]), []).append(r)
@@ -293,8 +391,10 @@ def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path
                "auc_shuffled_mean": statistics.mean(r["auc_shuffled"] for r in rs),
                "params": rs[0]["params"], "head_params": rs[0]["head_params"],
                "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs)}
-        same = [c for c in cells if ((c.network or c.backbone), c.image_size, c.head) == (network, size, head)]
-        if head != "gap" and all(_cases_file(output, c, "gap").is_file() for c in same):
+        finished = set(cells)
+        same = [c for c in cells if ((c.network or c.backbone), c.image_size, c.head) == (network, size, head)
+                and replace(c, head="gap") in finished]  # compared where the gap cell has finished too
+        if head != "gap" and same:
             differences = fold_differences(output, same, head)
             n_train = statistics.mean(r.get("n_train", 0) for r in rs) or 1.0
             n_test = statistics.mean(r.get("n_test", 0) for r in rs)
@@ -367,12 +467,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--experiment-name", default="wsr_med_ablation")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="bundle overrides for every cell")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="cells run at once, one process each (one GPU each where there are GPUs)")
+    parser.add_argument("--shard", type=parse_shard, default=(1, 1), metavar="i/N",
+                        help="run the i-th of N shares of the grid (N machines or shells, one study folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
     extra = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     output = Path(args.output_dir)
-    check_study_overrides(output, extra)
     if args.dataset_dir == "synthetic":  # one generated folder for the whole study, not one per cell
         from wsr_med.data import synthetic_dataset
 
@@ -380,20 +483,37 @@ def main(argv: list[str] | None = None) -> None:
     heads = ["gap"] + [h for h in args.heads if h != "gap"]  # the reference first
     cells = [Cell(b, s, h, f, seed, backbone_label(b, extra.get("backbone_kwargs")))
              for b, s, h, seed, f in itertools.product(args.backbones, args.sizes, heads, args.seeds, range(args.folds))]
-    client = tracking.client(args.tracking_uri)
+    shard, shards = args.shard
+    mine = cells[shard - 1::shards]
     grid = {"dataset_dir": args.dataset_dir, "heads": heads, "backbones": args.backbones, "sizes": args.sizes,
             "folds": args.folds, "seeds": args.seeds, "overrides": extra, "overrides_id": overrides_id(extra),
             "protocol": "inner validation selects the checkpoint; the held-out fold is evaluated after training"}
-    parent = _parent_run(client, args.experiment_name, output, grid)
-    (output / "grid.json").write_text(json.dumps(grid, indent=1))  # the parent's params keep the first invocation's grid
+    with study_lock(output):  # one process at a time also creates a new SQLite store's tables
+        check_study_overrides(output, extra)
+        client = tracking.client(args.tracking_uri)
+        parent = _parent_run(client, args.experiment_name, output, grid)
+        (output / "grid.json").write_text(json.dumps(grid, indent=1))  # the parent's params keep the first invocation's grid
     start = time.perf_counter()
-    results = [run_cell(c, args, parent, extra) for c in cells]
-    files = [output / "grid.json", *summarise(output, results, cells)]
-    with tracking.tracking_uri_context(args.tracking_uri):
-        for path in files:
-            client.log_artifact(parent, str(path), "summary")
-    print((output / "summary.md").read_text())
+    logger.info("%d of the grid's %d cells in this process (shard %d/%d), %d at a time",
+                len(mine), len(cells), shard, shards, args.workers)
+    if args.workers > 1:
+        failed = run_in_workers(mine, args, parent, extra)
+    else:
+        failed = {}
+        for cell in mine:
+            run_cell(cell, args, parent, extra)
+    with study_lock(output):  # the summary of every cell finished so far, by any process
+        done, results = finished_results(cells, args)
+        files = [output / "grid.json", *(summarise(output, results, done) if done else [])]
+        with tracking.tracking_uri_context(args.tracking_uri):
+            for path in files:
+                client.log_artifact(parent, str(path), "summary")
+    if done:
+        print((output / "summary.md").read_text())
     print(f"study wall time this invocation: {time.perf_counter() - start:.0f} s; results in {output}")
+    if failed:
+        raise WsrMedError(f"{len(failed)} cell(s) did not finish: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
+                          + ". Run the same command again to finish them (interrupted cells resume).")
 
 
 if __name__ == "__main__":
