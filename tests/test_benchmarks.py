@@ -27,3 +27,22 @@ def test_bench_rows_are_ratios_to_gap():
     # the 8x8 feature map is pooled to 4x4, so wise adds a 4x4 kernel and a bias per channel
     channels = (gap["head_params"] - 2) // 2  # gap's head is Linear(C, 2)
     assert wise["head_params"] - gap["head_params"] == channels * (16 + 1)
+
+
+def test_memory_bench_row_compares_checkpointed_with_plain():
+    from wsr_med.pipelines import bench_memory
+
+    row = bench_memory.bench("densenet121", 256, batch=4, repeats=1, device_type="cpu",
+                             backbone_kwargs={"init_features": 8, "growth_rate": 4, "block_config": [2, 2, 2, 2]})
+    assert row["saved_ratio"] < 0.5 and row["ckpt_saved"] > 0 and row["time_ratio"] > 0
+    assert "| densenet121 | 256 | 4 | cpu |" in bench_memory.row(row)
+
+
+def test_train_bench_runs_the_bundle_loop_and_the_bare_loop(capsys):
+    from wsr_med.pipelines import bench_train
+
+    bench_train.main(["--backbone-kwargs", '{"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}',
+                      "--size", "64", "--images", "16", "--batch", "8", "--epochs", "2", "--num-workers", "0"])
+    row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
+    assert row[1].strip() == "cpu" and 10 <= int(row[4]) <= 20 and float(row[5]) > 0 and float(row[6]) > 0
+    assert float(row[7]) == pytest.approx(float(row[5]) / float(row[6]), abs=2e-3)

@@ -425,3 +425,26 @@ def test_dicom_found_by_content_whatever_its_name(tmp_path):
     assert image.shape == (1, 32, 32)
     with pytest.raises(ScanReadError, match="DICOMDIR"):
         read_scan(root / "right" / "DICOMDIR")
+
+
+def test_memory_cache_and_the_loaders_the_bundle_builds(tmp_path, synthetic_dir):
+    from monai.data import CacheDataset, ThreadDataLoader
+
+    from wsr_med.data import scan_loader
+    from wsr_med.workflows import parse_bundle
+
+    scan = scan_folder(synthetic_dir, num_workers=0)
+    items = [{**i, "image": str(synthetic_dir / i["image"])} for i in scan.items[:4]]
+    memory = scan_dataset(items, scan_transforms(32, device="cpu"), cache="memory")
+    assert isinstance(memory, CacheDataset)
+    plain = scan_dataset(items, scan_transforms(32))
+    assert all(torch.equal(memory[i]["image"], plain[i]["image"]) for i in range(4))  # float32, as computed
+    assert isinstance(scan_loader(memory, 2), ThreadDataLoader)
+    loader = scan_loader(plain, 2, num_workers=2)
+    assert loader.persistent_workers and loader.prefetch_factor == 4 and not loader.pin_memory  # pinned on CUDA only
+    with pytest.raises(ValueError, match="disk"):
+        scan_dataset(items, scan_transforms(32), cache="ram")
+    parser = parse_bundle("train", dataset_dir=str(synthetic_dir), output_dir=str(tmp_path / "run"), cache="memory",
+                          image_size=32, tracking_uri="none")
+    assert isinstance(parser.get_parsed_content("train#dataloader"), ThreadDataLoader)
+    assert not (tmp_path / "run").exists()  # building the loader wrote nothing
