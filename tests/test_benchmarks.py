@@ -46,3 +46,15 @@ def test_train_bench_runs_the_bundle_loop_and_the_bare_loop(capsys):
     row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
     assert row[1].strip() == "cpu" and 10 <= int(row[4]) <= 20 and float(row[5]) > 0 and float(row[6]) > 0
     assert float(row[7]) == pytest.approx(float(row[5]) / float(row[6]), abs=2e-3)
+
+
+def test_the_prepared_gpu_check_runs_its_path_on_the_cpu(tmp_path):
+    from wsr_med.pipelines import bench_gpu
+
+    report = tmp_path / "benchmarks.md"
+    report.write_text("# Benchmarks\n")
+    bench_gpu.main(["--tiny", "--append", str(report)])
+    text = report.read_text()
+    assert text.startswith("# Benchmarks\n") and "## GPU check: CPU" in text  # appended, headed by the device's name
+    assert "| densenet121 | 128 | 4 | cpu |" in text
+    assert "| cpu | disk |" in text and "| cpu | memory |" in text and "Wall time of the check" in text

@@ -455,14 +455,18 @@ def test_same_run_name_elsewhere_is_a_new_run(tmp_path, hospital):
     assert len(client.get_metric_history(run_id, "val_auc")) == 1
 
 
-def test_torchrun_two_processes_one_mlflow_run(tmp_path, hospital):
+def test_torchrun_two_nodes_one_mlflow_run(tmp_path, hospital):
+    """The multi-node form of the bundle docs: two torchrun launchers (two "nodes" of one process each) meeting
+    at a c10d rendezvous endpoint, as on two machines; one run folder, one MLflow run."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = {**TINY, "dataset_dir": str(hospital), "output_dir": str(tmp_path / "run"), "tracking_uri": uri,
                 "max_epochs": 2, "experiment_name": "ddp", "registered_model_name": "ddp_model"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port())]
-    result = subprocess.run(bundle_command(["train.json", "multi_gpu_train.json"], settings, torchrun),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=wsr_med_test"]
+    nodes = [subprocess.Popen(bundle_command(["train.json", "multi_gpu_train.json"], settings, torchrun),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     client, run = only_run(uri, "ddp")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_epoch=2.pt").is_file()

@@ -89,6 +89,26 @@ def test_generated_compressed_fixtures_round_trip(tmp_path, syntax):
     np.testing.assert_array_equal(read_scan(tmp_path / "compressed.dcm")[0], read_scan(plain)[0])
 
 
+def test_jpeg2000_dicom_decodes_at_a_reduced_scale_for_a_small_target(tmp_path):
+    from wsr_med.data.transforms import ResizeLongestd
+
+    y, x = np.mgrid[:1200, :1000]
+    image = 0.5 + 0.25 * np.sin(x / 40.0) * np.cos(y / 55.0)  # smooth anatomy-like structure at every scale
+    write_dicom(tmp_path / "plain.dcm", image, "PID-1")
+    ds = pydicom.dcmread(tmp_path / "plain.dcm")
+    ds.compress(JPEG2000Lossless)
+    ds.save_as(tmp_path / "j2k.dcm")
+    full, meta = read_scan(tmp_path / "j2k.dcm")
+    reduced, meta_reduced = read_scan(tmp_path / "j2k.dcm", min_size=256)
+    assert full.shape == (1, 1200, 1000) and reduced.shape == (1, 300, 250)  # two resolution levels skipped
+    assert meta_reduced["original_shape"] == meta["original_shape"] == (1200, 1000)
+    assert read_scan(tmp_path / "j2k.dcm", min_size=700)[0].shape == (1, 1200, 1000)  # halving would undershoot
+    a = ResizeLongestd("image", 256)({"image": torch.from_numpy(full)})["image"]
+    b = ResizeLongestd("image", 256)({"image": torch.from_numpy(reduced)})["image"]
+    # the same picture at the network's size, up to the low-pass filter's sub-pixel offset (~0.5% of the range here)
+    assert a.shape == b.shape and (a - b).abs().mean() < 0.01 * 4095
+
+
 def test_generated_jpeg_baseline_fixture(tmp_path):
     import io
 

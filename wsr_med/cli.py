@@ -9,7 +9,7 @@
     wsr-med ablate --dataset-dir data/hospital --heads gap wise --sizes 224 512 --folds 5 --seeds 0 1 2
     wsr-med ablate ... --workers 4 | --shard 2/8  # cells at once (one GPU each), or this machine's share of the grid
     wsr-med ablate-paper                           # DenseNet121 at 224/512 px, gap vs wise: the study for a GPU
-    wsr-med bench heads | io | batchnorm | serve | memory | train | workers   # benchmarks (docs/benchmarks.md)
+    wsr-med bench heads | io | batchnorm | serve | memory | train | workers | gpu   # benchmarks (docs/benchmarks.md)
     wsr-med export-bundle --output-dir runs/a --bundle-dir bundles/chest_v1   # a model-zoo bundle of a trained run
     wsr-med bundle-path                            # the installed MONAI bundle, for python -m monai.bundle run
 
@@ -164,9 +164,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: 'heads' (speed/memory per head), 'io' (reading scans), "
                            "'batchnorm' (eval-mode outputs after a short training), 'serve' (REST vs in-process), "
                            "'memory' (large scans with and without checkpointing), 'train' (bundle loop vs bare loop), "
-                           "'workers' (an ablation grid in parallel)",
+                           "'workers' (an ablation grid in parallel), 'gpu' (the prepared GPU check)",
                            add_help=False)
-    bench.add_argument("which", choices=["heads", "io", "batchnorm", "serve", "memory", "train", "workers"])
+    bench.add_argument("which", choices=["heads", "io", "batchnorm", "serve", "memory", "train", "workers", "gpu"])
     ex = sub.add_parser("export-bundle", help="turn a trained run folder into a self-contained MONAI model-zoo bundle")
     ex.add_argument("--output-dir", required=True, help="the trained run folder")
     ex.add_argument("--bundle-dir", required=True, help="the new bundle folder (must not exist)")

@@ -24,7 +24,7 @@ CACHE_MODES = ("disk", "memory", "none")
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 6  # raise when a transform's output or the cache's storage changes without a change of its settings
+CACHE_VERSION = 7  # raise when a transform's output or the cache's storage changes without a change of its settings
 _UNIT_SCALE = 65535.0  # cached images in [0, 1] are stored as uint16 steps of 1/65535
 _QUANTIZED = "_uint16_keys"
 

@@ -143,8 +143,48 @@ def _finite(path, array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _reduced_jpeg2000(ds: pydicom.Dataset, min_size: int | None) -> np.ndarray | None:
+    """The pixels of a single-frame, unsigned grayscale JPEG 2000 DICOM decoded at a reduced resolution, or None.
+
+    JPEG 2000 stores an image as resolution levels; OpenJPEG (through PIL's ``reduce``) can stop ``k`` levels
+    early and return the image at 1/2^k of its size (the wavelet low-pass), skipping most of the decoding. The
+    largest ``k`` that keeps the longest side >= ``min_size`` is used; None where that is 0 or anything does not fit
+    (the full decode then runs, with its own error report).
+    """
+    from io import BytesIO
+
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import JPEG2000, JPEG2000Lossless
+
+    if not min_size or ds.file_meta.get("TransferSyntaxUID") not in (JPEG2000, JPEG2000Lossless) or \
+            int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1 or \
+            int(ds.get("PixelRepresentation", 0) or 0) != 0:
+        return None
+    longest, factor = max(int(ds.Rows), int(ds.Columns)), 0
+    while longest / 2 ** (factor + 1) >= min_size:
+        factor += 1
+    if factor == 0:
+        return None
+    try:
+        image = Image.open(BytesIO(next(generate_frames(ds.PixelData, number_of_frames=1))))
+        image.reduce = factor
+        image.load()
+        pixels = np.asarray(image)
+    except Exception:  # e.g. fewer resolution levels than asked: decode in full
+        return None
+    expected = [-(-n // 2 ** factor) for n in (int(ds.Rows), int(ds.Columns))]
+    if list(pixels.shape) != expected:
+        return None
+    shift = 16 - int(ds.get("BitsStored", 16) or 16) if pixels.dtype == np.uint16 else 0
+    if shift > 0:  # PIL widens 9-15 bit samples to 16 bits; the DICOM's own values come back with a shift
+        if (pixels & ((1 << shift) - 1)).any():
+            return None
+        pixels = pixels >> shift
+    return pixels
+
+
 def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None = None, frame: int | None = None,
-               max_pixels: int = MAX_PIXELS):
+               max_pixels: int = MAX_PIXELS, min_size: int | None = None):
     """Read a single-frame DICOM image.
 
     Grayscale: modality LUT (RescaleSlope/Intercept), then the VOI LUT or window centre/width
@@ -160,6 +200,8 @@ def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None 
             refused when it is None.
         max_pixels: the largest size accepted (rows x columns x frames), checked on the header
             before decoding.
+        min_size: the size the image is resized to next; JPEG 2000 pixel data then decodes at a reduced
+            resolution that keeps the longest side at least this large (:func:`_reduced_jpeg2000`).
 
     Returns:
         ``(array (C, H, W) float32, meta dict)``.
@@ -188,7 +230,9 @@ def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None 
     _check_declared_size(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), n_frames,
                          samples * max(bits, 8) / 8, max_pixels)
     try:
-        pixels = ds.pixel_array  # decodes any syntax with an installed plugin; YBR -> RGB
+        pixels = _reduced_jpeg2000(ds, min_size)
+        if pixels is None:
+            pixels = ds.pixel_array  # decodes any syntax with an installed plugin; YBR -> RGB
     except Exception as e:  # decoders raise many types; all mean the same to the user
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = syntax.name if syntax is not None else "unknown transfer syntax"
@@ -216,7 +260,7 @@ def read_dicom(path: str | Path, channels: int | None = 1, voi_lut: bool | None 
         if photometric == "MONOCHROME1":
             pixels = pixels.max() + pixels.min() - pixels
     meta = {"filename_or_obj": str(path), "format": "dicom", "modality": modality, "photometric": photometric,
-            "original_shape": tuple(pixels.shape[:2])}
+            "original_shape": (int(ds.Rows), int(ds.Columns))}
     return _finite(path, _to_channels(pixels, channels)), meta
 
 
@@ -290,7 +334,8 @@ def read_scan(path: str | Path, channels: int | None = 1, voi_lut: bool | None =
     """Read any supported scan; the format is the file's :func:`scan_format` (extension, else content).
 
     Returns ``(array, meta)``: ``(C, H, W)`` for ``spatial_dims=2``, ``(1, X, Y, Z)`` for 3.
-    ``min_size`` lets JPEG files decode at a reduced scale, see :func:`read_image`; a 2D scan whose header
+    ``min_size`` lets JPEG files and JPEG 2000 DICOM decode at a reduced scale (:func:`read_image`,
+    :func:`read_dicom`); a 2D scan whose header
     declares more than ``max_pixels`` is refused before decoding.
     Raises :class:`ScanReadError` naming the file and the problem.
     """
@@ -305,7 +350,7 @@ def read_scan(path: str | Path, channels: int | None = 1, voi_lut: bool | None =
     if kind == "image":
         return read_image(path, channels, min_size, max_pixels)
     if kind == "dicom":
-        return read_dicom(path, channels, voi_lut, max_pixels=max_pixels)
+        return read_dicom(path, channels, voi_lut, max_pixels=max_pixels, min_size=min_size)
     if kind == "dicomdir":
         raise ScanReadError(path, _DICOMDIR_REASON)
     if kind == "volume":

@@ -44,8 +44,8 @@ class LoadScan(Transform):
         channels: 1 or 3 for 2D scans: colour is converted to luma, grayscale replicated.
         voi_lut: DICOM VOI LUT / window; None applies it for radiograph modalities only.
         spatial_dims: 2 for pictures and DICOM images, 3 for NIfTI files and DICOM series.
-        min_size: the size the image is resized to next; JPEG files may decode at a reduced
-            scale that keeps the longest side at least this large (None: full resolution).
+        min_size: the size the image is resized to next; JPEG files and JPEG 2000 DICOM may decode at
+            a reduced scale that keeps the longest side at least this large (None: full resolution).
         max_pixels: the largest declared size read (see :data:`wsr_med.data.readers.MAX_PIXELS`).
     """
 
