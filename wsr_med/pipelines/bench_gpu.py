@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
                       "--backbone-kwargs", json.dumps(TINY_NET), "--cache", "disk", "memory"]
     else:
         memory_rows = [(b, s, None) for b in ("densenet121", "efficientnet-b0") for s in (512, 1024, 2048)]
-        train_args = ["--size", "512", "--images", "256", "--batch", "16", "--epochs", "3", "--num-workers", "8",
+        train_args = ["--size", "512", "--images", "256", "--batch", "16", "--epochs", "3",
                       "--cache", "disk", "memory"]
     lines = [f"torch {torch.__version__}, {card}" + (f", autocast {bench_memory.amp_dtype()}" if device == "cuda" else ""),
              "", "Training memory and speed, batch 4, with and without checkpointing (`wsr-med bench memory`):", "",

@@ -29,8 +29,9 @@ from wsr_med.networks import WiseSrNet
 from wsr_med.workflows.model import amp_dtype
 
 
-def bundle_images_per_second(data: Path, output: Path, settings: dict, epochs: int) -> tuple[float, int]:
-    """Training images/s of the bundle's loop over epochs 2..``epochs``, and the number of training images."""
+def bundle_images_per_second(data: Path, output: Path, settings: dict, epochs: int) -> tuple[float, int, int]:
+    """Training images/s of the bundle's loop over epochs 2..``epochs``, the number of training images and of
+    loader processes."""
     from ignite.engine import Events
 
     from wsr_med.workflows import parse_bundle
@@ -47,7 +48,7 @@ def bundle_images_per_second(data: Path, output: Path, settings: dict, epochs: i
     finally:
         parser.get_parsed_content("finalize")
     n = len(parser.get_parsed_content("train#dataset"))
-    return n * len(loop_seconds[1:]) / sum(loop_seconds[1:]), n
+    return n * len(loop_seconds[1:]) / sum(loop_seconds[1:]), n, parser.get_parsed_content("num_workers")
 
 
 def bare_images_per_second(settings: dict, n_images: int, epochs: int, device: torch.device) -> float:
@@ -89,13 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=64, help="training images (a fifth more are generated for validation)")
     parser.add_argument("--epochs", type=int, default=3, help="the first is not counted")
     parser.add_argument("--cache", nargs="+", default=["disk"], help="the bundle's cache modes to measure")
-    parser.add_argument("--num-workers", type=int, default=2, help="the bundle's loader workers (its default: 2)")
+    parser.add_argument("--num-workers", type=int, help="the bundle's loader processes (default: the bundle's)")
     args = parser.parse_args(argv)
     from wsr_med.data import make_synthetic_folder
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = {"backbone": args.backbone, "backbone_kwargs": args.backbone_kwargs, "image_size": args.size,
-                "batch_size": args.batch, "num_workers": args.num_workers}
+                "batch_size": args.batch, **({"num_workers": args.num_workers} if args.num_workers is not None else {})}
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
           + (f", GPU {torch.cuda.get_device_name()}, autocast {amp_dtype()}" if device.type == "cuda" else ""))
     print(f"{args.backbone}, {args.size} px, batch {args.batch}, epochs 2..{args.epochs} of each loop\n")
@@ -105,10 +106,11 @@ def main(argv: list[str] | None = None) -> None:
                                      image_size=max(args.size, 64), n_classes=2, formats=("png",))
         for cache in args.cache:
             before = bare_images_per_second(settings, args.images, args.epochs, device)
-            bundle, n = bundle_images_per_second(data, Path(tmp) / f"run_{cache}", {**settings, "cache": cache}, args.epochs)
+            bundle, n, workers = bundle_images_per_second(data, Path(tmp) / f"run_{cache}", {**settings, "cache": cache},
+                                                          args.epochs)
             after = bare_images_per_second(settings, args.images, args.epochs, device)
             bare = (before + after) / 2
-            print(f"| {device.type} | {cache} | {args.num_workers} | {n} | {bundle:.2f} | {bare:.2f} | {bundle / bare:.3f} |",
+            print(f"| {device.type} | {cache} | {workers} | {n} | {bundle:.2f} | {bare:.2f} | {bundle / bare:.3f} |",
                   flush=True)
 
 
