@@ -176,7 +176,7 @@ def _summary(out):
 
 
 def test_shards_and_workers_make_the_one_process_study_and_a_killed_worker_leaves_its_cell_to_the_rerun(study, tmp_path):
-    """Shard 1/2 in two worker processes and shard 2/2 in one, at once, one worker killed in the middle of a cell,
+    """Shard 1/2 in two worker processes and shard 2/2 in one, at once, the started worker killed in the middle of a cell,
     then shard 1/2 again: the summary is the one the ``study`` fixture's single process gives for these cells."""
     import argparse
     import os
@@ -190,7 +190,7 @@ def test_shards_and_workers_make_the_one_process_study_and_a_killed_worker_leave
     out, killed, deadline = tmp_path / "spread", None, time.monotonic() + 600
     while killed is None and time.monotonic() < deadline and first.poll() is None:
         for pid, cell in re.findall(r"worker pid (\d+) runs cell (\S+)", (tmp_path / "shard1.log").read_text()):
-            if (out / cell / "eval").is_dir() and not (out / cell / "cell.json").exists():
+            if int(pid) != first.pid and (out / cell / "eval").is_dir() and not (out / cell / "cell.json").exists():
                 os.kill(int(pid), signal.SIGKILL)  # trained, evaluating: the cell has not finished
                 killed = cell
                 break

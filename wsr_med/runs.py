@@ -42,10 +42,10 @@ logger = logging.getLogger(__name__)
 NETWORK_SETTINGS = ("backbone", "backbone_kwargs", "head", "head_kwargs", "image_size", "in_channels", "spatial_dims",
                     "dropout", "bn_momentum", "voi_lut", "intensity_percentiles")
 # What may change when training continues in the same folder; every other setting must stay as it was.
-CONTINUABLE_SETTINGS = ("max_epochs", "num_workers", "device", "amp", "checkpointing", "channels_last", "progress_bar",
-                        "cache", "cache_dir", "output_dir", "experiment_name", "run_name", "registered_model_name", "parent_run_id")
 # Settings of the machine a run happens to train on: a continuation takes the current machine's.
-MACHINE_SETTINGS = ("device", "amp", "checkpointing", "channels_last", "cache", "num_workers", "progress_bar")
+MACHINE_SETTINGS = ("device", "amp", "amp_dtype", "checkpointing", "channels_last", "cache", "num_workers", "progress_bar")
+CONTINUABLE_SETTINGS = ("max_epochs", *MACHINE_SETTINGS, "cache_dir", "output_dir", "experiment_name", "run_name",
+                        "registered_model_name", "parent_run_id")
 # Network settings that runs of earlier versions did not record, with the values those runs used.
 _UNRECORDED = {"head_kwargs": {}, "bn_momentum": None, "intensity_percentiles": [0.5, 99.5]}
 # How training may balance the classes (``class_balance``).
@@ -311,7 +311,7 @@ class RunFolder:
                        if k in saved and k not in CONTINUABLE_SETTINGS and _resolved(k, settings[k]) != saved[k]]
             if changed:
                 raise WsrMedError(f"{self.path} holds a run trained with other settings: {', '.join(changed)}. "
-                                  "Continue it with its own settings (only max_epochs, workers and device may change), "
+                                  "Continue it with its own settings (only max_epochs, the machine's settings and names may change), "
                                   "or use another output_dir.")
         return checkpoint
 

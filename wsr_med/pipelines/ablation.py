@@ -31,6 +31,7 @@ whole study's. A worker that dies leaves its cell to the next run of the same co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -281,60 +282,68 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _worker(k: int, gpus: int, threads: int, tasks, events, args: argparse.Namespace, parent: str, extra: dict) -> None:
-    """One worker process: runs the cells it takes from ``tasks`` until it takes ``None``."""
-    if gpus:  # before anything touches CUDA: this worker sees one GPU, as cuda:0
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(k % gpus)
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker {k}: %(name)s: %(message)s")
+def _work(tasks, events, args: argparse.Namespace, parent: str, extra: dict) -> None:
+    """Run the cells taken from ``tasks`` until ``None``, saying on ``events`` what became of each."""
     while (cell := tasks.get()) is not None:
+        logger.info("worker pid %d runs cell %s", os.getpid(), cell.name)
         events.put(("started", cell.name, os.getpid()))
         try:
             run_cell(cell, args, parent, extra)
-            events.put(("finished", cell.name, None))
-        except Exception as e:  # the dispatcher reports it; the other cells go on
+            events.put(("finished", cell.name, os.getpid()))
+        except Exception as e:  # reported with the study's result; the other cells go on
             logger.exception("cell %s failed", cell.name)
             events.put(("failed", cell.name, f"{type(e).__name__}: {e}"))
 
 
+def _worker(k: int, gpus: int, threads: int, tasks, events, args: argparse.Namespace, parent: str, extra: dict) -> None:
+    """Worker process ``k``: GPU k mod ``gpus`` alone (as cuda:0), ``threads`` CPU threads."""
+    if gpus:  # before anything touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(k % gpus)
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker {k}: %(name)s: %(message)s")
+    _work(tasks, events, args, parent, extra)
+
+
 def run_in_workers(cells: list[Cell], args: argparse.Namespace, parent: str, extra: dict) -> dict[str, str]:
-    """Run ``cells`` in ``args.workers`` processes at once; returns ``{cell name: why}`` for cells that failed."""
+    """Run ``cells`` ``args.workers`` at a time; returns ``{cell name: why}`` for the cells that did not finish.
+
+    This process is worker 0 (on GPU 0) and starts the others, so that their start-up (importing torch, MONAI
+    and MLflow: ~6 s each on a small machine) overlaps its first cell instead of delaying every cell.
+    """
     gpus = torch.cuda.device_count()
     threads = 1 if gpus else max(1, len(os.sched_getaffinity(0)) // args.workers)
     context = multiprocessing.get_context("spawn")  # fresh processes: CUDA and threads are set before first use
     tasks, events = context.Queue(), context.Queue()
     for cell in cells:
         tasks.put(cell)
-    workers = [context.Process(target=_worker, args=(k, gpus, threads, tasks, events, args, parent, extra))
-               for k in range(args.workers)]
-    for w in workers:
+    for _ in range(args.workers):
         tasks.put(None)
+    workers = [context.Process(target=_worker, args=(k, gpus, threads, tasks, events, args, parent, extra))
+               for k in range(1, args.workers)]
+    for w in workers:
         w.start()
-    running: dict[int, str] = {}  # worker pid -> cell
-    failed: dict[str, str] = {}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        while True:
-            try:
-                kind, name, info = events.get(timeout=2)
-            except queue.Empty:
-                for w in workers:
-                    if not w.is_alive() and w.pid in running:
-                        failed[running.pop(w.pid)] = f"its worker process ended (exit code {w.exitcode}) during the cell"
-                if not any(w.is_alive() for w in workers):
-                    break
-                continue
-            if kind == "started":
-                running[info] = name
-                logger.info("worker pid %d runs cell %s", info, name)
-            else:
-                running = {pid: n for pid, n in running.items() if n != name}
-                if kind == "failed":
-                    failed[name] = info
+        _work(tasks, events, args, parent, extra)
     finally:
+        torch.set_num_threads(previous)
         for w in workers:
-            w.join(timeout=5)
-            if w.is_alive():
-                w.terminate()
+            w.join()
+    outcome: dict[str, tuple[str, object]] = {}  # cell -> its last event
+    with contextlib.suppress(queue.Empty, EOFError, OSError):  # a killed worker may have left a message half written
+        while True:
+            kind, name, info = events.get(timeout=1)
+            outcome[name] = (kind, info)
+    exit_codes = {w.pid: w.exitcode for w in workers}
+    failed = {}
+    for cell in cells:
+        if (Path(args.output_dir) / cell.name / "cell.json").is_file():
+            continue
+        kind, info = outcome.get(cell.name, ("not run", None))
+        failed[cell.name] = (info if kind == "failed" else
+                             f"its worker process ended (exit code {exit_codes.get(info)}) during the cell" if kind == "started"
+                             else "not run: every worker process ended before it")
     return failed
 
 

@@ -18,14 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-SMALL = ["image_size=96", "backbone_kwargs={'init_features':8,'growth_rate':4,'block_config':[1,1,1,1]}",
+SMALL = ["backbone_kwargs={'init_features':8,'growth_rate':4,'block_config':[1,1,1,1]}",
          "batch_size=8", "num_workers=0", "progress_bar=False", "learning_rate=0.01"]
 
 
 def study_seconds(home: Path, name: str, workers: int, heads: list[str], folds: int, epochs: int) -> float:
     """Wall time of ``wsr-med ablate --workers N`` on ``home/data``, from process start to exit."""
     argv = [sys.executable, "-m", "wsr_med.cli", "ablate", "--dataset-dir", "data", "--output-dir", name,
-            "--tracking-uri", f"sqlite:///{name}.db", "--heads", *heads, "--sizes", "64", "--folds", str(folds),
+            "--tracking-uri", f"sqlite:///{name}.db", "--heads", *heads, "--sizes", "96", "--folds", str(folds),
             "--workers", str(workers), "--set", *SMALL, f"max_epochs={epochs}"]
     start = time.perf_counter()
     with open(home / f"{name}.log", "w") as log:

@@ -26,11 +26,18 @@ def config_files(workflow: str, bundle_root: Path = BUNDLE) -> list[str]:
 
 def run_workflow(workflow: str, bundle_root: Path = BUNDLE, **overrides) -> None:
     """``monai.bundle.run`` of ``train``, ``evaluate`` or ``inference`` with ``overrides`` (config ids -> values)."""
+    import gc
+
     from monai.bundle import run
 
     configs = Path(bundle_root) / "configs"
-    run(config_file=config_files(workflow, bundle_root), meta_file=str(configs / "metadata.json"),
-        logging_file=str(configs / "logging.conf"), bundle_root=str(bundle_root), **overrides)
+    try:
+        run(config_file=config_files(workflow, bundle_root), meta_file=str(configs / "metadata.json"),
+            logging_file=str(configs / "logging.conf"), bundle_root=str(bundle_root), **overrides)
+    finally:
+        # ignite engines and their handlers refer to each other: collect them now, so that a caller running
+        # workflow after workflow (an ablation) does not keep their loader processes and GPU tensors alive
+        gc.collect()
 
 
 def parse_bundle(workflow: str = "train", bundle_root: Path = BUNDLE, **overrides):
