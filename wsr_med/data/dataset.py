@@ -160,7 +160,7 @@ def scan_dataset(data: list[dict], transform: Compose, cache_dir: str | Path | N
     """
     look_up_option(cache, CACHE_MODES)
     if cache == "memory":
-        return CacheDataset(data, transform, runtime_cache=True, progress=False, copy_cache=False)
+        return CacheDataset(data, transform, runtime_cache=True, progress=False)
     if cache == "none" or cache_dir is None or str(cache_dir) == "":
         return Dataset(data, transform)
     return VerifiedPersistentDataset(data, transform, cache_dir=cache_dir,
