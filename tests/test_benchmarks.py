@@ -29,15 +29,6 @@ def test_bench_rows_are_ratios_to_gap():
     assert wise["head_params"] - gap["head_params"] == channels * (16 + 1)
 
 
-def test_memory_bench_row_compares_checkpointed_with_plain():
-    from wsr_med.pipelines import bench_memory
-
-    row = bench_memory.bench("densenet121", 256, batch=4, repeats=1, device_type="cpu",
-                             backbone_kwargs={"init_features": 8, "growth_rate": 4, "block_config": [2, 2, 2, 2]})
-    assert row["saved_ratio"] < 0.5 and row["ckpt_saved"] > 0 and row["time_ratio"] > 0
-    assert "| densenet121 | 256 | 4 | cpu |" in bench_memory.row(row)
-
-
 def test_train_bench_runs_the_bundle_loop_and_the_bare_loop(capsys):
     from wsr_med.pipelines import bench_train
 
