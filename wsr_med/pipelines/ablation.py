@@ -304,6 +304,14 @@ def _worker(k: int, gpus: int, threads: int, tasks, events, args: argparse.Names
     _work(tasks, events, args, parent, extra)
 
 
+def _take_events(events, outcome: dict, timeout: float = 1.0) -> None:
+    """Move the events waiting on ``events`` into ``outcome`` (cell -> its last event)."""
+    with contextlib.suppress(queue.Empty, EOFError, OSError):  # a killed worker may have left a message half written
+        while True:
+            kind, name, info = events.get(timeout=timeout)
+            outcome[name] = (kind, info)
+
+
 def run_in_workers(cells: list[Cell], args: argparse.Namespace, parent: str, extra: dict) -> dict[str, str]:
     """Run ``cells`` ``args.workers`` at a time; returns ``{cell name: why}`` for the cells that did not finish.
 
@@ -324,17 +332,15 @@ def run_in_workers(cells: list[Cell], args: argparse.Namespace, parent: str, ext
         w.start()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    outcome: dict[str, tuple[str, object]] = {}  # cell -> its last event
     try:
         _work(tasks, events, args, parent, extra)
     finally:
         torch.set_num_threads(previous)
-        for w in workers:
-            w.join()
-    outcome: dict[str, tuple[str, object]] = {}  # cell -> its last event
-    with contextlib.suppress(queue.Empty, EOFError, OSError):  # a killed worker may have left a message half written
-        while True:
-            kind, name, info = events.get(timeout=1)
-            outcome[name] = (kind, info)
+        # read events while waiting: a worker cannot exit before what it put on the queue has been taken
+        while any(w.is_alive() for w in workers):
+            _take_events(events, outcome)
+        _take_events(events, outcome)
     exit_codes = {w.pid: w.exitcode for w in workers}
     failed = {}
     for cell in cells:
