@@ -30,6 +30,7 @@ import multiprocessing
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -105,20 +106,27 @@ def _warm_up_runtime(device: torch.device) -> None:
                  torch.zeros(2, dtype=torch.long, device=device))
 
 
+def peak_training_mib(make: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer]], step: Callable,
+                      x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.nn.Module]:
+    """Peak memory of building ``make()``'s network and optimizer and of two ``step``s on ``(x, y)``, and the
+    network; meant for a fresh process. The second step holds AdamW's state as well."""
+    fix_mmap_threshold()
+    _warm_up_runtime(x.device)
+    if x.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_rss_mib(reset=True)
+    net, optimizer = make()
+    for _ in range(2):
+        step(net, optimizer, x, y)
+    return (torch.cuda.max_memory_allocated() / 2**20 if x.is_cuda else peak_rss_mib() - before), net
+
+
 def memory_mib(backbone: str, size: int, head: str, batch: int, device_type: str,
                backbone_kwargs: dict | None = None) -> tuple[float, float]:
     """Peak training memory of one head over two steps, and its saved activations; meant for a fresh process."""
-    fix_mmap_threshold()
     device = torch.device(device_type)
     x, y = _batch(batch, size, device)
-    _warm_up_runtime(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    before = peak_rss_mib(reset=True)
-    net, optimizer = build(backbone, size, head, device, backbone_kwargs)
-    for _ in range(2):  # the second step holds AdamW's state as well
-        step_seconds(net, optimizer, x, y)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib() - before
+    peak, net = peak_training_mib(lambda: build(backbone, size, head, device, backbone_kwargs), step_seconds, x, y)
     return peak, saved_activations_mib(net, x, y)
 
 

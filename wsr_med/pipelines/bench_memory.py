@@ -28,9 +28,7 @@ import time
 import torch
 
 from wsr_med.networks import WiseSrNet
-from wsr_med.pipelines.bench_heads import (
-    _warm_up_runtime, fix_mmap_threshold, in_fresh_process, peak_rss_mib, saved_activations_mib,
-)
+from wsr_med.pipelines.bench_heads import in_fresh_process, peak_training_mib, saved_activations_mib
 from wsr_med.workflows.model import amp_dtype
 
 
@@ -86,20 +84,11 @@ def step_seconds(backbone: str, size: int, batch: int, repeats: int, device_type
 def memory_mib(backbone: str, size: int, batch: int, checkpointing: bool, device_type: str,
                backbone_kwargs: dict | None = None) -> tuple[float, float]:
     """Peak training memory over two steps and the saved activations of one forward; meant for a fresh process."""
-    fix_mmap_threshold()
     device = torch.device(device_type)
     x, y = _batch(batch, size, device)
-    _warm_up_runtime(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    before = peak_rss_mib(reset=True)
-    net, optimizer = build(backbone, size, checkpointing, device, backbone_kwargs)
-    for _ in range(2):
-        _step(net, optimizer, x, y)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib() - before
+    peak, net = peak_training_mib(lambda: build(backbone, size, checkpointing, device, backbone_kwargs), _step, x, y)
     with _autocast(device):
-        saved = saved_activations_mib(net, x, y)
-    return peak, saved
+        return peak, saved_activations_mib(net, x, y)
 
 
 def bench(backbone: str, size: int, batch: int, repeats: int, device_type: str,
