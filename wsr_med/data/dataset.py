@@ -170,14 +170,14 @@ def scan_dataset(data: list[dict], transform: Compose, cache_dir: str | Path | N
 def default_num_workers(device: torch.device | str) -> int:
     """Loader (and scan) processes for training on ``device``: on CUDA, one per core but one, up to 8, so that
     decoding and augmentation keep the GPU fed; on the CPU none, as the training itself uses every core and
-    loader processes only compete with it (docs/benchmarks.md: the bundle's loop at 0.96x of a bare loop with
+    loader processes only compete with it (docs/benchmarks.md: the bundle's loop at 1.00x of a bare loop with
     no loader process, 0.79x with two, on two cores)."""
     if torch.device(device).type != "cuda":
         return 0
     return max(1, min(8, len(os.sched_getaffinity(0)) - 1))
 
 
-def scan_loader(dataset: Dataset, batch_size: int, num_workers: int = 2, device: torch.device | str = "cpu",
+def scan_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, device: torch.device | str = "cpu",
                 shuffle: bool = False, sampler=None, drop_last: bool = False) -> DataLoader:
     """The loader of a :func:`scan_dataset`, set up to keep the device fed.
 

@@ -26,16 +26,16 @@ __all__ = ["run_segments"]
 @contextlib.contextmanager
 def _batchnorm_statistics_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
     """Restore the running statistics of every BatchNorm in ``modules`` on exit."""
-    norms = [m for module in modules for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None] for m in norms]
+    buffers = [b for module in modules for m in module.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, buffers in zip(norms, saved):
-                for current, before in zip((b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None), buffers):
-                    current.copy_(before)
+            for current, before in zip(buffers, saved):
+                current.copy_(before)
 
 
 def _run(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
