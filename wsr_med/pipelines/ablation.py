@@ -496,8 +496,9 @@ def main(argv: list[str] | None = None) -> None:
 
         args.dataset_dir = str(synthetic_dataset(**extra.get("synthetic", {})))
     heads = ["gap"] + [h for h in args.heads if h != "gap"]  # the reference first
+    # Fold x seed outside the heads: an interrupted study has finished whole comparisons, not one head's cells.
     cells = [Cell(b, s, h, f, seed, backbone_label(b, extra.get("backbone_kwargs")))
-             for b, s, h, seed, f in itertools.product(args.backbones, args.sizes, heads, args.seeds, range(args.folds))]
+             for b, s, seed, f, h in itertools.product(args.backbones, args.sizes, args.seeds, range(args.folds), heads)]
     shard, shards = args.shard
     mine = cells[shard - 1::shards]
     grid = {"dataset_dir": args.dataset_dir, "heads": heads, "backbones": args.backbones, "sizes": args.sizes,
