@@ -130,6 +130,17 @@ def test_resume_skips_finished_cells(study, caplog):
     assert len(client.search_runs([client.get_experiment_by_name("study").experiment_id])) == 9
 
 
+def test_summary_only_trains_nothing(study):
+    """``--summary-only`` on a larger grid: the finished cells' summary, no new cell."""
+    (study["out"] / "summary.md").unlink()
+    argv = list(study["argv"])
+    argv.insert(argv.index("wise") + 1, "flatten")  # --heads gap wise flatten
+    ablation.main(argv + ["--summary-only"])
+    assert not list(study["out"].glob("*-flatten-*"))
+    summary = (study["out"] / "summary.md").read_text()
+    assert "| wise | 4 |" in summary and "| flatten |" not in summary
+
+
 def test_shuffle_leaves_gap_logits_unchanged():
     torch.manual_seed(0)
     x = torch.rand(3, 1, 64, 64)

@@ -436,7 +436,7 @@ def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path
         has = "auc_vs_gap" in r
         delta = f"{r['auc_vs_gap']:+.3f} [{r['auc_vs_gap_ci_low']:+.3f}, {r['auc_vs_gap_ci_high']:+.3f}]" if has else "—"
         boot = f"[{r['auc_vs_gap_bootstrap_low']:+.3f}, {r['auc_vs_gap_bootstrap_high']:+.3f}]" if has else "—"
-        p_value = f"{r['auc_vs_gap_p']:.3f}" if has else "—"
+        p_value = ("<0.001" if r["auc_vs_gap_p"] < 0.001 else f"{r['auc_vs_gap_p']:.3f}") if has else "—"
         lines.append(f"| {r['network']} | {r['image_size']} | {r['head']} | {r['cells']} | {r['auc_mean']:.3f} ± {r['auc_sd']:.3f} | "
                      f"{r['auc_last_epoch_mean']:.3f} | {r['accuracy_mean']:.3f} ± {r['accuracy_sd']:.3f} | {delta} | {p_value} | "
                      f"{boot} | {r['auc_shuffled_mean']:.3f} | {r['params']:,} | {r['head_params']:,} | {r['seconds_per_epoch']:.1f} |")
@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="cells run at once, one process each (one GPU each where there are GPUs)")
     parser.add_argument("--shard", type=parse_shard, default=(1, 1), metavar="i/N",
                         help="run the i-th of N shares of the grid (N machines or shells, one study folder)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="train nothing: write the summary of the cells finished so far (e.g. while shards run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
@@ -500,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     cells = [Cell(b, s, h, f, seed, backbone_label(b, extra.get("backbone_kwargs")))
              for b, s, seed, f, h in itertools.product(args.backbones, args.sizes, args.seeds, range(args.folds), heads)]
     shard, shards = args.shard
-    mine = cells[shard - 1::shards]
+    mine = [] if args.summary_only else cells[shard - 1::shards]
     grid = {"dataset_dir": args.dataset_dir, "heads": heads, "backbones": args.backbones, "sizes": args.sizes,
             "folds": args.folds, "seeds": args.seeds, "overrides": extra, "overrides_id": overrides_id(extra),
             "protocol": "inner validation selects the checkpoint; the held-out fold is evaluated after training"}
