@@ -9,7 +9,7 @@ import torch
 from mlflow import MlflowClient
 
 from wsr_med.data import make_synthetic_folder
-from wsr_med.networks import WiseSrNet, logits_with_shuffled_positions
+from wsr_med.networks import WiseSrNet, gradcam, gradcam_layer, logits_with_shuffled_positions
 from wsr_med.pipelines import ablation
 
 TINY = ["image_size=64", "backbone_kwargs={'init_features':8,'growth_rate':4,'block_config':[1,1,1,1]}",
@@ -148,6 +148,22 @@ def test_shuffle_leaves_gap_logits_unchanged():
     gap = WiseSrNet(head="gap", **kwargs).eval()
     with torch.no_grad():
         np.testing.assert_allclose(gap(x).numpy(), logits_with_shuffled_positions(gap, x).numpy(), atol=1e-6)
+
+
+def test_gradcam_is_hottest_where_the_class_score_depends_most():
+    """MONAI's default post-processing flips Grad-CAM (max -> 0); ``gradcam`` keeps max -> 1."""
+    from monai.visualize import GradCAM
+
+    torch.manual_seed(0)
+    net = WiseSrNet(head="wise", img_size=64, out_channels=2,
+                    backbone_kwargs={"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}).eval()
+    x = torch.rand(2, 1, 64, 64)
+    heat = gradcam(net, x, class_idx=1)
+    raw = GradCAM(nn_module=net, target_layers=gradcam_layer(net), postprocessing=lambda h: h)(x, class_idx=1).detach()
+    assert heat.shape == (2, 1, 64, 64) and heat.amin() == 0 and heat.amax() == 1
+    for h, r in zip(heat, raw):
+        assert r.flatten()[h.argmax()] == r.max() and r.flatten()[h.argmin()] == r.min()
+        np.testing.assert_allclose(h.numpy(), ((r - r.min()) / (r.max() - r.min())).numpy(), atol=1e-5)
 
 
 def test_paper_size_study_runs_its_path_on_a_cpu(tmp_path):

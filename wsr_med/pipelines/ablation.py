@@ -165,14 +165,10 @@ def shuffle_auc(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, 
 def cell_figure(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, classes: list[str], path: Path,
                 per_class: int = 2) -> Path:
     """Mean validation image, the learned Wise-SrNet spatial weights (if any) and MONAI Grad-CAM of a few cases per class."""
-    from monai.visualize import GradCAM
-
-    from wsr_med.networks import WiseCompression, gradcam_layer
+    from wsr_med.networks import WiseCompression, gradcam
 
     cases = [i for c in range(len(classes)) for i in np.flatnonzero(labels == c)[:per_class]]
-    cam = GradCAM(nn_module=net, target_layers=gradcam_layer(net))
-    with torch.enable_grad():
-        heat = cam(images[cases].clone().requires_grad_(False))
+    heat = gradcam(net, images[cases])
     compression = net.head.compression
     weights = compression.depthwise.weight.detach().mean(0)[0] if isinstance(compression, WiseCompression) else None
     panels = 1 + (weights is not None) + len(cases)
@@ -186,7 +182,7 @@ def cell_figure(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, 
         k = 2
     for ax, i, h in zip(axes[k:], cases, heat):
         ax.imshow(images[i, 0], cmap="gray")
-        ax.imshow(h[0].detach(), cmap="jet", alpha=0.35)
+        ax.imshow(h[0], cmap="jet", alpha=0.35, vmin=0, vmax=1)
         ax.set_title(f"Grad-CAM, {plain(classes[labels[i]])}", fontsize=8)
     for ax in axes:
         ax.axis("off")
