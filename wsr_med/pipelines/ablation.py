@@ -401,7 +401,8 @@ def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path
                "accuracy_mean": statistics.mean(accs), "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                "auc_shuffled_mean": statistics.mean(r["auc_shuffled"] for r in rs),
                "params": rs[0]["params"], "head_params": rs[0]["head_params"],
-               "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs)}
+               # a median: a cell that shared the machine with another job must not move the row
+               "seconds_per_epoch": statistics.median(r["seconds_per_epoch"] for r in rs)}
         finished = set(cells)
         same = [c for c in cells if ((c.network or c.backbone), c.image_size, c.head) == (network, size, head)
                 and replace(c, head="gap") in finished]  # compared where the gap cell has finished too
