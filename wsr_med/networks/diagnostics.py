@@ -36,14 +36,6 @@ def gradcam_layer(net: nn.Module) -> str:
     return "backbone.act" if hasattr(net.backbone, "features") else "backbone._bn1"
 
 
-def _to_unit_range(heat: torch.Tensor) -> torch.Tensor:
-    """Each sample's map scaled to [0, 1] with its maximum at 1 (a constant map gives 0)."""
-    flat = heat.flatten(1)
-    low, high = flat.min(1).values, flat.max(1).values
-    scale = torch.where(high > low, high - low, torch.ones_like(high))
-    return (heat - low.view(-1, *[1] * (heat.ndim - 1))) / scale.view(-1, *[1] * (heat.ndim - 1))
-
-
 def gradcam(net: nn.Module, images: torch.Tensor, class_idx: int | None = None) -> torch.Tensor:
     """MONAI Grad-CAM of a WiseSrNet at its last feature map: ``(B, 1, *S)`` in [0, 1], 1 where the
     class score depends most on the input (the predicted class unless ``class_idx``).
@@ -51,8 +43,11 @@ def gradcam(net: nn.Module, images: torch.Tensor, class_idx: int | None = None) 
     MONAI's default post-processing maps (min, max) to (1, 0), so that drawn with an ordinary colour
     map the least important region would look the hottest; this keeps the usual orientation.
     """
+    from monai.transforms import ScaleIntensity
     from monai.visualize import GradCAM
 
-    cam = GradCAM(nn_module=net, target_layers=gradcam_layer(net), postprocessing=_to_unit_range)
+    scale = ScaleIntensity(minv=0.0, maxv=1.0)  # each sample's map on its own, as MONAI's default does
+    cam = GradCAM(nn_module=net, target_layers=gradcam_layer(net),
+                  postprocessing=lambda heat: torch.stack([scale(h) for h in heat]))
     with torch.enable_grad():
         return cam(images.clone().requires_grad_(False), class_idx=class_idx).detach()
