@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -10,7 +11,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
+                         RLELossless, generate_uid)
 
 from wsr_med.data import write_dicom
 
@@ -85,3 +87,64 @@ def multipage_tiff(path: Path) -> Path:
 def non_utf8_manifest(path: Path, image: str) -> Path:
     path.write_bytes(b"path,label\n" + image.encode() + b",left\n" + b"caf\xe9.png,right\n")
     return path
+
+
+def _save(ds: pydicom.Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _small_image(ds: pydicom.Dataset, size: int = 64) -> pydicom.Dataset:
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.random.default_rng(2).integers(0, 255, (size, size), dtype=np.uint8).tobytes()
+    return ds
+
+
+def deflated_bomb_dicom(path: Path, inflated_gib: float = 1.0) -> Path:
+    """~1 MB of Deflated Explicit VR Little Endian: a valid 64x64 image behind a private element of
+    ``inflated_gib`` GiB of zeros (pydicom inflates the whole data set before anything can look at it)."""
+    ds = _small_image(_dicom(64, 64, DeflatedExplicitVRLittleEndian))
+    ds.add_new(0x00091010, "UN", bytes(int(inflated_gib * 2**30)))
+    return _save(ds, path)
+
+
+def deflated_dicom(path: Path) -> Path:
+    """A plain, honest Deflated DICOM 64x64 image."""
+    return _save(_small_image(_dicom(64, 64, DeflatedExplicitVRLittleEndian)), path)
+
+
+def _lying_frame_dicom(path: Path, frame: bytes, syntax) -> Path:
+    ds = _dicom(64, 64, syntax)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pydicom.encaps.encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    return _save(ds, path)
+
+
+def lying_jpeg_dicom(path: Path, declared: int = 30000) -> Path:
+    """A DICOM of 64x64 pixels whose JPEG frame declares ``declared`` x ``declared`` (SOF patched): the decoder
+    would allocate what the frame says (900 MB at 30000) before anything compares it with Rows and Columns."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64), dtype=np.uint8)).save(buffer, "JPEG")
+    frame = bytearray(buffer.getvalue())
+    sof = frame.index(b"\xff\xc0")
+    frame[sof + 5:sof + 9] = struct.pack(">HH", declared, declared)
+    return _lying_frame_dicom(path, bytes(frame), JPEGBaseline8Bit)
+
+
+def lying_jpeg2000_dicom(path: Path, declared: int = 30000) -> Path:
+    """The same lie in a JPEG 2000 codestream (the SIZ marker's image size patched)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (64, 64), dtype=np.uint8)).save(
+        buffer, "JPEG2000", no_jp2=True, irreversible=False)
+    frame = bytearray(buffer.getvalue())
+    siz = frame.index(b"\xff\x51")
+    frame[siz + 6:siz + 14] = struct.pack(">II", declared, declared)
+    return _lying_frame_dicom(path, bytes(frame), JPEG2000Lossless)
+
+
+def text_in_rescale_slope_dicom(path: Path, text: str = "DOE^JOHN") -> Path:
+    """A valid image whose RescaleSlope holds a name instead of a number (written as LO, as a broken exporter does)."""
+    ds = _small_image(_dicom(64, 64))
+    ds.add_new(0x00281053, "LO", text)
+    return _save(ds, path)

@@ -12,6 +12,7 @@
     wsr-med bench heads | io | batchnorm | serve | memory | train | workers | gpu   # benchmarks (docs/benchmarks.md)
     wsr-med export-bundle --output-dir runs/a --bundle-dir bundles/chest_v1   # a model-zoo bundle of a trained run
     wsr-med bundle-path                            # the installed MONAI bundle, for python -m monai.bundle run
+    wsr-med serve -m models:/wsr_med-left-right/1  # the registered model over HTTP (bytes in; --path-root DIR for paths)
 
 Every workflow command runs ``monai.bundle run`` on the bundle with the options as overrides, so
 ``wsr-med train ...`` and the equivalent ``python -m monai.bundle run`` command do the same thing.
@@ -174,6 +175,21 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data-license", help="a text file with the training data's licence (docs/data_license.txt)")
     ex.add_argument("--name", help="the bundle's name (default: from the run name)")
     sub.add_parser("bundle-path", help="print the folder of the installed MONAI bundle")
+    sv = sub.add_parser("serve", help="serve a registered model over HTTP: MLflow's scoring server (/invocations), "
+                        "with request limits and, only if asked, paths under --path-root")
+    sv.add_argument("-m", "--model-uri", required=True, help="e.g. models:/wsr_med-left-right/1")
+    sv.add_argument("--tracking-uri", help="the MLflow store the model is registered in (default: MLFLOW_TRACKING_URI, "
+                    "else mlflow.db in the current folder)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=5001)
+    sv.add_argument("--workers", type=int, default=1, help="server processes (each holds the model)")
+    sv.add_argument("--path-root", action="append", default=[], metavar="DIR",
+                    help="a folder whose scans clients may name by path (repeatable); without it, bytes only")
+    sv.add_argument("--max-rows", type=int, help="rows per request (default 64)")
+    sv.add_argument("--max-request-mib", type=float, help="MiB of scans per request, all rows together (default 256); "
+                    "a larger body is refused before it is read")
+    sv.add_argument("--timeout", type=int, help="seconds per request (default 60); rows still waiting at 0.8 of it "
+                    "answer 'timeout'")
     return parser
 
 
@@ -197,6 +213,15 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
         importlib.import_module(f"wsr_med.pipelines.bench_{args.which}").main(rest)
     elif args.command == "bundle-path":
         print(BUNDLE)
+    elif args.command == "serve":
+        import mlflow
+
+        from wsr_med.tracking import default_tracking_uri
+        from wsr_med.workflows.serving import serve
+
+        mlflow.set_tracking_uri(args.tracking_uri or default_tracking_uri())
+        serve(args.model_uri, args.host, args.port, args.workers, args.path_root, args.max_rows, args.max_request_mib,
+              args.timeout)
     elif args.command == "export-bundle":
         from wsr_med.workflows.export import export_bundle
 

@@ -11,11 +11,14 @@ class WsrMedError(Exception):
 
 
 def find_user_error(error: BaseException) -> WsrMedError | None:
-    """The :class:`WsrMedError` behind ``error`` (MONAI wraps errors raised inside a bundle config), or None."""
-    seen = set()
+    """The :class:`WsrMedError` behind ``error`` (MONAI wraps errors raised inside a bundle config), a full or
+    read-only disk behind it (:func:`wsr_med.files.storage_error`), or None."""
+    from wsr_med.files import storage_error
+
+    seen, first = set(), error
     while error is not None and id(error) not in seen:
         if isinstance(error, WsrMedError):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
-    return None
+    return storage_error(first)

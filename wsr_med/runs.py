@@ -25,13 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 import zipfile
 from pathlib import Path
 
 from wsr_med.errors import WsrMedError
+from wsr_med.files import atomic_write
 
 __all__ = ["RunFolder", "NETWORK_SETTINGS", "PATH_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "CLASS_BALANCE", "check_settings", "check_writable",
            "latest_checkpoint", "path_id", "refuse_finished", "settings_without_paths"]
@@ -67,25 +67,22 @@ def _resolved(key: str, value):
 
 
 def path_id(value: str | Path | None) -> str:
-    """A short stable id for a path (SHA-256 of the resolved path, 12 hex digits): what may stand for it in MLflow
-    and reports. ``none`` for no path, ``synthetic`` for the generated data set."""
+    """A short stable id for a path (12 hex digits, keyed like patient pseudonyms: :func:`wsr_med.data.scan.hash_id`):
+    what may stand for it in MLflow and reports. Without the installation's key, a guessed path (a home folder, a
+    hospital share) cannot be checked against it. ``none`` for no path, ``synthetic`` for the generated data set."""
+    from wsr_med.data.scan import hash_id
+
     if value in (None, ""):
         return "none"
     if str(value) == "synthetic":
         return "synthetic"
-    return hashlib.sha256(str(Path(str(value)).expanduser().resolve()).encode()).hexdigest()[:12]
+    return hash_id(f"path:{Path(str(value)).expanduser().resolve()}")[:12]
 
 
 def settings_without_paths(settings: dict) -> dict:
     """``settings`` with every path setting replaced by its :func:`path_id`, other values as they are: what may
     travel with a model (a served model, an exported bundle) without naming a folder."""
     return {k: (path_id(v) if k in PATH_SETTINGS and v not in (None, "") else v) for k, v in settings.items()}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_settings(settings: dict) -> None:
@@ -220,7 +217,11 @@ class RunFolder:
         return {k: settings[k] for k in NETWORK_SETTINGS if k in settings}
 
     def check_trained(self, requested: dict) -> None:
-        """Refuse network/preprocessing settings that contradict the trained model, naming both values."""
+        """Refuse network/preprocessing settings that contradict the trained model, naming both values; warn when
+        the run is still training (its ``model.pt`` is the best epoch so far, and may change)."""
+        if self.is_training():
+            logger.warning("%s is still training (another process holds it): model.pt is its best epoch so far and "
+                           "will change; evaluate or predict again when the training has finished", self.path)
         trained = self.trained_settings()
         wrong = [f"{k}={_normal(requested[k])!r} (trained: {trained[k]!r})"
                  for k in NETWORK_SETTINGS if k in requested and k in trained and _normal(requested[k]) != trained[k]]
@@ -283,6 +284,20 @@ class RunFolder:
                               "or use another output_dir.") from None
         self._lock = lock
 
+    def is_training(self) -> bool:
+        """Whether another process holds this folder's training lock."""
+        from filelock import FileLock, Timeout
+
+        if self._lock is not None or not (self.path / self.LOCK).exists():
+            return False
+        probe = FileLock(str(self.path / self.LOCK), timeout=0)
+        try:
+            probe.acquire()
+        except Timeout:
+            return True
+        probe.release()
+        return False
+
     def release(self) -> None:
         if self._lock is not None:
             self._lock.release()
@@ -337,9 +352,9 @@ class RunFolder:
             if previous["settings"].get("max_epochs") != resolved.get("max_epochs"):  # a resume is not a continuation
                 doc["continued"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "max_epochs": resolved.get("max_epochs")})
         else:
-            _atomic_write(self.path / self.CLASSES, json.dumps(classes))
+            atomic_write(self.path / self.CLASSES, json.dumps(classes))
         import torch
 
         doc["torch"] = torch.__version__
-        _atomic_write(config, json.dumps(doc, indent=1, default=str))
+        atomic_write(config, json.dumps(doc, indent=1, default=str))
         return config

@@ -8,13 +8,15 @@ with short HTTP retries (:func:`http_limits`), scoped to that call, so a lost se
 minutes, and the process environment is left as it was.
 
 Privacy: MLflow receives no file or folder path (exports name folders after patients) and no patient
-identifier: :func:`sanitised_params` and :func:`sanitised_config` replace paths by hashes of the path
+identifier: :func:`sanitised_params` and :func:`sanitised_config` replace paths by keyed hashes of the path
 (:func:`path_id`), :func:`sanitised_datalist` keeps items by their content hash and hashed patient, and
-:func:`sanitised_report` hashes file names and blanks path-like text in reasons.
+:func:`sanitised_report` hashes file names (keyed) and blanks path-like text in reasons. Logged models carry
+:data:`MODEL_CONTEXT_TAGS` instead of the user and the script's path.
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
 import functools
 import hashlib
@@ -27,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wsr_med.data.scan import hash_id
 from wsr_med.errors import WsrMedError
 from wsr_med.runs import PATH_SETTINGS, path_id
 
@@ -40,7 +43,9 @@ __all__ = [
     "client",
     "default_tracking_uri",
     "enabled",
+    "fail_open_runs",
     "http_limits",
+    "MODEL_CONTEXT_TAGS",
     "metric_name",
     "model_name",
     "path_id",
@@ -55,6 +60,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# MLflow tags every logged model with where it was logged from: the user, the main script's path, the git remote
+# and branch. A model travels (registry, export, serving): these values, the same keys, say nothing instead.
+MODEL_CONTEXT_TAGS = {"mlflow.user": "", "mlflow.source.name": "wsr_med", "mlflow.source.git.repoURL": "",
+                      "mlflow.source.git.branch": ""}
 _HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
@@ -177,6 +186,33 @@ class Tolerant:
             return None
 
 
+# Runs this process is training, until they end (run id -> tracking URI); a workflow that fails marks them FAILED.
+_OPEN_RUNS: dict[str, str] = {}
+
+
+def run_opened(run_id: str, tracking_uri: str) -> None:
+    if not _OPEN_RUNS:  # also for `python -m monai.bundle run`, whose failure ends the process
+        atexit.unregister(fail_open_runs)
+        atexit.register(fail_open_runs)
+    _OPEN_RUNS[run_id] = tracking_uri
+
+
+def run_closed(run_id: str) -> None:
+    _OPEN_RUNS.pop(run_id, None)
+
+
+def fail_open_runs() -> None:
+    """Mark FAILED every run this process opened and did not end (a workflow raised: a full disk, a crash), so that
+    no run is left RUNNING; a store that cannot be reached any more is left as it is."""
+    while _OPEN_RUNS:
+        run_id, uri = _OPEN_RUNS.popitem()
+        try:
+            with http_limits():
+                client(uri).set_terminated(run_id, "FAILED")
+        except Exception as e:
+            logger.warning("MLflow run %s could not be marked FAILED (%s)", run_id, type(e).__name__)
+
+
 def tolerant(method: Callable) -> Callable:
     """Decorate a method of an object whose ``policy`` attribute is a :class:`Tolerant`."""
 
@@ -228,7 +264,7 @@ def sanitised_report(path: Path) -> list[dict]:
     """The bad-file report with file names replaced by a hash and anything path-like in the reasons by ``<path>``
     (the local CSV keeps both)."""
     with open(path, newline="", encoding="utf-8", errors="backslashreplace") as f:
-        return [{"file_hash": hashlib.sha256(r["file"].encode("utf-8", "backslashreplace")).hexdigest()[:16],
+        return [{"file_hash": hash_id(f"file:{r['file']}"),
                  "reason": _PATH_LIKE.sub("<path>", r["reason"])} for r in csv.DictReader(f)]
 
 

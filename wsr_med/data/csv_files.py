@@ -11,9 +11,10 @@ backslash escapes (``caf\\xe9.png``).
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from wsr_med.files import atomic_path
 
 __all__ = ["neutralise", "unneutralise", "write_csv"]
 
@@ -45,10 +46,8 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence])
     """Write ``header`` and ``rows`` to ``path`` under a temporary name, then rename: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.writer(f)
         writer.writerow([neutralise(h) for h in header])
         writer.writerows([neutralise(c) for c in row] for row in rows)
-    os.replace(tmp, path)
     return path

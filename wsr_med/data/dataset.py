@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from copy import deepcopy
 from functools import partial
 from pathlib import Path
@@ -18,6 +17,8 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
 from monai.transforms import Compose, RandomizableTrait
 from monai.utils import look_up_option
+
+from wsr_med.files import atomic_write
 
 __all__ = ["CACHE_MODES", "VerifiedPersistentDataset", "cache_key", "default_num_workers", "scan_dataset", "scan_loader",
            "transform_signature"]
@@ -135,9 +136,7 @@ class VerifiedPersistentDataset(PersistentDataset):
         payload = buffer.getvalue()
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=entry.parent, prefix=".tmp-", delete=False) as f:
-                f.write(hashlib.sha256(payload).digest() + payload)
-            os.replace(f.name, entry)
+            atomic_write(entry, hashlib.sha256(payload).digest() + payload)
         except OSError as e:  # a full or read-only disk slows training down, it does not stop it
             logger.warning("cache entry %s not written (%s)", entry.name, e)
         return _from_storage(stored)  # what later epochs read: every epoch sees the same values

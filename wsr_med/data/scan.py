@@ -24,6 +24,7 @@ from wsr_med.data.csv_files import write_csv
 from wsr_med.data.profile import scan_profile
 from wsr_med.data.readers import MAX_PIXELS, ScanReadError, dicom_patient_id, read_scan, scan_format, suffix_of
 from wsr_med.errors import WsrMedError
+from wsr_med.files import atomic_write
 
 __all__ = ["DatasetScan", "NoValidScans", "scan_folder", "scan_manifest", "hash_id", "DEFAULT_PATIENT_PATTERN"]
 
@@ -52,10 +53,8 @@ def _id_key() -> bytes:
     path = id_key_file()
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # two first uses at once: one key wins
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
+        try:  # whole or absent (a full disk never leaves an empty key); two first uses at once: one key wins
+            atomic_write(path, secrets.token_hex(32), exclusive=True, mode=0o600)
         except FileExistsError:
             pass
     key = path.read_text().strip()

@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from wsr_med.data.scan import DatasetScan
+from wsr_med.files import atomic_write
 
 __all__ = ["assign_folds", "split_items", "write_datalist", "read_datalist"]
 
@@ -83,9 +84,7 @@ def write_datalist(path: str | Path, scan: DatasetScan, splits: dict[str, list[d
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"base_dir": str(scan.root.resolve()), "classes": scan.classes, "settings": settings,
            "counts": {k: len(v) for k, v in splits.items()}, "bad_files": len(scan.bad_files), **splits}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(doc, indent=1))
     return path
 
 

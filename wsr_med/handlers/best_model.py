@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import io
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from wsr_med.files import atomic_write
 from wsr_med.runs import RunFolder
 
 if TYPE_CHECKING:
@@ -21,10 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`wsr_med.files.atomic_write`: a crash or a full disk never leaves a half-written
+    file. Serialised in memory first: ``torch.save`` into a file reports a full disk as "unexpected pos"."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 class BestModelSaver:
@@ -68,7 +70,5 @@ class BestModelSaver:
         self.save_dir.mkdir(parents=True, exist_ok=True)
         atomic_save(state, self.save_dir / RunFolder.MODEL)
         self.best = {"metric": self.metric, "value": value, "epoch": int(engine.state.epoch)}
-        tmp = self.best_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.best))
-        os.replace(tmp, self.best_file)
+        atomic_write(self.best_file, json.dumps(self.best))
         logger.info("epoch %d: best %s %.4f, saved %s", self.best["epoch"], self.metric, value, self.save_dir / RunFolder.MODEL)

@@ -9,7 +9,8 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ import torch
 from monai.handlers import MLFlowHandler
 
 from wsr_med import tracking
+from wsr_med.files import atomic_write
 from wsr_med.runs import RunFolder
 from wsr_med.tracking import tolerant
 
@@ -35,6 +37,30 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name).split('+')[0]}" for name in ("wsr_med", "torch", "monai", "numpy")]
+
+
+@contextmanager
+def _exported_without_stack_traces() -> Iterator[None]:
+    """``torch.export.save`` drops each graph node's ``stack_trace`` for a block.
+
+    ``mlflow.pytorch.log_model(serialization_format="pt2")`` exports and saves the program in one call; the stack
+    traces torch.export records quote the absolute path of every source file (the checkout's, the environment's, a
+    user's home). The program runs the same without them. Scoped to the block, then torch's own function is back.
+    """
+    save = torch.export.save
+
+    def save_without_stack_traces(program, f, *args, **kwargs):
+        for module in program.graph_module.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                for node in module.graph.nodes:
+                    node.meta.pop("stack_trace", None)
+        return save(program, f, *args, **kwargs)
+
+    torch.export.save = save_without_stack_traces
+    try:
+        yield
+    finally:
+        torch.export.save = save
 
 
 def fold_in_monai_tracking(engine: Engine) -> None:
@@ -156,12 +182,13 @@ class MLflowTracker(MLFlowHandler):
                 self.cur_run = self.client.get_run(self.run_id_file.read_text().strip())
                 if self.experiment_param:
                     self._continue_params()
-        if self.log_model:  # the trainer's tracker: a run killed by a signal is marked KILLED, not left RUNNING
+        if self.log_model:  # the trainer's tracker: a run killed by a signal is KILLED, one that crashes FAILED
             self._mark_killed_on_signals()
+            tracking.run_opened(self.cur_run.info.run_id, self.tracking_uri)
         super().start(engine)
         if new:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.run_id_file.write_text(self.cur_run.info.run_id)
+            atomic_write(self.run_id_file, self.cur_run.info.run_id)
             if self.parent_run_id:
                 self.client.set_tag(self.cur_run.info.run_id, "mlflow.parentRunId", self.parent_run_id)
             self._log_run_files()
@@ -176,6 +203,7 @@ class MLflowTracker(MLFlowHandler):
 
             def handler(signum, frame, previous=previous):
                 self.policy.call(self.client.set_terminated, self.cur_run.info.run_id, "KILLED")
+                tracking.run_closed(self.cur_run.info.run_id)
                 signal.signal(signum, previous)
                 if callable(previous):
                     previous(signum, frame)  # SIGINT: KeyboardInterrupt
@@ -220,7 +248,13 @@ class MLflowTracker(MLFlowHandler):
     iteration_completed = tolerant(MLFlowHandler.iteration_completed)
     epoch_completed = tolerant(MLFlowHandler.epoch_completed)
     complete = tolerant(MLFlowHandler.complete)
-    close = tolerant(MLFlowHandler.close)
+
+    @tolerant
+    def close(self) -> None:
+        run = self.cur_run
+        MLFlowHandler.close(self)
+        if run is not None:
+            tracking.run_closed(run.info.run_id)
 
     @tolerant
     def log_best_model(self, engine: Engine) -> None:
@@ -239,7 +273,7 @@ class MLflowTracker(MLFlowHandler):
             with tempfile.TemporaryDirectory() as tmp:
                 self._log_network(model, Path(tmp))
             info = log_served_model(self.output_dir, self.registered_model_name, _requirements())
-        (self.output_dir / RunFolder.MLFLOW_MODEL_URI).write_text(info.model_uri)
+        atomic_write(self.output_dir / RunFolder.MLFLOW_MODEL_URI, info.model_uri)
         self._log_spatial_weights(model)
         logger.info("logged model %s%s", info.model_uri,
                     f", registered as '{self.registered_model_name}'" if self.registered_model_name else "")
@@ -254,9 +288,10 @@ class MLflowTracker(MLFlowHandler):
             output = model(torch.from_numpy(example)).numpy()
         (tmp / RunFolder.CONFIG).write_text(json.dumps(tracking.sanitised_config(self.output_dir / RunFolder.CONFIG), indent=1))
         extra = [str(tmp / RunFolder.CONFIG), str(self.output_dir / RunFolder.CLASSES)]
-        return mlflow.pytorch.log_model(model, name="network", signature=infer_signature(example, output),
-                                        input_example=example, extra_files=extra, pip_requirements=_requirements(),
-                                        serialization_format="pt2")
+        with _exported_without_stack_traces():
+            return mlflow.pytorch.log_model(model, name="network", signature=infer_signature(example, output),
+                                            input_example=example, extra_files=extra, pip_requirements=_requirements(),
+                                            serialization_format="pt2", tags=tracking.MODEL_CONTEXT_TAGS)
 
     def _log_spatial_weights(self, model: torch.nn.Module) -> None:
         from wsr_med.metrics import plot_spatial_weights

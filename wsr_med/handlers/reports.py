@@ -13,6 +13,7 @@ import torch
 
 from wsr_med import tracking
 from wsr_med.data.csv_files import write_csv
+from wsr_med.files import atomic_write
 from wsr_med.handlers.mlflow_tracker import fold_in_monai_tracking
 from wsr_med.metrics import (
     Decision,
@@ -26,8 +27,8 @@ from wsr_med.metrics import (
     negative_log_likelihood,
     operating_point_metrics,
     parse_operating_point,
-    plot_examples,
     plot_confusion,
+    plot_examples,
     plot_reliability,
     plot_roc,
     write_html_report,
@@ -139,9 +140,7 @@ class CalibrationFitter(_Collector):
             (self.run / RunFolder.CALIBRATION).unlink(missing_ok=True)
             return
         doc = {"epoch": epoch, "decision": decision.to_dict(), **fit}
-        tmp = self.run / (RunFolder.CALIBRATION + ".tmp")
-        tmp.write_text(json.dumps(json_ready(doc), indent=1))
-        tmp.replace(self.run / RunFolder.CALIBRATION)
+        atomic_write(self.run / RunFolder.CALIBRATION, json.dumps(json_ready(doc), indent=1))
         if not 0.051 < decision.temperature < 19.9:
             logger.warning("epoch %d: the fitted temperature %.3g is at its bound: the %d validation cases are too few or "
                            "perfectly separated to calibrate on", epoch, decision.temperature, len(self.labels))
@@ -209,7 +208,7 @@ class EvaluationReporter(_Collector):
         for warning in self.metrics["warnings"]:
             logger.warning("%s", warning)
         self.report_dir.mkdir(parents=True, exist_ok=True)
-        (self.report_dir / "metrics.json").write_text(json.dumps(json_ready(self.metrics), indent=1, allow_nan=False))
+        atomic_write(self.report_dir / "metrics.json", json.dumps(json_ready(self.metrics), indent=1, allow_nan=False))
         # 9 significant digits round-trip float32: AUC recomputed from the file matches metrics.json
         write_csv(self.report_dir / "cases.csv", ["path", "label", *[f"prob_{c}" for c in self.classes], "unlike_training"],
                   [[p, self.classes[y], *[f"{v:.9g}" for v in pr], u]

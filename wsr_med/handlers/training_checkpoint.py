@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
+from wsr_med.files import atomic_write
 from wsr_med.runs import latest_checkpoint, refuse_finished
 
 if TYPE_CHECKING:
@@ -77,7 +79,7 @@ class TrainingCheckpoint:
             return
         saver = Checkpoint(
             self._objects,
-            DiskSaver(str(self.save_dir), atomic=True, require_empty=False),
+            _WholeFileSaver(str(self.save_dir), atomic=True, require_empty=False),
             n_saved=1,
             filename_pattern="checkpoint_epoch={global_step}.{ext}",
             global_step_transform=lambda e, _: e.state.epoch,
@@ -100,3 +102,14 @@ class TrainingCheckpoint:
             group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * done / self.max_epochs)) / 2
         # PyTorch's recursive cosine step continues from these values exactly as the closed form would
         scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+class _WholeFileSaver(DiskSaver):
+    """ignite's ``DiskSaver`` writing through :func:`wsr_med.files.atomic_write`: the checkpoint is serialised in
+    memory first, so that a full disk is the ``OSError`` it is (``torch.save`` into a file reports it as "unexpected
+    pos"), naming the file, and no temporary file is left behind."""
+
+    def _save_func(self, checkpoint, path, func) -> None:
+        buffer = io.BytesIO()
+        func(checkpoint, buffer, **self.kwargs)
+        atomic_write(path, buffer.getvalue())

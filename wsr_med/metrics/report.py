@@ -6,6 +6,8 @@ import base64
 import html
 from pathlib import Path
 
+from wsr_med.files import atomic_write
+
 __all__ = ["write_html_report"]
 
 
@@ -77,5 +79,5 @@ img{{max-width:480px}}.warning{{background:#fff3cd;border:1px solid #e0a800;padd
 <h2>Plots</h2>{images}</body></html>"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page)
+    atomic_write(path, page)
     return path

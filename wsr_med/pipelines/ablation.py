@@ -48,10 +48,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsr_med.cli import parse_value
 from wsr_med import tracking
+from wsr_med.cli import parse_value
 from wsr_med.data.csv_files import unneutralise
 from wsr_med.errors import WsrMedError
+from wsr_med.files import atomic_write
 from wsr_med.metrics import bootstrap_ci, corrected_resampled_ttest, figure, plain, roc_auc
 from wsr_med.networks import backbone_label
 from wsr_med.runs import RunFolder, latest_checkpoint
@@ -113,7 +114,7 @@ def _parent_run(client, experiment_name: str, output: Path, grid: dict) -> str:
     for key, value in grid.items():
         client.log_param(run.info.run_id, key, json.dumps(value) if not isinstance(value, str) else value)
     output.mkdir(parents=True, exist_ok=True)
-    path.write_text(run.info.run_id)
+    atomic_write(path, run.info.run_id)
     return run.info.run_id
 
 
@@ -234,9 +235,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
     client.log_metric(run_id, "eval_test_auc_last_epoch", last["auc"])
     client.log_metric(run_id, "seconds_per_epoch", result["seconds_per_epoch"])
     client.log_artifact(run_id, str(diagnostics), "plots")
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(done)
+    atomic_write(done, json.dumps(result, indent=1))
     return result
 
 
@@ -440,7 +439,7 @@ def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path
     lines += ["", "AUC on each cell's held-out fold, with the checkpoint its inner validation split chose. The CI and p "
               "of ΔAUC are the corrected resampled t-test over folds x seeds (Nadeau & Bengio 2003); the case "
               "bootstrap keeps every trained model fixed and covers case sampling only.", "", *listed]
-    (output / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write(output / "summary.md", "\n".join(lines) + "\n")
 
     configs = sorted({(r["network"], r["image_size"]) for r in rows})
     fig, axes = figure(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)

@@ -30,10 +30,15 @@ def run_workflow(workflow: str, bundle_root: Path = BUNDLE, **overrides) -> None
 
     from monai.bundle import run
 
+    from wsr_med.tracking import fail_open_runs
+
     configs = Path(bundle_root) / "configs"
     try:
         run(config_file=config_files(workflow, bundle_root), meta_file=str(configs / "metadata.json"),
             logging_file=str(configs / "logging.conf"), bundle_root=str(bundle_root), **overrides)
+    except BaseException:
+        fail_open_runs()  # no MLflow run is left RUNNING by a failed workflow
+        raise
     finally:
         # ignite engines and their handlers refer to each other: collect them now, so that a caller running
         # workflow after workflow (an ablation) does not keep their loader processes and GPU tensors alive

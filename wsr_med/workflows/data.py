@@ -21,6 +21,7 @@ from wsr_med.data.readers import MAX_PIXELS
 from wsr_med.data.scan import DEFAULT_PATIENT_PATTERN, NoValidScans
 from wsr_med.data.synthetic import SIDES
 from wsr_med.errors import WsrMedError
+from wsr_med.files import atomic_write
 from wsr_med.runs import CLASS_BALANCE, RunFolder
 
 __all__ = ["SYNTHETIC", "PreparedData", "imbalance_warning", "class_names", "prepare_data", "prepare_evaluation", "prepare_unlabelled"]
@@ -232,7 +233,7 @@ def prepare_data(
         write_datalist(datalist, scan, splits, **settings)
         if split == "train":
             profile = training_profile([scan.profiles[i["image"]] for i in splits["training"]])
-            (output / RunFolder.PROFILE).write_text(json.dumps(profile, indent=1))
+            atomic_write(output / RunFolder.PROFILE, json.dumps(profile, indent=1))
 
     if compare_with is not None:
         _flag_unlike_training(scan, compare_with)

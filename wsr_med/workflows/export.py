@@ -9,6 +9,7 @@ for the format it is written into.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,11 +21,13 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 from wsr_med.errors import WsrMedError
+from wsr_med.files import atomic_path
 from wsr_med.runs import NETWORK_SETTINGS, RunFolder, path_id, settings_without_paths
 from wsr_med.workflows.bundle import BUNDLE
 
-__all__ = ["export_bundle"]
+__all__ = ["export_bundle", "strip_torchscript_debug"]
 
+SEMANTIC_VERSION = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
 # Settings a retraining of the exported recipe starts from (the data, machine and MLflow names stay the user's).
 RECIPE_SETTINGS = NETWORK_SETTINGS + ("max_epochs", "batch_size", "learning_rate", "weight_decay", "seed", "val_fraction",
                                       "test_fraction", "class_balance", "reject_degenerate", "max_pixels", "patient_pattern")
@@ -73,8 +76,12 @@ def export_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "1
 
     run = RunFolder(run_dir)
     bundle_dir = Path(bundle_dir)
-    if bundle_dir.exists():
-        raise WsrMedError(f"{bundle_dir} exists: export-bundle writes a new folder and never overwrites one")
+    if not SEMANTIC_VERSION.fullmatch(version):
+        raise WsrMedError(f"--version {version!r} is not a semantic version MAJOR.MINOR.PATCH (e.g. 1.0.0), as the model "
+                          "zoo requires")
+    if bundle_dir.resolve().is_relative_to(run.path.resolve()):
+        raise WsrMedError(f"{bundle_dir} is inside the run folder {run.path}: a bundle is shared, the run folder holds "
+                          "the datalist and file names; choose a folder outside it")
     trained = run.trained_settings()
     classes = run.classes()
     settings = run.settings()
@@ -83,7 +90,12 @@ def export_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "1
     evaluation = json.loads(evaluation_file.read_text()) if evaluation_file.is_file() else None
     profile = run.training_profile()
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:  # claimed now, exclusively: another export (or anything else) that made it first is never replaced
+        bundle_dir.mkdir()
+    except FileExistsError:
+        raise WsrMedError(f"{bundle_dir} exists: export-bundle writes a new folder and never overwrites one") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}-", dir=bundle_dir.parent))
+    written = False
     try:
         for folder in ("configs", "models", "docs"):
             (tmp / folder).mkdir()
@@ -93,6 +105,7 @@ def export_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "1
         (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4))
         ckpt_export(net_id="network_def", filepath=str(tmp / "models" / "model.ts"), ckpt_file=str(tmp / "models" / "model.pt"),
                     meta_file=str(tmp / "configs" / "metadata.json"), config_file=str(tmp / "configs" / "inference.json"))
+        strip_torchscript_debug(tmp / "models" / "model.ts")
         shutil.copy(BUNDLE / "LICENSE", tmp / "LICENSE")
         if data_license is not None:
             shutil.copy(data_license, tmp / "docs" / "data_license.txt")
@@ -102,10 +115,30 @@ def export_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "1
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-        os.replace(tmp, bundle_dir)
+        os.replace(tmp, bundle_dir)  # over the empty folder claimed above; fails if anything was put in it since
+        written = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not written:
+            with contextlib.suppress(OSError):  # left as found when something else was put in it meanwhile
+                bundle_dir.rmdir()
     return bundle_dir
+
+
+def strip_torchscript_debug(path: Path) -> None:
+    """Remove the debug entries (``*.debug_pkl``) of a TorchScript archive, in place.
+
+    They map the compiled code back to its source, quoting the absolute paths of every source file (the
+    environment's, the checkout's, a user's home); the model runs the same without them, only TorchScript's own
+    error messages lose their source lines.
+    """
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        kept = [(info, archive.read(info)) for info in archive.infolist() if not info.filename.endswith(".debug_pkl")]
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        for info, data in kept:
+            archive.writestr(info, data)
 
 
 def _write_models(run: RunFolder, models: Path, settings: dict) -> None:
