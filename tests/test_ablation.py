@@ -37,6 +37,7 @@ def test_parent_and_child_runs(study):
     parent_id = (study["out"] / "parent_run_id").read_text().strip()
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
     assert len(runs) == 9 and len(children) == 8
+    assert client.get_run(parent_id).info.status == "FINISHED"  # the grid is done, and so is its parent run
     assert {r.info.run_name for r in children} == set(CELLS)
     assert all("eval_test_auc_shuffled" in r.data.metrics and "eval_test_auc_last_epoch" in r.data.metrics for r in children)
     # the held-out fold is evaluated after training only: one selected-model evaluation reaches MLflow per cell
@@ -139,6 +140,8 @@ def test_summary_only_trains_nothing(study):
     assert not list(study["out"].glob("*-flatten-*"))
     summary = (study["out"] / "summary.md").read_text()
     assert "| wise | 4 |" in summary and "| flatten |" not in summary
+    assert "**Partial: 4 of the grid's 12 cells have not finished**" in summary
+    assert f"{NET}-64-flatten-fold1-seed1" in summary
 
 
 def test_shuffle_leaves_gap_logits_unchanged():

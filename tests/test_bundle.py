@@ -129,7 +129,7 @@ def test_logged_network_reproduces_the_weights(trained):
 SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "highdicom_dx_image.dcm"
 
 
-def test_served_model_answers_like_predict_and_names_no_patient(trained, hospital, tmp_path):
+def test_served_model_answers_like_predict_and_names_no_patient(trained, hospital, tmp_path, monkeypatch):
     """mlflow models serve on the registered model: a real DICOM by path, a PNG as bytes and a broken file in one
     request; the probabilities are wsr-med predict's, the broken row carries an error, no identifier comes back."""
     import base64
@@ -139,6 +139,7 @@ def test_served_model_answers_like_predict_and_names_no_patient(trained, hospita
     import pydicom
 
     from wsr_med.tracking import tracking_uri_context
+    from wsr_med.workflows.serving import PATH_ROOTS_ENV
 
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -155,11 +156,13 @@ def test_served_model_answers_like_predict_and_names_no_patient(trained, hospita
                {"bytes": base64.b64encode(b"\x00" * 300).decode()}]
 
     version = max(int(v.version) for v in MlflowClient(trained["uri"]).search_model_versions("name='tiny_wise'"))
+    monkeypatch.setenv(PATH_ROOTS_ENV, str(scans))  # plain MLflow serving: the path roots come from the environment
     with tracking_uri_context(trained["uri"]):
         in_process = mlflow.pyfunc.load_model(f"models:/tiny_wise/{version}").predict(pd.DataFrame(records))
     port = free_port()
     bin_dir = Path(sys.executable).parent  # as in an activated environment: mlflow starts uvicorn from it
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"], "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"],
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/tiny_wise/{version}",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -180,7 +183,8 @@ def test_served_model_answers_like_predict_and_names_no_patient(trained, hospita
             assert row[f"prob_{c}"] == pytest.approx(float(expected[name][f"prob_{c}"]), abs=1e-5), (name, c)
             assert row[f"prob_{c}"] == pytest.approx(float(in_process[f"prob_{c}"][answer.index(row)]), abs=1e-6)
         assert row["predicted_class"] == expected[name]["predicted_class"] and row["error"] == ""
-    assert answer[2]["error"].startswith("row 2: ScanReadError") and answer[2]["predicted_class"] == ""
+    assert answer[2]["error"] == "row 2: unknown file type: the content is neither DICOM nor an image"
+    assert answer[2]["predicted_class"] == "" and answer[2]["prob_left"] is None
     header = pydicom.dcmread(dicom, stop_before_pixels=True)
     for tag in ("PatientName", "PatientID", "AccessionNumber", "StudyDate", "PatientBirthDate"):
         value = str(header.get(tag, "") or "")

@@ -263,15 +263,17 @@ def test_operating_point_is_chosen_on_validation_and_used_by_evaluate_and_predic
             assert row["predicted_class"] == ("right" if float(row["prob_right"]) >= threshold else "left")
 
 
-def test_registered_served_model_decides_at_the_runs_threshold(user):
+def test_registered_served_model_decides_at_the_runs_threshold(user, monkeypatch):
     import mlflow.pyfunc
     import pandas as pd
 
     from wsr_med.tracking import tracking_uri_context
+    from wsr_med.workflows.serving import PATH_ROOTS_ENV
 
     run, home = user["run"], user["home"]
     threshold = json.loads((run / "calibration.json").read_text())["decision"]["threshold"]
     uri = (run / "mlflow_model_uri").read_text()  # the latest training's registered model
+    monkeypatch.setenv(PATH_ROOTS_ENV, str(home))  # the server's setting: clients may name scans under home by path
     with tracking_uri_context(user["uri"]):
         model = mlflow.pyfunc.load_model(uri)
     scans = sorted(p for p in (home / "new_scans").rglob("*") if p.is_file())
@@ -279,4 +281,4 @@ def test_registered_served_model_decides_at_the_runs_threshold(user):
     for _, row in answer.iloc[:-1].iterrows():
         assert row["error"] == "" and row["prob_left"] + row["prob_right"] == pytest.approx(1)
         assert row["predicted_class"] == ("right" if row["prob_right"] >= threshold else "left")
-    assert answer.iloc[-1]["error"] == "row 6: ScanReadError: file not found" and answer.iloc[-1]["predicted_class"] == ""
+    assert answer.iloc[-1]["error"] == "row 6: path not available on this server" and answer.iloc[-1]["predicted_class"] == ""

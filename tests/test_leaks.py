@@ -323,4 +323,4 @@ def test_predict_warns_while_the_run_trains(trained):
         result = ok(wsr_med(trained["home"], "predict", "--output-dir", "runs/a", "--dataset-dir", "hospital/left"))
     finally:
         holder.kill()
-    assert "is still training" in result.stderr
+    assert "is still training" in result.stdout + result.stderr

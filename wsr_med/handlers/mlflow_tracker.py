@@ -141,7 +141,7 @@ class MLflowTracker(MLFlowHandler):
         engine.add_event_handler(Events.EPOCH_STARTED, self._read_lr)  # before the scheduler steps
         if self.log_model:
             engine.add_event_handler(Events.COMPLETED, self.log_best_model)
-            engine.add_event_handler(Events.COMPLETED, self._restore_signals)
+            engine.add_event_handler(Events.COMPLETED, self._training_ended)
 
     def _open(self, engine: Engine) -> None:
         """Build MONAI's handler and attach it (its ``start`` runs in this same STARTED event), once."""
@@ -212,10 +212,13 @@ class MLflowTracker(MLFlowHandler):
 
             signal.signal(sig, handler)
 
-    def _restore_signals(self, engine: Engine | None = None) -> None:
+    def _training_ended(self, engine: Engine | None = None) -> None:
+        """The training completed (its run FINISHED by ``log_best_model``): signals as they were, nothing to fail."""
         for sig, previous in getattr(self, "_previous_signals", {}).items():
             signal.signal(sig, previous)
         self._previous_signals = {}
+        if self.cur_run is not None:
+            tracking.run_closed(self.cur_run.info.run_id)
 
     def _continue_params(self) -> None:
         """A run continued in the same MLflow run: log only params it lacks; changed ones become tags."""

@@ -386,8 +386,9 @@ def _t_half_width(values: list[float]) -> float:
     return float(stats.t.ppf(0.975, k - 1) * statistics.stdev(values) / k ** 0.5) if k > 1 else float("nan")
 
 
-def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path]:
-    """Write summary.csv / summary.md and the plots of the finished ``cells`` and their ``results``; returns the files."""
+def summarise(output: Path, results: list[dict], cells: list[Cell], missing: list[Cell] = ()) -> list[Path]:
+    """Write summary.csv / summary.md and the plots of the finished ``cells`` and their ``results``; returns the files.
+    ``missing``: the grid's cells not finished yet, listed at the top of summary.md (a partial summary says so)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r.get("network") or r["backbone"], r["image_size"], r["head"]), []).append(r)
@@ -424,7 +425,9 @@ def summarise(output: Path, results: list[dict], cells: list[Cell]) -> list[Path
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| network | size | head | folds x seeds | AUC mean ± sd | AUC, last epoch | accuracy mean ± sd | "
+    partial = [f"**Partial: {len(missing)} of the grid's {len(cells) + len(missing)} cells have not finished** "
+               f"(run the same command again to finish them): {', '.join(c.name for c in missing)}.", ""] if missing else []
+    lines = [*partial, "| network | size | head | folds x seeds | AUC mean ± sd | AUC, last epoch | accuracy mean ± sd | "
              "ΔAUC vs gap [95% CI, corrected t] | p | case-bootstrap CI (models fixed) | AUC, positions shuffled | params | "
              "head params | s/epoch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -506,7 +509,9 @@ def main(argv: list[str] | None = None) -> None:
         check_study_overrides(output, extra)
         client = tracking.client(args.tracking_uri)
         parent = _parent_run(client, args.experiment_name, output, grid)
-        (output / "grid.json").write_text(json.dumps(grid, indent=1))  # the parent's params keep the first invocation's grid
+        if mine and client.get_run(parent).info.status != "RUNNING":  # cells to train: the study runs (again)
+            client.update_run(parent, status="RUNNING")
+        atomic_write(output / "grid.json", json.dumps(grid, indent=1))  # the parent's params keep the first invocation's grid
     start = time.perf_counter()
     logger.info("%d of the grid's %d cells in this process (shard %d/%d), %d at a time",
                 len(mine), len(cells), shard, shards, args.workers)
@@ -518,10 +523,13 @@ def main(argv: list[str] | None = None) -> None:
             run_cell(cell, args, parent, extra)
     with study_lock(output):  # the summary of every cell finished so far, by any process
         done, results = finished_results(cells, args)
-        files = [output / "grid.json", *(summarise(output, results, done) if done else [])]
+        missing = [c for c in cells if c not in done]
+        files = [output / "grid.json", *(summarise(output, results, done, missing) if done else [])]
         with tracking.tracking_uri_context(args.tracking_uri):
             for path in files:
                 client.log_artifact(parent, str(path), "summary")
+            if not missing:  # the grid is done: its parent run is too (a grid extended later reopens it)
+                client.set_terminated(parent, "FINISHED")
     if done:
         print((output / "summary.md").read_text())
     print(f"study wall time this invocation: {time.perf_counter() - start:.0f} s; results in {output}")

@@ -1,10 +1,10 @@
-"""Serving speed: the registered model through ``mlflow models serve`` (REST) vs the same model called in-process.
+"""Serving speed: the registered model through ``wsr-med serve`` (REST) vs the same model called in-process.
 
     wsr-med bench serve                     # 64 generated scans, a small network at 128 px
     wsr-med bench serve --image-size 224 --n-scans 64
 
 In one run: train a small model for one epoch on a generated folder (registered in a temporary SQLite
-store), load the registered model in this process, start ``mlflow models serve`` on 127.0.0.1, then send
+store), load the registered model in this process, start ``wsr-med serve --path-root <data>`` on 127.0.0.1, then send
 the same 64 scans in requests of 1 and of 16 scans, both ways: as base64 bytes (what a remote client sends;
 about 0.7 MB of JSON per 512 px 16-bit scan) and as paths (a client on the server's machine).
 Prints images/s per way and batch size, their ratio (target: REST >= 0.7x in-process at batch 16), and the
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from wsr_med.data import make_synthetic_folder
     from wsr_med.workflows import run_workflow
+    from wsr_med.workflows.serving import PATH_ROOTS_ENV
 
     work = Path(tempfile.mkdtemp(prefix="wsr_bench_serve_"))
     uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -81,12 +82,12 @@ def main(argv: list[str] | None = None) -> None:
         records = by_kind["bytes"]
         model_uri = "models:/bench_serve/1"
         mlflow.set_tracking_uri(uri)
+        os.environ[PATH_ROOTS_ENV] = str(data)  # in-process, paths under the data folder, as the server allows them
         model = mlflow.pyfunc.load_model(model_uri)
         port = _free_port()
-        bin_dir = Path(sys.executable).parent
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-        server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                   "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        server = subprocess.Popen([sys.executable, "-m", "wsr_med.cli", "serve", "-m", model_uri, "--port", str(port),
+                                   "--path-root", str(data)], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)
         url = f"http://127.0.0.1:{port}/invocations"
         deadline = time.time() + 180
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                 break
             except OSError:
                 if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("mlflow models serve did not start")
+                    raise RuntimeError("wsr-med serve did not start")
                 time.sleep(0.5)
         _post(url, records[:2])  # warm-up: first request loads lazily
         model.predict(pd.DataFrame(records[:2]))
