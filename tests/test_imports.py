@@ -44,7 +44,18 @@ def test_imports_follow_the_design_arrows(room):
                 top = name.split(".")[0]
                 assert top in ARROWS[room] | {"wsr_med", "__future__"} or top in sys.stdlib_module_names, f"{path.name}: {name}"
                 if top == "wsr_med":
-                    assert name.split(".")[1] in {"networks", "data", "errors", "files"}, f"{path.name}: {name}"
+                    assert name.split(".")[1] in {"networks", "data", "errors", "files", "settings"}, f"{path.name}: {name}"
+
+
+def test_nothing_below_the_command_imports_it():
+    """The command (cli.py) sits on top: the pipelines and workflows it calls never import it back."""
+    root = Path(wsr_med.__file__).parent
+    for path in [*root.glob("pipelines/*.py"), *root.glob("workflows/*.py"), *root.glob("handlers/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module != "wsr_med.cli", f"{path.relative_to(root)} imports wsr_med.cli"
+            if isinstance(node, ast.Import):
+                assert all(a.name != "wsr_med.cli" for a in node.names), f"{path.relative_to(root)} imports wsr_med.cli"
 
 
 def test_bundle_configs_reach_every_subpackage_through_one_import():

@@ -22,8 +22,6 @@ Evaluate and predict take the network and preprocessing settings from the run fo
 from __future__ import annotations
 
 import argparse
-import ast
-import json
 import logging
 import shutil
 import sys
@@ -33,9 +31,10 @@ from pathlib import Path
 from wsr_med.errors import find_user_error
 from wsr_med.log_format import EscapingFormatter, escape_control
 from wsr_med.runs import RunFolder
-from wsr_med.workflows.bundle import BUNDLE, config_files, run_workflow
+from wsr_med.settings import SETTINGS, default
+from wsr_med.workflows.bundle import BUNDLE, parse_overrides, run_workflow
 
-__all__ = ["main", "parse_value"]
+__all__ = ["main"]
 
 # A short run that shows the whole pipeline in minutes on a laptop CPU.
 DEMO_SETTINGS = {
@@ -53,33 +52,10 @@ RESULTS = [(RunFolder.MODEL, "best model weights"), (RunFolder.CLASSES, "class m
            (RunFolder.PREDICTIONS, "predictions")]
 
 
-def parse_value(text: str):
-    """Parse an override value as JSON / a Python literal, else keep the string."""
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            return parse(text)
-        except (ValueError, SyntaxError):
-            pass
-    return text
-
-
-def bundle_default(key: str, bundle_root: Path = BUNDLE):
-    """The value ``train.json`` gives ``key``."""
-    return json.loads(Path(config_files("train", bundle_root)[0]).read_text())[key]
-
-
 def _overrides(args: argparse.Namespace) -> dict:
-    out = {}
-    for name in ("dataset_dir", "output_dir", "tracking_uri", "eval_split", "predictions_file"):
-        value = getattr(args, name, None)
-        if value is not None:
-            out[name] = value
-    for item in args.set or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got '{item}'")
-        key, value = item.split("=", 1)
-        out[key] = parse_value(value)
-    return out
+    """The settings a command's flags (``--dataset-dir``, ...) and ``--set KEY=VALUE`` give."""
+    flags = {name: value for name, value in vars(args).items() if name in SETTINGS and value is not None}
+    return {**flags, **parse_overrides(args.set)}
 
 
 def _print_results(output_dir: str, tracking_uri: str | None = None) -> None:
@@ -98,13 +74,13 @@ def _print_results(output_dir: str, tracking_uri: str | None = None) -> None:
 def train(args: argparse.Namespace) -> None:
     """Train; in a folder that holds a run, continue it with the run's own settings (overrides on top)."""
     overrides = _overrides(args)
-    output = overrides.setdefault("output_dir", bundle_default("output_dir", args.bundle_root))
+    output = overrides.setdefault("output_dir", default("output_dir"))
     folder = RunFolder(output)
     if (folder / RunFolder.CONFIG).is_file():
         saved = folder.continuation_settings()
         print(f"{output} holds a run: continuing it with its own settings")
         overrides = {**saved, **overrides}
-    run_workflow("train", args.bundle_root, **overrides)
+    run_workflow("train", args.bundle, **overrides)
     _print_results(output, args.tracking_uri)
 
 
@@ -116,9 +92,9 @@ def demo(args: argparse.Namespace) -> None:
     output = settings["output_dir"]
     common = {k: settings[k] for k in ("output_dir", "tracking_uri") if k in settings}
     print(f"[1/3] training on {settings['dataset_dir']} -> {output}")
-    run_workflow("train", args.bundle_root, **settings)
+    run_workflow("train", args.bundle, **settings)
     print("[2/3] evaluating on the held-out test patients")
-    run_workflow("evaluate", args.bundle_root, **common, dataset_dir=settings["dataset_dir"], eval_split="test")
+    run_workflow("evaluate", args.bundle, **common, dataset_dir=settings["dataset_dir"], eval_split="test")
     unlabelled = Path(output) / "new_scans"
     if not unlabelled.exists():  # one flat folder with neutral names: nothing in a path gives the class away
         labelled = make_synthetic_folder(Path(output) / ".new_scans_labelled", n_per_class=10, image_size=256, n_classes=2, seed=99)
@@ -127,7 +103,7 @@ def demo(args: argparse.Namespace) -> None:
             scan.rename(unlabelled / f"scan_{n:03d}{scan.suffix}")
         shutil.rmtree(labelled)
     print(f"[3/3] predicting the scans in {unlabelled}")
-    run_workflow("inference", args.bundle_root, **common, dataset_dir=str(unlabelled))
+    run_workflow("inference", args.bundle, **common, dataset_dir=str(unlabelled))
     _print_results(output, args.tracking_uri)
 
 
@@ -142,7 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output-dir", help="run folder (checkpoints, model, reports)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the current folder)")
         p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="other config overrides, e.g. image_size=512 head=gap")
-        p.add_argument("--bundle-root", type=Path, default=BUNDLE)
+        p.add_argument("--bundle-root", dest="bundle", type=Path, default=BUNDLE, help="another bundle's folder")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
         return p
 
@@ -236,8 +212,8 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
         workflow = {"evaluate": "evaluate", "predict": "inference"}[args.command]
         overrides = _overrides(args)
         # the run folder train wrote by default (inference.json on its own reads the bundle's models/)
-        output = overrides.setdefault("output_dir", bundle_default("output_dir", args.bundle_root))
-        run_workflow(workflow, args.bundle_root, **overrides)
+        output = overrides.setdefault("output_dir", default("output_dir"))
+        run_workflow(workflow, args.bundle, **overrides)
         _print_results(output, args.tracking_uri)
 
 

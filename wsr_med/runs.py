@@ -32,26 +32,15 @@ from pathlib import Path
 
 from wsr_med.errors import WsrMedError
 from wsr_med.files import atomic_write
+from wsr_med.settings import CLASS_BALANCE, CONTINUABLE_SETTINGS, MACHINE_SETTINGS, PATH_SETTINGS, TRAINED_SETTINGS, default
 
-__all__ = ["RunFolder", "NETWORK_SETTINGS", "PATH_SETTINGS", "CONTINUABLE_SETTINGS", "MACHINE_SETTINGS", "CLASS_BALANCE", "check_settings", "check_writable",
-           "latest_checkpoint", "path_id", "refuse_finished", "settings_without_paths"]
+__all__ = ["RunFolder", "check_settings", "check_writable", "latest_checkpoint", "path_id", "refuse_finished",
+           "settings_without_paths"]
 
 logger = logging.getLogger(__name__)
 
-# What defines the trained network and its input: evaluate/predict take these from the run.
-NETWORK_SETTINGS = ("backbone", "backbone_kwargs", "head", "head_kwargs", "image_size", "in_channels", "spatial_dims",
-                    "dropout", "bn_momentum", "voi_lut", "intensity_percentiles")
-# What may change when training continues in the same folder; every other setting must stay as it was.
-# Settings of the machine a run happens to train on: a continuation takes the current machine's.
-MACHINE_SETTINGS = ("device", "amp", "amp_dtype", "checkpointing", "channels_last", "cache", "num_workers", "progress_bar")
-CONTINUABLE_SETTINGS = ("max_epochs", *MACHINE_SETTINGS, "cache_dir", "output_dir", "experiment_name", "run_name",
-                        "registered_model_name", "parent_run_id")
 # Network settings that runs of earlier versions did not record, with the values those runs used.
-_UNRECORDED = {"head_kwargs": {}, "bn_momentum": None, "intensity_percentiles": [0.5, 99.5]}
-# How training may balance the classes (``class_balance``).
-CLASS_BALANCE = ("none", "weighted_loss", "sampler")
-# Settings that are paths: stored resolved, compared resolved, never sent to MLflow as they are.
-PATH_SETTINGS = ("dataset_dir", "output_dir", "cache_dir", "pretrained_weights", "predictions_file", "bundle_root")
+_UNRECORDED = {"head_kwargs": {}, "bn_momentum": None, "intensity_percentiles": default("intensity_percentiles")}
 _EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
 
@@ -211,10 +200,10 @@ class RunFolder:
         return json.loads(self._require(self.CONFIG).read_text())["settings"]
 
     def trained_settings(self) -> dict:
-        """The network and preprocessing settings the model was trained with (:data:`NETWORK_SETTINGS`)."""
+        """The network and preprocessing settings the model was trained with (:data:`TRAINED_SETTINGS`)."""
         self._require(self.MODEL)
         settings = {**_UNRECORDED, **self.settings()}
-        return {k: settings[k] for k in NETWORK_SETTINGS if k in settings}
+        return {k: settings[k] for k in TRAINED_SETTINGS if k in settings}
 
     def check_trained(self, requested: dict) -> None:
         """Refuse network/preprocessing settings that contradict the trained model, naming both values; warn when
@@ -224,7 +213,7 @@ class RunFolder:
                            "will change; evaluate or predict again when the training has finished", self.path)
         trained = self.trained_settings()
         wrong = [f"{k}={_normal(requested[k])!r} (trained: {trained[k]!r})"
-                 for k in NETWORK_SETTINGS if k in requested and k in trained and _normal(requested[k]) != trained[k]]
+                 for k in TRAINED_SETTINGS if k in requested and k in trained and _normal(requested[k]) != trained[k]]
         if wrong:
             raise WsrMedError(f"the model in {self.path} was trained with other settings: {', '.join(wrong)}. "
                               "Leave these settings out: evaluation and prediction use the trained ones.")

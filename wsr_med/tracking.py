@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from wsr_med.data.scan import hash_id
 from wsr_med.errors import WsrMedError
-from wsr_med.runs import PATH_SETTINGS, path_id
+from wsr_med.runs import path_id
+from wsr_med.settings import PATH_SETTINGS
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 __all__ = [
-    "PATH_SETTINGS",
     "Tolerant",
     "check_reachable",
     "client",

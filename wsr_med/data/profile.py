@@ -12,18 +12,21 @@ from collections import Counter
 
 import numpy as np
 
+from wsr_med.settings import default
+
 __all__ = ["scan_profile", "training_profile", "unlike_training"]
 
 _SIZE_FACTOR = 2.0  # a longest side more than this factor outside the training range is unusual
 _INTENSITY_MARGIN = 0.1  # on the [0, 1] scale the model sees
 
 
-def scan_profile(image: np.ndarray, meta: dict) -> dict:
-    """The profile of one decoded scan ``(C, *S)`` with the reader's ``meta``."""
+def scan_profile(image: np.ndarray, meta: dict, intensity_percentiles=default("intensity_percentiles")) -> dict:
+    """The profile of one decoded scan ``(C, *S)`` with the reader's ``meta``; intensities are scaled between the
+    run's ``intensity_percentiles``, as the model sees them."""
     values = image.reshape(image.shape[0], -1)
     stride = max(1, values.shape[1] // 65536)  # a regular subsample, as the percentile scaling uses
     sample = values[:, ::stride].astype(np.float32)
-    low, high = np.percentile(sample, [0.5, 99.5])
+    low, high = np.percentile(sample, list(intensity_percentiles))
     scaled = np.clip((sample - low) / max(float(high - low), 1e-12), 0, 1)
     return {"modality": str(meta.get("modality") or ""), "channels": int(image.shape[0]),
             "longest_side": int(max(image.shape[1:])), "mean": float(scaled.mean()), "std": float(scaled.std())}

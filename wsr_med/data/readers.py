@@ -30,6 +30,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
+from wsr_med.settings import default
+
 __all__ = [
     "ScanReadError",
     "IMAGE_SUFFIXES",
@@ -57,7 +59,7 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz")
 SCAN_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + VOLUME_SUFFIXES
 # Largest scan accepted, in pixels over all frames: full-field mammograms (~4000 x 5000 at 50 um) and the
 # largest radiographs (~4300 x 4300) are far below; a declared 65535 x 65535 is a decompression bomb.
-MAX_PIXELS = 100_000_000
+MAX_PIXELS = default("max_pixels")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
 # Projection radiography: the VOI LUT / window in the header is what a reader looks at.

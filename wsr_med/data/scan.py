@@ -25,6 +25,7 @@ from wsr_med.data.profile import scan_profile
 from wsr_med.data.readers import MAX_PIXELS, ScanReadError, dicom_patient_id, read_scan, scan_format, suffix_of
 from wsr_med.errors import WsrMedError
 from wsr_med.files import atomic_write
+from wsr_med.settings import default
 
 __all__ = ["DatasetScan", "NoValidScans", "scan_folder", "scan_manifest", "hash_id", "DEFAULT_PATIENT_PATTERN"]
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 # without its trailing image counter, and any words just before it ("IM-0117-0001.jpeg" ->
 # "IM-0117", "person12_virus_3.jpeg" -> "person12", "NORMAL2-IM-0383-0001" -> "NORMAL2-IM-0383").
 # No match: every file is its own patient.
-DEFAULT_PATIENT_PATTERN = r"^(.*?\d+)[-_][^\d]*\d+$"
+DEFAULT_PATIENT_PATTERN = default("patient_pattern")
 _ID_SALT = "wsr_med/patient/v1"
 MIN_SIDE = 16  # pixels: smaller images carry nothing a classifier can use
 
@@ -116,15 +117,15 @@ def degenerate_reason(image) -> str | None:
     return None
 
 
-def _check_file(args: tuple[str, int, bool, int]) -> tuple[str | None, str | None, str | None, dict | None]:
+def _check_file(args: tuple[str, int, bool, int, list]) -> tuple[str | None, str | None, str | None, dict | None]:
     """Decode one file: returns ``(sha1, dicom patient id, error reason, profile)``."""
-    path, spatial_dims, reject_degenerate, max_pixels = args
+    path, spatial_dims, reject_degenerate, max_pixels, intensity_percentiles = args
     try:
         image, meta = read_scan(path, channels=None, spatial_dims=spatial_dims, max_pixels=max_pixels)
         reason = degenerate_reason(image) if reject_degenerate and spatial_dims == 2 else None
         if reason:
             return None, None, reason, None
-        profile = scan_profile(image, meta)
+        profile = scan_profile(image, meta, intensity_percentiles)
         del image
     except ScanReadError as e:
         return None, None, e.reason, None
@@ -158,9 +159,10 @@ def _patient_from_name(path: Path, pattern: str) -> str:
 
 
 def _check_all(root: Path, candidates: list[dict], spatial_dims: int, num_workers: int, patient_pattern: str,
-               scan: DatasetScan, reject_degenerate: bool = True, max_pixels: int = MAX_PIXELS) -> None:
+               scan: DatasetScan, reject_degenerate: bool, max_pixels: int, intensity_percentiles) -> None:
     """Decode each candidate; good ones go to ``scan.items`` with a hashed patient id, bad ones to the report."""
-    jobs = [(str(root / c["image"]), spatial_dims, reject_degenerate, max_pixels) for c in candidates]
+    jobs = [(str(root / c["image"]), spatial_dims, reject_degenerate, max_pixels, list(intensity_percentiles))
+            for c in candidates]
     if num_workers > 0 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=num_workers) as pool:
             results = list(pool.map(_check_file, jobs, chunksize=8))
@@ -197,7 +199,7 @@ def _is_scan_candidate(path: Path, spatial_dims: int) -> bool:
 def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
                 patient_pattern: str = DEFAULT_PATIENT_PATTERN, classes: list[str] | None = None,
                 labelled: bool = True, reject_degenerate: bool = True, report: str | Path | None = None,
-                max_pixels: int = MAX_PIXELS) -> DatasetScan:
+                max_pixels: int = MAX_PIXELS, intensity_percentiles=default("intensity_percentiles")) -> DatasetScan:
     """Scan a hospital folder ``<root>/<class name>/**/<scan files>``; classes are the sorted folder names.
 
     Every file is decoded once (``num_workers`` processes). Unreadable, truncated, empty, pixel-less
@@ -211,6 +213,7 @@ def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
         reject_degenerate: report constant images and images under :data:`MIN_SIDE` pixels as bad.
         report: write the bad-file report here (also when no valid scan remains).
         max_pixels: scans whose header declares more pixels are bad files (checked before decoding).
+        intensity_percentiles: the run's intensity scaling, which each scan's profile is taken under.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -252,7 +255,8 @@ def scan_folder(root: str | Path, spatial_dims: int = 2, num_workers: int = 2,
                 scan.bad_files.append({"file": rel, "reason": _reason(p)})
                 continue
             candidates.append({"image": rel, "label": scan.classes.index(class_dir.name)} if labelled else {"image": rel})
-    _check_all(root, candidates, spatial_dims, num_workers, patient_pattern, scan, reject_degenerate, max_pixels)
+    _check_all(root, candidates, spatial_dims, num_workers, patient_pattern, scan, reject_degenerate, max_pixels,
+               intensity_percentiles)
     return _finish(scan, root, report)
 
 
@@ -270,7 +274,7 @@ def _read_text(manifest: Path) -> str:
 def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int = 2,
                   patient_pattern: str = DEFAULT_PATIENT_PATTERN, classes: list[str] | None = None,
                   reject_degenerate: bool = True, report: str | Path | None = None,
-                  max_pixels: int = MAX_PIXELS) -> DatasetScan:
+                  max_pixels: int = MAX_PIXELS, intensity_percentiles=default("intensity_percentiles")) -> DatasetScan:
     """Scan a CSV manifest ``path,label[,patient_id][,split]`` (paths relative to the CSV).
 
     Classes are the sorted distinct labels unless ``classes`` fixes their order. A ``split``
@@ -296,5 +300,6 @@ def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int 
         if (row.get("split") or "").strip():
             candidate["split"] = row["split"].strip().lower()
         candidates.append(candidate)
-    _check_all(manifest.parent, candidates, spatial_dims, num_workers, patient_pattern, scan, reject_degenerate, max_pixels)
+    _check_all(manifest.parent, candidates, spatial_dims, num_workers, patient_pattern, scan, reject_degenerate, max_pixels,
+               intensity_percentiles)
     return _finish(scan, manifest, report)

@@ -28,6 +28,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import zoom
 
+from wsr_med.settings import default
+
 __all__ = ["SIDES", "synthetic_image", "make_synthetic_folder", "synthetic_dataset", "write_dicom"]
 
 SIDES = ("left", "right", "above", "below")
@@ -139,15 +141,16 @@ def _cache_root() -> Path:
     return Path(os.environ.get("WSR_MED_CACHE") or Path.home() / ".cache" / "wsr_med")
 
 
-def synthetic_dataset(n_per_class: int = 150, image_size: int = 256, n_classes: int = 2, seed: int = 1234) -> Path:
-    """The folder of ``dataset_dir=synthetic``: written once per set of options in the user's cache
+def synthetic_dataset(**options) -> Path:
+    """The folder of ``dataset_dir=synthetic`` (``options``: the ``synthetic`` setting, ``n_per_class``, ``image_size``,
+    ``n_classes``, ``seed``, over its defaults): written once per set of options in the user's cache
     (``$WSR_MED_CACHE``, else ``~/.cache/wsr_med``), then shared by every run that asks for it.
 
     Not in the run folder: building a workflow (MONAI apps do it to check a bundle) must not write
     into the working folder, and a study of many runs needs one copy. Written to a temporary folder
     and renamed, so a folder that exists is complete; the same options always give the same pixels.
     """
-    options = {"n_per_class": int(n_per_class), "image_size": int(image_size), "n_classes": int(n_classes), "seed": int(seed)}
+    options = {k: int(v) for k, v in {**default("synthetic"), **options}.items()}
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     root = _cache_root() / "synthetic" / digest
     if root.is_dir():

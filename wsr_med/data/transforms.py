@@ -30,6 +30,7 @@ from monai.transforms import (
 )
 
 from wsr_med.data.readers import MAX_PIXELS, read_scan
+from wsr_med.settings import default
 
 __all__ = ["LoadScan", "LoadScand", "ResizeLongestd", "ScalePercentilesd", "PadToSquared", "scan_transforms"]
 
@@ -167,7 +168,7 @@ def scan_transforms(
     spatial_dims: int = 2,
     train: bool = False,
     voi_lut: bool | None = None,
-    intensity_percentiles: Sequence[float] = (0.5, 99.5),
+    intensity_percentiles: Sequence[float] = tuple(default("intensity_percentiles")),
     rotate_degrees: float = 5.0,
     zoom: float = 0.05,
     shift: float = 0.02,

@@ -49,13 +49,14 @@ import numpy as np
 import torch
 
 from wsr_med import tracking
-from wsr_med.cli import parse_value
 from wsr_med.data.csv_files import unneutralise
 from wsr_med.errors import WsrMedError
 from wsr_med.files import atomic_write
 from wsr_med.metrics import bootstrap_ci, corrected_resampled_ttest, figure, plain, roc_auc
 from wsr_med.networks import backbone_label
 from wsr_med.runs import RunFolder, latest_checkpoint
+from wsr_med.settings import default
+from wsr_med.workflows.bundle import check_overrides, parse_overrides
 from wsr_med.workflows import load_model, parse_bundle, run_workflow
 
 logger = logging.getLogger("wsr_med.ablation")
@@ -206,7 +207,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
               "inner_validation": True}
     logger.info("cell %s", cell.name)
     timing = cell_dir / "train_seconds.txt"
-    if latest_checkpoint(RunFolder(cell_dir).checkpoints)[1] < common.get("max_epochs", 30):
+    if latest_checkpoint(RunFolder(cell_dir).checkpoints)[1] < common.get("max_epochs", default("max_epochs")):
         start = time.perf_counter()
         run_workflow("train", **common)
         timing.write_text(str(time.perf_counter() - start))  # a resumed cell counts its last sitting only
@@ -490,7 +491,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
-    extra = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    extra = parse_overrides(args.set)
+    check_overrides("train", extra)  # before any cell: a typo must not train a whole grid with the default
     output = Path(args.output_dir)
     if args.dataset_dir == "synthetic":  # one generated folder for the whole study, not one per cell
         from wsr_med.data import synthetic_dataset

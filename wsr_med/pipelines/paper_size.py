@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     folds = TINY["folds"] if args.tiny else 5
     settings = [*(TINY["settings"] if args.tiny else ["batch_size=16", "num_workers=8"]), f"max_epochs={args.max_epochs}",
                 "learning_rate=0.0001", "progress_bar=False"]
-    from wsr_med.cli import parse_value
+    from wsr_med.workflows.bundle import parse_overrides
 
     output = Path(args.output_dir)
     seconds = warm_cache(args.dataset_dir, output, sizes,
-                         {k: parse_value(v) for k, v in (s.split("=", 1) for s in settings) if k not in ("max_epochs",)})
+                         {k: v for k, v in parse_overrides(settings).items() if k != "max_epochs"})
     print(f"cache warm in {seconds:.0f} s ({output / 'cache'})")
     if args.warm_cache_only:
         return

@@ -22,7 +22,8 @@ from wsr_med.data.scan import DEFAULT_PATIENT_PATTERN, NoValidScans
 from wsr_med.data.synthetic import SIDES
 from wsr_med.errors import WsrMedError
 from wsr_med.files import atomic_write
-from wsr_med.runs import CLASS_BALANCE, RunFolder
+from wsr_med.runs import RunFolder
+from wsr_med.settings import CLASS_BALANCE, default
 
 __all__ = ["SYNTHETIC", "PreparedData", "imbalance_warning", "class_names", "prepare_data", "prepare_evaluation", "prepare_unlabelled"]
 
@@ -170,6 +171,7 @@ def prepare_data(
     reject_degenerate: bool = True,
     class_balance: str = "none",
     max_pixels: int = MAX_PIXELS,
+    intensity_percentiles: list[float] = default("intensity_percentiles"),
     compare_with: str | None = None,
     inner_validation: bool = False,
 ) -> PreparedData:
@@ -193,6 +195,7 @@ def prepare_data(
         reject_degenerate: report constant and tiny images as bad files.
         class_balance: the run's setting; an imbalanced training set with ``none`` is warned about.
         max_pixels: scans declaring more pixels are bad files.
+        intensity_percentiles: the run's intensity scaling (the scans' profiles are taken under it).
         compare_with: a trained run folder: every item gets ``unlike_training``, why it looks unlike that
             run's training data ("" when it does not), see :mod:`wsr_med.data.profile`.
     """
@@ -203,7 +206,8 @@ def prepare_data(
     datalist = output / f"{prefix}{RunFolder.DATALIST}"
     report = output / f"{prefix}{RunFolder.BAD_FILES}"
     options = {"spatial_dims": spatial_dims, "num_workers": num_workers, "patient_pattern": patient_pattern,
-               "reject_degenerate": reject_degenerate, "max_pixels": max_pixels}
+               "reject_degenerate": reject_degenerate, "max_pixels": max_pixels,
+               "intensity_percentiles": intensity_percentiles}
     scan = _scan(dataset_dir, classes, report, fail_on_run=split == "all", **options)
     if isinstance(scan, PreparedData):
         return scan
@@ -265,6 +269,7 @@ def _flag_unlike_training(scan: DatasetScan, run_dir: str) -> None:
 
 def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[str], spatial_dims: int = 2,
                        num_workers: int = 2, reject_degenerate: bool = True, max_pixels: int = MAX_PIXELS,
+                       intensity_percentiles: list[float] = default("intensity_percentiles"),
                        run_dir: str | None = None) -> PreparedData:
     """Every readable scan under ``dataset_dir`` (recursively, no labels) for inference.
 
@@ -275,7 +280,8 @@ def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[st
     predictions_file = Path(predictions_file)
     report = predictions_file.with_name(predictions_file.stem + "_bad_files.csv")
     scan = _scan(dataset_dir, classes, report, labelled=False, fail_on_run=True, spatial_dims=spatial_dims,
-                 num_workers=num_workers, reject_degenerate=reject_degenerate, max_pixels=max_pixels)
+                 num_workers=num_workers, reject_degenerate=reject_degenerate, max_pixels=max_pixels,
+                 intensity_percentiles=intensity_percentiles)
     if isinstance(scan, PreparedData):
         return scan
     if run_dir is not None:
@@ -296,7 +302,7 @@ def prepare_evaluation(dataset_dir: str, run_dir: str, eval_dir: str, classes: l
         eval_dir: where the evaluation writes its datalist and bad-file report.
         classes: the model's classes; folder names or labels must match them.
         kwargs: scan options of :func:`prepare_data` (``spatial_dims``, ``num_workers``, ``patient_pattern``,
-            ``reject_degenerate``, ``max_pixels``).
+            ``reject_degenerate``, ``max_pixels``, ``intensity_percentiles``).
     """
     if eval_split == "all":
         return prepare_data(dataset_dir, eval_dir, classes=classes, split="all", compare_with=run_dir, **kwargs)

@@ -22,15 +22,13 @@ from pathlib import Path
 
 from wsr_med.errors import WsrMedError
 from wsr_med.files import atomic_path
-from wsr_med.runs import NETWORK_SETTINGS, RunFolder, path_id, settings_without_paths
+from wsr_med.runs import RunFolder, path_id, settings_without_paths
+from wsr_med.settings import RECIPE_SETTINGS
 from wsr_med.workflows.bundle import BUNDLE
 
 __all__ = ["export_bundle", "strip_torchscript_debug"]
 
 SEMANTIC_VERSION = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
-# Settings a retraining of the exported recipe starts from (the data, machine and MLflow names stay the user's).
-RECIPE_SETTINGS = NETWORK_SETTINGS + ("max_epochs", "batch_size", "learning_rate", "weight_decay", "seed", "val_fraction",
-                                      "test_fraction", "class_balance", "reject_degenerate", "max_pixels", "patient_pattern")
 # DICOM modality -> the metadata schema's ``modality`` words.
 MODALITIES = {"CR": "xray", "DX": "xray", "DR": "xray", "MG": "xray", "RF": "xray", "XA": "xray", "CT": "ct",
               "MR": "mri", "US": "ultrasound", "PT": "pet", "NM": "spect", "OT": "light"}

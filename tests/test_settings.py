@@ -1,0 +1,62 @@
+"""One owner for each setting: the table in wsr_med.settings, the bundle's defaults, what a run records, and a
+typo refused before anything runs, through the installed ``wsr-med``."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+import wsr_med
+from test_cli import refused, wsr_med as run_wsr_med
+from wsr_med.settings import COMPUTED, RECORDED_SETTINGS, SETTINGS, check_known
+from wsr_med.workflows import BUNDLE
+
+TRAIN = json.loads((BUNDLE / "configs" / "train.json").read_text())
+
+
+@pytest.mark.parametrize("key", sorted(SETTINGS))
+def test_the_bundle_default_is_the_tables(key):
+    setting = SETTINGS[key]
+    if key in ("eval_split", "predictions_file"):  # evaluate / inference settings: their own configs hold them
+        return
+    assert key in TRAIN, f"{key} is a setting train.json does not define"
+    if setting.default is COMPUTED:
+        assert isinstance(TRAIN[key], str) and TRAIN[key].startswith("$"), (key, TRAIN[key])
+    else:
+        assert TRAIN[key] == setting.default, (key, TRAIN[key], setting.default)
+
+
+def test_a_run_records_exactly_the_recorded_settings():
+    assert set(TRAIN["run_settings"]) == set(RECORDED_SETTINGS)
+
+
+def test_no_other_module_spells_a_list_of_settings():
+    """A tuple, list or set literal naming four settings or more is a second owner of a setting list."""
+    root = Path(wsr_med.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.name == "settings.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                names = [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+                assert sum(n in SETTINGS for n in names) < 4, f"{path.relative_to(root)}:{node.lineno} lists {names}"
+
+
+def test_an_unknown_setting_names_the_closest():
+    with pytest.raises(wsr_med.errors.WsrMedError, match=r"unknown setting 'max_epoch' \(did you mean max_epochs\?\)"):
+        check_known(["image_size", "max_epoch"])
+
+
+@pytest.mark.parametrize("command", [["train", "--dataset-dir", "synthetic"], ["demo"], ["evaluate"], ["predict"],
+                                     ["ablate", "--heads", "gap"]])
+def test_every_command_refuses_a_typo_before_anything_runs(command, tmp_path):
+    result = run_wsr_med(tmp_path, *command, "--output-dir", "runs/x", "--set", "max_epoch=3", timeout=300)
+    refused(result, "unknown setting 'max_epoch' (did you mean max_epochs?)")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("command", [["train"], ["ablate"]])
+def test_set_without_equals_is_one_line(command, tmp_path):
+    refused(run_wsr_med(tmp_path, *command, "--output-dir", "runs/x", "--set", "foo", timeout=300),
+            "--set expects KEY=VALUE, got 'foo'")
