@@ -475,6 +475,9 @@ def test_torchrun_two_nodes_one_mlflow_run(tmp_path, hospital):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_epoch=2.pt").is_file()
     assert client.get_latest_versions("ddp_model")
+    # each rank validated half the cases; the temperature and threshold were fitted on all of them
+    validation = json.loads((tmp_path / "run" / "datalist.json").read_text())["validation"]
+    assert json.loads((tmp_path / "run" / "calibration.json").read_text())["n_cases"] == len(validation) > 1
 
 
 def test_incomplete_checkpoint_is_not_resumed(tmp_path):

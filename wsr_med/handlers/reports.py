@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 
 class _Collector:
-    """Gathers probabilities (and labels, paths) of every case an evaluator sees."""
+    """Gathers probabilities (and labels, paths) of every case an evaluator sees; under torchrun, of every rank's
+    cases (each rank validates its share), and only rank 0 then acts on them (:meth:`finish`)."""
 
     keep_thumbnails = False
 
@@ -65,7 +66,27 @@ class _Collector:
         if not engine.has_event_handler(fold_in_monai_tracking, Events.STARTED):
             engine.add_event_handler(Events.STARTED, fold_in_monai_tracking)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self.finish)
+        engine.add_event_handler(Events.COMPLETED, self._complete)
+
+    def _complete(self, engine: Engine) -> None:
+        """Every rank sends its cases to every other (a collective: every rank must attach the collector); rank 0
+        finishes on all of them."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            mine = (self.probs, self.labels, self.paths, self.unlike_training, self.thumbnails)
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+            self._reset()
+            for probs, labels, paths, unlike, thumbnails in everyone:
+                self.probs += probs
+                self.labels += labels
+                self.paths += paths
+                self.unlike_training += unlike
+                self.thumbnails += thumbnails
+            if dist.get_rank() != 0:
+                return
+        self.finish(engine)
 
     def _collect(self, engine: Engine) -> None:
         # MONAI evaluators decollate: the batch and the output are lists with one dict per case.
@@ -139,7 +160,7 @@ class CalibrationFitter(_Collector):
             logger.warning("epoch %d: no calibration fitted (%s); evaluation and prediction use threshold 0.5", epoch, e)
             (self.run / RunFolder.CALIBRATION).unlink(missing_ok=True)
             return
-        doc = {"epoch": epoch, "decision": decision.to_dict(), **fit}
+        doc = {"epoch": epoch, "n_cases": len(self.labels), "decision": decision.to_dict(), **fit}
         atomic_write(self.run / RunFolder.CALIBRATION, json.dumps(json_ready(doc), indent=1))
         if not 0.051 < decision.temperature < 19.9:
             logger.warning("epoch %d: the fitted temperature %.3g is at its bound: the %d validation cases are too few or "

@@ -1,6 +1,6 @@
 """Wise-SrNet and comparison heads on MONAI backbones."""
 
-from wsr_med.networks.backbones import BACKBONES, backbone_label, DenseNetEncoder, EfficientNetEncoder, build_backbone
+from wsr_med.networks.backbones import BACKBONES, backbone_label, DenseNetFeatures, EfficientNetFeatures, build_backbone
 from wsr_med.networks.batchnorm import warm_start_batchnorm
 from wsr_med.networks.constraints import attach_constraints, project_constraints_
 from wsr_med.networks.diagnostics import gradcam, gradcam_layer, logits_with_shuffled_positions, shuffle_positions

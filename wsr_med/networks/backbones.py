@@ -17,7 +17,7 @@ from monai.utils import look_up_option
 
 from wsr_med.networks.checkpointing import run_segments
 
-__all__ = ["DenseNetEncoder", "EfficientNetEncoder", "BACKBONES", "build_backbone", "backbone_label"]
+__all__ = ["DenseNetFeatures", "EfficientNetFeatures", "BACKBONES", "build_backbone", "backbone_label"]
 
 DENSENET_BLOCKS = {
     "densenet121": (6, 12, 24, 16),
@@ -27,7 +27,7 @@ DENSENET_BLOCKS = {
 }
 
 
-class DenseNetEncoder(nn.Module):
+class DenseNetFeatures(nn.Module):
     """MONAI DenseNet ``features`` followed by its final ReLU.
 
     Args:
@@ -66,7 +66,7 @@ class DenseNetEncoder(nn.Module):
         return self.act(run_segments(segments, x, checkpointing=True))
 
 
-class EfficientNetEncoder(nn.Module):
+class EfficientNetFeatures(nn.Module):
     """MONAI EfficientNetBN (b0..b8) up to its head convolution, BatchNorm and swish.
 
     Swish is ``nn.SiLU``: the same function as MONAI's memory-efficient swish, also memory
@@ -112,13 +112,13 @@ class EfficientNetEncoder(nn.Module):
 
 def _densenet(name: str) -> Callable[..., nn.Module]:
     # block_config may be overridden (reduced configurations); it defaults to the named network's
-    return lambda spatial_dims, in_channels, **kw: DenseNetEncoder(
+    return lambda spatial_dims, in_channels, **kw: DenseNetFeatures(
         spatial_dims, in_channels, **{"block_config": DENSENET_BLOCKS[name], **kw}
     )
 
 
 def _efficientnet(name: str) -> Callable[..., nn.Module]:
-    return lambda spatial_dims, in_channels, **kw: EfficientNetEncoder(name, spatial_dims, in_channels, **kw)
+    return lambda spatial_dims, in_channels, **kw: EfficientNetFeatures(name, spatial_dims, in_channels, **kw)
 
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
