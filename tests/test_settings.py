@@ -60,3 +60,13 @@ def test_every_command_refuses_a_typo_before_anything_runs(command, tmp_path):
 def test_set_without_equals_is_one_line(command, tmp_path):
     refused(run_wsr_med(tmp_path, *command, "--output-dir", "runs/x", "--set", "foo", timeout=300),
             "--set expects KEY=VALUE, got 'foo'")
+
+
+def test_the_run_folder_layout_table_names_every_file_of_the_run_folder():
+    from wsr_med.runs import RunFolder
+
+    docs = (BUNDLE / "docs" / "README.md").read_text()
+    table = docs[docs.index("| file | content |"):docs.index("This table is the layout")]
+    names = {v for k, v in vars(RunFolder).items() if k.isupper() and isinstance(v, str)} - {RunFolder.EVAL_PREFIX}
+    missing = [name for name in sorted(names) if f"`{name}" not in table]
+    assert not missing, f"RunFolder files not in the bundle docs' layout table: {missing}"

@@ -1,18 +1,7 @@
 """The run folder: a trained run *is* its folder, and everything after training reads it.
 
-Layout (names are :class:`RunFolder` attributes; nothing else spells them)::
-
-    <output_dir>/
-      model.pt, best.json          best validation epoch (state dict) and its metric
-      classes.json                 class names in output order
-      config.json                  resolved settings of the run, the config files as run, continuations
-      datalist.json, bad_files.csv patient-level split (patients hashed), skipped files
-      profile.json                 what the training scans were like (modalities, channels, sizes, intensities)
-      checkpoints/                 last epoch's training state (resume)
-      eval/                        the latest evaluation report
-      predictions.csv              the latest predictions
-      mlflow_run_id, mlflow_model_uri
-      .lock                        held by the training process
+Its layout is the table in the bundle docs (``docs/README.md``, "Outputs in output_dir"); each file name is a
+:class:`RunFolder` attribute and nothing else spells it (``tests/test_settings.py`` checks the table against them).
 
 Evaluate and predict build the network and the preprocessing from ``config.json``
 (:meth:`RunFolder.trained_settings`), and refuse a setting that contradicts it
@@ -22,7 +11,6 @@ contradictory continuation *before* writing anything (:meth:`RunFolder.begin_tra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -154,6 +142,11 @@ class RunFolder:
     PROFILE = "profile.json"
     CALIBRATION = "calibration.json"
     LOCK = ".lock"
+    # in an evaluation folder (eval/, or another eval_dir)
+    METRICS = "metrics.json"
+    CASES = "cases.csv"
+    REPORT = "report.html"
+    EVAL_PREFIX = "eval_"  # datalist and bad-file report of an evaluation, beside its other files
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -225,37 +218,26 @@ class RunFolder:
         if not path.is_file():
             return None
         doc = json.loads(path.read_text())
-        best = json.loads((self.path / self.BEST).read_text()) if (self.path / self.BEST).is_file() else {}
+        best = self.best()
         if doc.get("epoch") != best.get("epoch"):
             logger.warning("%s belongs to epoch %s, model.pt to epoch %s: not used", path, doc.get("epoch"), best.get("epoch"))
             return None
         return doc
 
+    def best(self) -> dict:
+        """``best.json`` (metric, value and epoch of ``model.pt``), ``{}`` before the first validation."""
+        path = self.path / self.BEST
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def evaluation(self, eval_dir: str | Path | None = None) -> dict | None:
+        """The ``metrics.json`` of an evaluation (default: the run's ``eval/``), or None when there is none."""
+        path = Path(eval_dir or self.eval_dir) / self.METRICS
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def training_profile(self) -> dict | None:
         """The training set's profile (:func:`wsr_med.data.profile.training_profile`), None for runs without one."""
         path = self.path / self.PROFILE
         return json.loads(path.read_text()) if path.is_file() else None
-
-    def provenance(self, dataset_dir: str | None = None, eval_split: str | None = None) -> dict:
-        """Where an evaluation comes from, without paths: run, model, training settings, data (hashed), split, date."""
-        settings = self.settings()
-        best = json.loads((self.path / self.BEST).read_text()) if (self.path / self.BEST).is_file() else {}
-        digest = hashlib.sha256(self.model.read_bytes()).hexdigest()[:16] if self.model.is_file() else "none"
-        return {
-            "evaluated": time.strftime("%Y-%m-%d %H:%M"),
-            "run": settings.get("run_name", self.path.name),
-            "MLflow run": self.mlflow_run_id or "none",
-            "model (model.pt sha256)": digest,
-            "best epoch": f"{best.get('epoch', '?')} of {settings.get('max_epochs', '?')} ({best.get('metric', '')} "
-                          f"{best.get('value', float('nan')):.4f})" if best else "unknown",
-            "network": f"{settings.get('backbone')} {json.dumps(settings.get('backbone_kwargs') or {})}, head "
-                       f"{settings.get('head')}, {settings.get('image_size')} px, {settings.get('in_channels')} channel(s)",
-            "training": f"lr {settings.get('learning_rate')}, batch {settings.get('batch_size')}, seed {settings.get('seed')}, "
-                        f"class_balance {settings.get('class_balance')}",
-            "data (hashed location)": path_id(dataset_dir),
-            "cases": {"all": "every scan of the folder", "test": "the run's test split",
-                      "validation": "the run's validation split"}.get(eval_split or "", eval_split or "?"),
-        }
 
     # --- training -----------------------------------------------------------------------------------------
     def lock(self) -> None:

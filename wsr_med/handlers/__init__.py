@@ -5,5 +5,5 @@ from wsr_med.handlers.constraint_handler import BatchNormWarmStart, ConstraintHa
 from wsr_med.handlers.finetune import FreezeBackbone
 from wsr_med.handlers.finite_loss import FiniteLossCheck
 from wsr_med.handlers.mlflow_tracker import MLflowTracker
-from wsr_med.handlers.reports import CalibrationFitter, CollapseMonitor, EvaluationReporter, PredictionWriter
+from wsr_med.handlers.reports import CalibrationFitter, CollapseMonitor, EvaluationReporter, PredictionWriter, evaluation_provenance
 from wsr_med.handlers.training_checkpoint import TrainingCheckpoint

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,12 +35,12 @@ from wsr_med.metrics import (
     plot_roc,
     write_html_report,
 )
-from wsr_med.runs import RunFolder
+from wsr_med.runs import RunFolder, path_id
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["CalibrationFitter", "CollapseMonitor", "EvaluationReporter", "PredictionWriter"]
+__all__ = ["CalibrationFitter", "CollapseMonitor", "EvaluationReporter", "PredictionWriter", "evaluation_provenance"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +150,7 @@ class CalibrationFitter(_Collector):
         self.operating_point = operating_point
 
     def finish(self, engine: Engine) -> None:
-        best_file = self.run / RunFolder.BEST
-        best = json.loads(best_file.read_text()) if best_file.is_file() else {}
+        best = self.run.best()
         epoch = int(engine.state.epoch)
         if best.get("epoch") != epoch or not self.labels:
             return
@@ -184,7 +185,7 @@ class EvaluationReporter(_Collector):
         run_dir: the training run folder; its MLflow run receives the report (prefix ``eval_``).
         tracking_uri: MLflow tracking URI; None or empty for no MLflow logging.
         tag: name of this evaluation in MLflow (metrics ``<tag>_auc``..., artifacts under ``<tag>/``).
-        provenance: what is evaluated (see :meth:`wsr_med.runs.RunFolder.provenance`), shown first in the report.
+        provenance: what is evaluated (see :func:`evaluation_provenance`), shown first in the report.
 
     The local report also shows example cases per class (``examples.png``: the most confident right and wrong
     ones, as small thumbnails); the copy sent to MLflow leaves them out, as no image leaves the machine.
@@ -229,9 +230,9 @@ class EvaluationReporter(_Collector):
         for warning in self.metrics["warnings"]:
             logger.warning("%s", warning)
         self.report_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.report_dir / "metrics.json", json.dumps(json_ready(self.metrics), indent=1, allow_nan=False))
+        atomic_write(self.report_dir / RunFolder.METRICS, json.dumps(json_ready(self.metrics), indent=1, allow_nan=False))
         # 9 significant digits round-trip float32: AUC recomputed from the file matches metrics.json
-        write_csv(self.report_dir / "cases.csv", ["path", "label", *[f"prob_{c}" for c in self.classes], "unlike_training"],
+        write_csv(self.report_dir / RunFolder.CASES, ["path", "label", *[f"prob_{c}" for c in self.classes], "unlike_training"],
                   [[p, self.classes[y], *[f"{v:.9g}" for v in pr], u]
                    for p, y, pr, u in zip(self.paths, self.labels, probs, self.unlike_training)])
         before = self.metrics["calibration"]
@@ -242,7 +243,7 @@ class EvaluationReporter(_Collector):
                                   self.report_dir / "reliability_uncalibrated.png")]
         self._plots = plots
         examples = plot_examples(self.thumbnails, labels, probs, self.classes, self.report_dir / "examples.png")
-        report = write_html_report(self.metrics, [*plots, *([examples] if examples else [])], self.report_dir / "report.html",
+        report = write_html_report(self.metrics, [*plots, *([examples] if examples else [])], self.report_dir / RunFolder.REPORT,
                                    provenance=self.provenance)
         low, high = self.metrics["auc_ci95"]
         logger.info("evaluation on %d cases: AUC (%s) %.4f [%.4f, %.4f], accuracy %.4f, balanced accuracy %.4f; report %s",
@@ -290,10 +291,10 @@ class EvaluationReporter(_Collector):
         for k, v in values.items():
             if v == v:  # NaN is not a metric
                 client.log_metric(run_id, f"{self.tag}_{k}", float(v))
-        for name in ("metrics.json", "roc.png", "confusion_matrix.png", "reliability.png", "reliability_uncalibrated.png"):
+        for name in (RunFolder.METRICS, "roc.png", "confusion_matrix.png", "reliability.png", "reliability_uncalibrated.png"):
             client.log_artifact(run_id, str(self.report_dir / name), self.tag)
         with tempfile.TemporaryDirectory() as tmp:  # the report without example images: no image leaves the machine
-            shared = write_html_report(self.metrics, self._plots, Path(tmp) / "report.html", provenance=self.provenance)
+            shared = write_html_report(self.metrics, self._plots, Path(tmp) / RunFolder.REPORT, provenance=self.provenance)
             client.log_artifact(run_id, str(shared), self.tag)
 
 
@@ -321,3 +322,25 @@ class PredictionWriter(_Collector):
                   [[path, self.classes[int(k)], *[f"{p:.9g}" for p in row], unlike]
                    for path, k, row, unlike in zip(self.paths, predicted, probs, self.unlike_training)])
         logger.info("predictions for %d scans written to %s", len(self.paths), self.output_file)
+
+
+def evaluation_provenance(run: RunFolder, dataset_dir: str | None = None, eval_split: str | None = None) -> dict:
+    """Where an evaluation comes from, without paths: run, model, training settings, data (hashed), split, date."""
+    settings = run.settings()
+    best = run.best()
+    digest = hashlib.sha256(run.model.read_bytes()).hexdigest()[:16] if run.model.is_file() else "none"
+    return {
+        "evaluated": time.strftime("%Y-%m-%d %H:%M"),
+        "run": settings.get("run_name", run.path.name),
+        "MLflow run": run.mlflow_run_id or "none",
+        "model (model.pt sha256)": digest,
+        "best epoch": f"{best.get('epoch', '?')} of {settings.get('max_epochs', '?')} ({best.get('metric', '')} "
+                      f"{best.get('value', float('nan')):.4f})" if best else "unknown",
+        "network": f"{settings.get('backbone')} {json.dumps(settings.get('backbone_kwargs') or {})}, head "
+                   f"{settings.get('head')}, {settings.get('image_size')} px, {settings.get('in_channels')} channel(s)",
+        "training": f"lr {settings.get('learning_rate')}, batch {settings.get('batch_size')}, seed {settings.get('seed')}, "
+                    f"class_balance {settings.get('class_balance')}",
+        "data (hashed location)": path_id(dataset_dir),
+        "cases": {"all": "every scan of the folder", "test": "the run's test split",
+                  "validation": "the run's validation split"}.get(eval_split or "", eval_split or "?"),
+    }

@@ -81,3 +81,4 @@ img{{max-width:480px}}.warning{{background:#fff3cd;border:1px solid #e0a800;padd
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, page)
     return path
+

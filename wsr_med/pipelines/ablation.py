@@ -121,7 +121,7 @@ def _parent_run(client, experiment_name: str, output: Path, grid: dict) -> str:
 
 def _cases_file(output: Path, cell: Cell, head: str) -> Path:
     """The per-case predictions of ``cell``'s backbone, size and fold with ``head``."""
-    return output / replace(cell, head=head).name / RunFolder.EVAL / "cases.csv"
+    return output / replace(cell, head=head).name / RunFolder.EVAL / RunFolder.CASES
 
 
 def _read_cases(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
@@ -217,8 +217,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
     last_checkpoint = latest_checkpoint(RunFolder(cell_dir).checkpoints)[0]
     run_workflow("evaluate", **{**evaluate, "tracking_uri": "none", "model_path": str(last_checkpoint),
                                 "eval_dir": str(cell_dir / "eval_last")})
-    metrics = json.loads((cell_dir / RunFolder.EVAL / "metrics.json").read_text())
-    last = json.loads((cell_dir / "eval_last" / "metrics.json").read_text())
+    metrics = RunFolder(cell_dir).evaluation()
+    last = RunFolder(cell_dir).evaluation(cell_dir / "eval_last")
     counts = json.loads((cell_dir / RunFolder.DATALIST).read_text())["counts"]
     net, images, labels, classes = load_cell(cell_dir, common["cache_dir"])
     shuffled = shuffle_auc(net, images, labels)

@@ -202,7 +202,7 @@ def prepare_data(
     output = Path(output_dir)
     if str(dataset_dir) == SYNTHETIC:
         dataset_dir = str(synthetic_dataset(**dict(synthetic or {})))
-    prefix = "" if split == "train" else "eval_"
+    prefix = "" if split == "train" else RunFolder.EVAL_PREFIX
     datalist = output / f"{prefix}{RunFolder.DATALIST}"
     report = output / f"{prefix}{RunFolder.BAD_FILES}"
     options = {"spatial_dims": spatial_dims, "num_workers": num_workers, "patient_pattern": patient_pattern,

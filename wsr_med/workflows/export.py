@@ -83,9 +83,8 @@ def export_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "1
     trained = run.trained_settings()
     classes = run.classes()
     settings = run.settings()
-    best = json.loads((run / RunFolder.BEST).read_text()) if (run / RunFolder.BEST).is_file() else {}
-    evaluation_file = run.eval_dir / "metrics.json"
-    evaluation = json.loads(evaluation_file.read_text()) if evaluation_file.is_file() else None
+    best = run.best()
+    evaluation = run.evaluation()
     profile = run.training_profile()
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
     try:  # claimed now, exclusively: another export (or anything else) that made it first is never replaced
