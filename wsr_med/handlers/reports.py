@@ -1,4 +1,4 @@
-"""Evaluator handlers: the evaluation report, the predictions CSV, and a warning when a model has collapsed."""
+"""Evaluation writers: the evaluation report (metrics.json, cases.csv, report.html, figures) and the predictions CSV."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from wsr_med import tracking
 from wsr_med.data.csv_files import write_csv
 from wsr_med.files import atomic_write
-from wsr_med.handlers.mlflow_tracker import fold_in_monai_tracking
+from wsr_med.handlers.collectors import Collector
 from wsr_med.metrics import (
     Decision,
     brier_score,
@@ -24,11 +23,9 @@ from wsr_med.metrics import (
     classification_metrics,
     collapse_warning,
     expected_calibration_error,
-    fit_decision,
     json_ready,
     negative_log_likelihood,
     operating_point_metrics,
-    parse_operating_point,
     plot_confusion,
     plot_examples,
     plot_reliability,
@@ -40,138 +37,12 @@ from wsr_med.runs import RunFolder, path_id
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["CalibrationFitter", "CollapseMonitor", "EvaluationReporter", "PredictionWriter", "evaluation_provenance"]
+__all__ = ["EvaluationReporter", "PredictionWriter", "evaluation_provenance"]
 
 logger = logging.getLogger(__name__)
 
 
-class _Collector:
-    """Gathers probabilities (and labels, paths) of every case an evaluator sees; under torchrun, of every rank's
-    cases (each rank validates its share), and only rank 0 then acts on them (:meth:`finish`)."""
-
-    keep_thumbnails = False
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self, engine: Engine | None = None) -> None:
-        self.probs: list[np.ndarray] = []
-        self.labels: list[int] = []
-        self.paths: list[str] = []
-        self.unlike_training: list[str] = []  # why each case looks unlike the training data ("" if it does not)
-        self.thumbnails: list[np.ndarray | None] = []
-
-    def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self._reset)
-        if not engine.has_event_handler(fold_in_monai_tracking, Events.STARTED):
-            engine.add_event_handler(Events.STARTED, fold_in_monai_tracking)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._complete)
-
-    def _complete(self, engine: Engine) -> None:
-        """Every rank sends its cases to every other (a collective: every rank must attach the collector); rank 0
-        finishes on all of them."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            mine = (self.probs, self.labels, self.paths, self.unlike_training, self.thumbnails)
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, mine)
-            self._reset()
-            for probs, labels, paths, unlike, thumbnails in everyone:
-                self.probs += probs
-                self.labels += labels
-                self.paths += paths
-                self.unlike_training += unlike
-                self.thumbnails += thumbnails
-            if dist.get_rank() != 0:
-                return
-        self.finish(engine)
-
-    def _collect(self, engine: Engine) -> None:
-        # MONAI evaluators decollate: the batch and the output are lists with one dict per case.
-        for out, item in zip(engine.state.output, engine.state.batch):
-            self._add(out, item)
-
-    def _add(self, out: dict, item: dict) -> None:
-        self.probs.append(torch.as_tensor(out["pred"]).float().cpu().numpy())
-        label = out.get("label")
-        if label is not None:
-            label = torch.as_tensor(label)
-            self.labels.append(int(label.argmax()) if label.numel() > 1 else int(label))
-        self.paths.append(str(item.get("relative_path", item.get("image", ""))))
-        self.unlike_training.append(str(item.get("unlike_training", "")))
-        if self.keep_thumbnails:
-            self.thumbnails.append(_thumbnail(item.get("image")))
-
-    def finish(self, engine: Engine) -> None:
-        raise NotImplementedError
-
-
-def _thumbnail(image, size: int = 64) -> np.ndarray | None:
-    """A small uint8 picture of a preprocessed 2D input ``(C, H, W)`` in [0, 1] (first channel), or None."""
-    if not isinstance(image, torch.Tensor) or image.dim() != 3:
-        return None
-    small = torch.nn.functional.adaptive_avg_pool2d(image[:1].float().cpu()[None], size)[0, 0]
-    return (small.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
-class CollapseMonitor(_Collector):
-    """On the validator: warn every epoch whose validation predictions are (nearly) the same for every case.
-
-    Such a model ranks nothing (AUC near 0.5, accuracy the majority share) while training loss may look
-    fine; see :func:`wsr_med.metrics.collapse_warning`. The last warning is kept in ``self.warning``.
-    """
-
-    def finish(self, engine: Engine) -> None:
-        self.warning = collapse_warning(np.stack(self.probs)) if self.probs else None
-        if self.warning:
-            logger.warning("epoch %s: validation %s", engine.state.epoch, self.warning)
-
-
-class CalibrationFitter(_Collector):
-    """On the validator: when this epoch's weights became ``model.pt`` (``best.json`` says so), fit the temperature
-    (by NLL) and the operating point on these validation cases and write ``calibration.json`` beside them.
-
-    Only validation cases are used: the test split and evaluated folders never choose a threshold.
-
-    Args:
-        run_dir: the run folder.
-        operating_point: ``youden``, ``sensitivity:0.95``, ``specificity:0.95`` or ``fixed:0.5`` (binary tasks;
-            multi-class decisions are the most probable class).
-    """
-
-    def __init__(self, run_dir: str | Path, operating_point: str = "youden") -> None:
-        super().__init__()
-        parse_operating_point(operating_point)  # a wrong rule is refused when the workflow is built
-        self.run = RunFolder(run_dir)
-        self.operating_point = operating_point
-
-    def finish(self, engine: Engine) -> None:
-        best = self.run.best()
-        epoch = int(engine.state.epoch)
-        if best.get("epoch") != epoch or not self.labels:
-            return
-        try:
-            decision, fit = fit_decision(np.array(self.labels), np.stack(self.probs), self.operating_point,
-                                         fitted_on=f"validation split, epoch {epoch}")
-        except ValueError as e:  # e.g. one class only in a tiny validation split
-            logger.warning("epoch %d: no calibration fitted (%s); evaluation and prediction use threshold 0.5", epoch, e)
-            (self.run / RunFolder.CALIBRATION).unlink(missing_ok=True)
-            return
-        doc = {"epoch": epoch, "n_cases": len(self.labels), "decision": decision.to_dict(), **fit}
-        atomic_write(self.run / RunFolder.CALIBRATION, json.dumps(json_ready(doc), indent=1))
-        if not 0.051 < decision.temperature < 19.9:
-            logger.warning("epoch %d: the fitted temperature %.3g is at its bound: the %d validation cases are too few or "
-                           "perfectly separated to calibrate on", epoch, decision.temperature, len(self.labels))
-        logger.info("epoch %d: temperature %.3f (validation NLL %.4f -> %.4f)%s", epoch, decision.temperature,
-                    fit["nll_before"], fit["nll_after"],
-                    f", {self.operating_point} threshold {decision.threshold:.4f}" if decision.threshold is not None else "")
-
-
-class EvaluationReporter(_Collector):
+class EvaluationReporter(Collector):
     """Write ``metrics.json``, ROC / confusion / reliability PNGs, ``report.html`` and the per-case
     ``cases.csv`` (label and probabilities, for paired comparisons) to ``report_dir``; log them to MLflow.
 
@@ -298,7 +169,7 @@ class EvaluationReporter(_Collector):
             client.log_artifact(run_id, str(shared), self.tag)
 
 
-class PredictionWriter(_Collector):
+class PredictionWriter(Collector):
     """Write ``predictions.csv``: path, predicted class, one probability column per class, and ``unlike_training``
     (why the scan looks unlike the training data; empty when it does not, see :mod:`wsr_med.data.profile`).
 
