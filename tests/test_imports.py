@@ -59,7 +59,17 @@ def test_nothing_below_the_command_imports_it():
 
 
 def test_bundle_configs_reach_every_subpackage_through_one_import():
-    python("import wsr_med\nassert wsr_med.data.scan_transforms and wsr_med.runs.RunFolder and wsr_med.tracking.client")
+    """Every ``wsr_med.<module>.<name>`` the bundle configs call resolves after ``import wsr_med`` alone (the configs
+    import nothing else of the package)."""
+    import json
+    import re
+
+    from wsr_med.workflows import BUNDLE
+
+    text = "".join(p.read_text() for p in (BUNDLE / "configs").glob("*.json"))
+    names = sorted(set(re.findall(r"wsr_med(?:\.[A-Za-z_]\w*)+", text)))
+    assert len(names) > 10, names
+    python("import wsr_med\n" + "".join(f"assert callable({n}) or isinstance({n}, str), '{n}'\n" for n in names))
 
 
 @pytest.mark.parametrize("backend", ["pdf", "svg"])

@@ -60,5 +60,12 @@ def test_demo_runs_from_the_wheel(installed):
 
 
 def test_pipelines_run_from_the_wheel(installed):
-    for command in (["ablate", "--help"], ["bench", "heads", "--help"], ["bench", "io", "--help"], ["bench", "batchnorm", "--help"]):
+    """A real step of the study pipeline from the wheel: a study's grid, parent run and (empty) summary."""
+    result = run([installed["venv"] / "bin" / "wsr-med", "ablate", "--dataset-dir", "runs/demo/new_scans", "--output-dir",
+                  "study", "--heads", "gap", "wise", "--folds", "2", "--summary-only"], installed["cwd"])
+    grid = json.loads((installed["cwd"] / "study" / "grid.json").read_text())
+    assert grid["heads"] == ["gap", "wise"] and grid["folds"] == 2
+    assert len((installed["cwd"] / "study" / "parent_run_id").read_text().strip()) == 32
+    assert "study wall time this invocation" in result.stdout
+    for command in (["bench", "heads", "--help"], ["bench", "io", "--help"], ["bench", "batchnorm", "--help"]):
         assert "usage" in run([installed["venv"] / "bin" / "wsr-med", *command], installed["cwd"]).stdout
