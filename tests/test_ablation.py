@@ -85,6 +85,7 @@ def test_summary_and_paired_comparison(study):
     assert int(rows["wise"]["head_params"]) > int(rows["gap"]["head_params"])
     summary = (study["out"] / "summary.md").read_text()
     assert "corrected t" in summary and "wise - gap, per fold x seed: f0s0" in summary
+    assert f"torch {torch.__version__}" in summary and "MONAI " in summary and "MLflow " in summary  # what made the table
     for name in ("auc_by_head.png", "val_curves.png"):
         assert drawn(study["out"] / name)["coloured"] > 1e-4, name  # markers and curves in colour: empty axes have none
     cell = json.loads((study["out"] / CELLS[4] / "cell.json").read_text())
@@ -199,7 +200,7 @@ def test_paper_size_study_runs_its_path_on_a_cpu(tmp_path):
 
     data = make_synthetic_folder(tmp_path / "data", n_per_class=12, image_size=64, n_classes=3)
     out = tmp_path / "paper"
-    paper_size.main(["--tiny", "--dataset-dir", str(data), "--output-dir", str(out), "--max-epochs", "1",
+    paper_size.main(["--tiny", "--dataset-dir", str(data), "--output-dir", str(out), "--max-epochs", "1", "--seeds", "0",
                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     entries = len(list((out / "cache").glob("*.cache")))
     assert entries == 2 * 36  # every scan, for the training and the validation transforms

@@ -61,7 +61,6 @@ def test_nothing_below_the_command_imports_it():
 def test_bundle_configs_reach_every_subpackage_through_one_import():
     """Every ``wsr_med.<module>.<name>`` the bundle configs call resolves after ``import wsr_med`` alone (the configs
     import nothing else of the package)."""
-    import json
     import re
 
     from wsr_med.workflows import BUNDLE

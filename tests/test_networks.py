@@ -16,6 +16,7 @@ from wsr_med.networks import (
     project_constraints_,
     warm_start_batchnorm,
 )
+from wsr_med.errors import WsrMedError
 from wsr_med.pipelines.bench_batchnorm import train_briefly
 
 TINY_DENSENET = {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}
@@ -141,7 +142,7 @@ def test_pretrained_weights_from_local_monai_checkpoint(tmp_path):
 
 
 def test_pretrained_weights_missing_file():
-    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+    with pytest.raises(WsrMedError, match="checkpoint not found: nowhere.pt \\(the pretrained_weights setting names it\\)"):
         WiseSrNet(img_size=64, pretrained_weights="nowhere.pt", backbone_kwargs=TINY_DENSENET)
 
 

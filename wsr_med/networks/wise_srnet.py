@@ -123,6 +123,23 @@ def _model_key(key: str, target: dict) -> str | None:
     return None
 
 
+def read_state_dict(path: str | Path, missing_hint: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, the one way wsr_med reads weights: ``weights_only=True`` (no code is
+    unpickled), a plain state dict or one nested under ``state_dict`` / ``model`` / ``network``.
+
+    Raises:
+        WsrMedError: the file does not exist (``missing_hint`` says what to do).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WsrMedError(f"checkpoint not found: {path}" + (f" ({missing_hint})" if missing_hint else ""))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "network"):
+        if isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
 def load_pretrained_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
     """Load the tensors of a local checkpoint that match ``model`` by name and shape, and say which.
 
@@ -136,12 +153,7 @@ def load_pretrained_weights(model: nn.Module, path: str | Path) -> dict[str, lis
         keys ignored (unknown name or incompatible shape), model keys left as initialised.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained_weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "network"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
+    state = read_state_dict(path, "the pretrained_weights setting names it")
     target = model.state_dict()
     new_state, skipped = {}, []
     for key, value in state.items():

@@ -7,18 +7,16 @@ from pathlib import Path
 import torch
 
 from wsr_med.errors import WsrMedError
+from wsr_med.networks import read_state_dict
 
 __all__ = ["amp_dtype", "load_model", "place_network"]
 
 
 def load_model(network: torch.nn.Module, checkpoint: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Load every weight of ``checkpoint`` into ``network`` (strict, ``weights_only=True``) and return it on ``device`` in eval mode."""
+    """Load every weight of ``checkpoint`` into ``network`` (strict; read by :func:`wsr_med.networks.read_state_dict`)
+    and return it on ``device`` in eval mode."""
     path = Path(checkpoint)
-    if not path.is_file():
-        raise WsrMedError(f"model checkpoint not found: {path} (has the training run completed a validation epoch?)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state.get("model"), dict):
-        state = state["model"]
+    state = read_state_dict(path, "has the training run completed a validation epoch?")
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:

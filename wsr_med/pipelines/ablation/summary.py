@@ -34,6 +34,20 @@ def _read_cases(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str
     return paths, labels, probs, classes
 
 
+def made_with() -> str:
+    """The software a table came from: wsr_med (and its git commit when run from a checkout), torch, MONAI, MLflow."""
+    import subprocess
+    from importlib.metadata import version
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:  # no git here: an installed package says its version
+        commit = ""
+    return (f"wsr_med {version('wsr_med')}" + (f" (commit {commit})" if commit else "") +
+            f", torch {version('torch')}, MONAI {version('monai')}, MLflow {version('mlflow')}")
+
+
 def fold_differences(output: Path, cells: list[Cell], head: str) -> list[tuple[Cell, float, np.ndarray, np.ndarray, np.ndarray]]:
     """Per cell (fold x seed): AUC(head) - AUC(gap) on the same held-out cases, with those cases' labels and
     both heads' probabilities."""
@@ -126,7 +140,8 @@ def summarise(output: Path, results: list[dict], cells: list[Cell], missing: lis
                      f"{boot} | {r['auc_shuffled_mean']:.3f} | {r['params']:,} | {r['head_params']:,} | {r['seconds_per_epoch']:.1f} |")
     lines += ["", "AUC on each cell's held-out fold, with the checkpoint its inner validation split chose. The CI and p "
               "of ΔAUC are the corrected resampled t-test over folds x seeds (Nadeau & Bengio 2003); the case "
-              "bootstrap keeps every trained model fixed and covers case sampling only.", "", *listed]
+              "bootstrap keeps every trained model fixed and covers case sampling only.", "", f"Made with {made_with()}.",
+              "", *listed]
     atomic_write(output / "summary.md", "\n".join(lines) + "\n")
 
     configs = sorted({(r["network"], r["image_size"]) for r in rows})
