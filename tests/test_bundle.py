@@ -87,6 +87,7 @@ def test_training_outputs_and_mlflow_record(trained):
     assert config["settings"]["image_size"] == 64 and "train.json" in next(iter(config["config_files"]))
     client, run = only_run(trained["uri"], "test")
     assert run.data.params["head"] == "wise" and run.data.params["image_size"] == "64"
+    assert run.data.params["pretrained_weights_id"] == "none"  # no path, no hash of one
     for metric in ("val_auc", "val_accuracy", "val_loss", "train_loss", "learning_rate", "val_auc_left"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2], metric
     artifacts = {a.path for folder in ("run", "plots", "eval_all") for a in client.list_artifacts(run.info.run_id, folder)}

@@ -57,6 +57,10 @@ def test_demo_runs_from_the_wheel(installed):
         assert (demo / name).is_file(), name
     assert json.loads((demo / "eval" / "metrics.json").read_text())["n"] > 0
     assert "runs/demo/predictions.csv" in result.stdout
+    again = run([installed["venv"] / "bin" / "wsr-med", "demo", "--set", "max_epochs=1"], installed["cwd"])
+    assert "runs/demo holds an earlier demo: this one goes to runs/demo-2" in again.stdout
+    assert (installed["cwd"] / "runs" / "demo-2" / "predictions.csv").is_file()
+    assert json.loads((demo / "eval" / "metrics.json").read_text())["n"] > 0  # the first demo is left as it was
 
 
 def test_pipelines_run_from_the_wheel(installed):

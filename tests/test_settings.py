@@ -70,3 +70,36 @@ def test_the_run_folder_layout_table_names_every_file_of_the_run_folder():
     names = {v for k, v in vars(RunFolder).items() if k.isupper() and isinstance(v, str)} - {RunFolder.EVAL_PREFIX}
     missing = [name for name in sorted(names) if f"`{name}" not in table]
     assert not missing, f"RunFolder files not in the bundle docs' layout table: {missing}"
+
+
+def test_data_that_cannot_train_is_refused_at_scan_time(tmp_path):
+    """One class, a class missing from a split, fewer scans than a batch: one line each, nothing written to the run
+    folder, no MLflow run; the same command on good data then trains."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from test_cli import SMALL, ok
+
+    ok(run_wsr_med(tmp_path, "synth", "hospital", "--n-per-class", "8", "--image-size", "64"))
+    shutil.copytree(tmp_path / "hospital" / "left", tmp_path / "one_class" / "left")
+    args = ("--output-dir", "runs/a", "--set", "image_size=64", SMALL, "max_epochs=1", "num_workers=0", "progress_bar=false")
+    refused(run_wsr_med(tmp_path, "train", "--dataset-dir", "one_class", *args, "batch_size=4"),
+            "scans of 1 class(es) (left)", "training needs two or more")
+    refused(run_wsr_med(tmp_path, "train", "--dataset-dir", "hospital", *args, "batch_size=64"),
+            "fewer than one batch (batch_size=64)")
+    left = tmp_path / "runs" / "a"  # the lock and the (empty) cache folder its writability check made: no run yet
+    assert {p.name for p in left.iterdir()} <= {".lock", "cache"} and not any((left / "cache").iterdir())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    ok(run_wsr_med(tmp_path, "train", "--dataset-dir", "hospital", *args, "batch_size=4"))
+    assert (tmp_path / "runs" / "a" / "model.pt").is_file()
+
+
+def test_a_split_without_a_class_is_refused():
+    from wsr_med.errors import WsrMedError
+    from wsr_med.workflows import check_trainable
+
+    items = [{"label": k % 2} for k in range(8)]
+    with pytest.raises(WsrMedError, match="the validation split has no scan of 'right'"):
+        check_trainable("data", ["left", "right"], {"training": items, "validation": [{"label": 0}], "test": []})

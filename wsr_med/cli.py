@@ -84,11 +84,23 @@ def train(args: argparse.Namespace) -> None:
     _print_results(output, args.tracking_uri)
 
 
+def _next_demo_folder(first: str = "runs/demo") -> str:
+    """``runs/demo``, or, when an earlier demo is there, the first of ``runs/demo-2``, ``runs/demo-3``, ... that is free:
+    the quick start can be run again (each run a folder of its own; the generated data is reused)."""
+    folder, n = first, 1
+    while (Path(folder) / RunFolder.CONFIG).exists():
+        n += 1
+        folder = f"{first}-{n}"
+    if n > 1:
+        print(f"{first} holds an earlier demo: this one goes to {folder}")
+    return folder
+
+
 def demo(args: argparse.Namespace) -> None:
     """Train on the embedded synthetic hospital folder (or --dataset-dir), evaluate on held-out patients, predict new scans."""
     from wsr_med.data import make_synthetic_folder
 
-    settings = {**DEMO_SETTINGS, "dataset_dir": "synthetic", "output_dir": "runs/demo", **_overrides(args)}
+    settings = {**DEMO_SETTINGS, "dataset_dir": "synthetic", "output_dir": _next_demo_folder(), **_overrides(args)}
     output = settings["output_dir"]
     common = {k: settings[k] for k in ("output_dir", "tracking_uri") if k in settings}
     print(f"[1/3] training on {settings['dataset_dir']} -> {output}")

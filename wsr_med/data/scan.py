@@ -185,8 +185,11 @@ def _finish(scan: DatasetScan, source: Path, report: str | Path | None) -> Datas
     if not scan.items:
         where = f"; the list is in {report}" if report is not None else ""
         raise NoValidScans(f"{source}: no valid scans found ({len(scan.bad_files)} files rejected{where}).", scan)
-    logger.info("%s: %d valid scans in %d classes %s, %d rejected", source, len(scan.items), len(scan.classes),
-                scan.class_counts, len(scan.bad_files))
+    if any("label" in item for item in scan.items):
+        logger.info("%s: %d valid scans in %d classes %s, %d rejected", source, len(scan.items), len(scan.classes),
+                    scan.class_counts, len(scan.bad_files))
+    else:  # unlabelled (inference): the model's classes say nothing about this folder
+        logger.info("%s: %d valid scans, %d rejected", source, len(scan.items), len(scan.bad_files))
     return scan
 
 

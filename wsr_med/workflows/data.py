@@ -25,7 +25,8 @@ from wsr_med.files import atomic_write
 from wsr_med.runs import RunFolder
 from wsr_med.settings import CLASS_BALANCE, default
 
-__all__ = ["SYNTHETIC", "PreparedData", "imbalance_warning", "class_names", "prepare_data", "prepare_evaluation", "prepare_unlabelled"]
+__all__ = ["SYNTHETIC", "PreparedData", "check_trainable", "imbalance_warning", "class_names", "prepare_data", "prepare_evaluation",
+           "prepare_unlabelled"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,7 @@ def prepare_data(
     intensity_percentiles: list[float] = default("intensity_percentiles"),
     compare_with: str | None = None,
     inner_validation: bool = False,
+    batch_size: int = 1,
 ) -> PreparedData:
     """Scan ``dataset_dir`` and split it at the patient level; :meth:`PreparedData.write` then saves
     ``datalist.json``, ``bad_files.csv`` and ``profile.json`` in ``output_dir``.
@@ -196,6 +198,7 @@ def prepare_data(
         class_balance: the run's setting; an imbalanced training set with ``none`` is warned about.
         max_pixels: scans declaring more pixels are bad files.
         intensity_percentiles: the run's intensity scaling (the scans' profiles are taken under it).
+        batch_size: the training batch; a training split smaller than one batch is refused.
         compare_with: a trained run folder: every item gets ``unlike_training``, why it looks unlike that
             run's training data ("" when it does not), see :mod:`wsr_med.data.profile`.
     """
@@ -215,9 +218,7 @@ def prepare_data(
         splits = {"training": [], "validation": [], "test": scan.items}
     elif split == "train":
         splits = split_items(scan.items, val_fraction, test_fraction, seed, n_folds, fold, inner_validation)
-        if not splits["training"] or not splits["validation"]:
-            counts = {k: len(v) for k, v in splits.items()}
-            raise WsrMedError(f"{dataset_dir}: too few patients for a training and a validation set {counts}.")
+        check_trainable(dataset_dir, scan.classes, splits, batch_size)
         imbalance = imbalance_warning(scan.class_counts, class_balance)
         if imbalance and _rank() == 0:
             logger.warning("%s", imbalance)
@@ -253,6 +254,28 @@ def prepare_data(
         n_bad_files=len(scan.bad_files),
         _writer=write,
     )
+
+
+def check_trainable(dataset_dir: str, classes: list[str], splits: dict[str, list[dict]], batch_size: int = 1) -> None:
+    """Refuse, at scan time (before the run folder holds anything and before an MLflow run exists), data that cannot
+    train: fewer than two classes with scans, a split in which a class has no scan, a training split smaller than a
+    batch. One line each, saying what to do."""
+    present = sorted({classes[i["label"]] for items in splits.values() for i in items})
+    if len(present) < 2:
+        raise WsrMedError(f"{dataset_dir}: scans of {len(present)} class(es) ({', '.join(present) or 'none'}); training "
+                          "needs two or more: a class-per-folder directory has one folder of scans per class, a manifest "
+                          "a label column with two values or more")
+    for name, items in splits.items():
+        if not items and name == "test":
+            continue
+        absent = [c for k, c in enumerate(classes) if not any(i["label"] == k for i in items)]
+        if not items or absent:
+            what = "no scans" if not items else f"no scan of {', '.join(repr(c) for c in absent)}"
+            raise WsrMedError(f"{dataset_dir}: the {name} split has {what} ({len(items)} scans): add scans of that "
+                              "class (patients), or change val_fraction / test_fraction / n_folds")
+    if len(splits["training"]) < batch_size:
+        raise WsrMedError(f"{dataset_dir}: {len(splits['training'])} training scans, fewer than one batch "
+                          f"(batch_size={batch_size}): add scans or lower batch_size")
 
 
 def _flag_unlike_training(scan: DatasetScan, run_dir: str) -> None:
