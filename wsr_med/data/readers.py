@@ -282,6 +282,16 @@ def _check_declared_size(path, width: int, height: int, frames: int = 1, bytes_p
                             f"above max_pixels={max_pixels / 1e6:.0f} Mpixel")
 
 
+def _as_input(name, pixels: np.ndarray, channels: int | None) -> np.ndarray:
+    """Decoded ``pixels`` as ``(C, H, W)`` float32 (:func:`_to_channels`), refused when their layout is unusable or a
+    value is not finite."""
+    try:
+        array = _to_channels(pixels, channels)
+    except ValueError as e:
+        raise ScanReadError(name, "unsupported pixel layout", str(e)) from None
+    return _finite(name, array)
+
+
 def _finite(path, array: np.ndarray) -> np.ndarray:
     if not np.isfinite(array).all():
         raise ScanReadError(path, "non-finite pixel values (NaN or infinity, e.g. from the modality rescale)")
@@ -415,12 +425,7 @@ def read_dicom(path: ScanSource, channels: int | None = 1, voi_lut: bool | None 
             pixels = pixels.max() + pixels.min() - pixels
     meta = {"filename_or_obj": str(name), "format": "dicom", "modality": modality, "photometric": photometric,
             "original_shape": (rows, columns)}
-    try:
-        return _finite(name, _to_channels(pixels, channels)), meta
-    except ValueError as e:
-        if isinstance(e, ScanReadError):
-            raise
-        raise ScanReadError(name, "unsupported pixel layout", str(e)) from None
+    return _as_input(name, pixels, channels), meta
 
 
 def read_image(path: ScanSource, channels: int | None = 1, min_size: int | None = None, max_pixels: int = MAX_PIXELS):
@@ -463,12 +468,7 @@ def read_image(path: ScanSource, channels: int | None = 1, min_size: int | None 
         raise ScanReadError(name, "not a readable image", f"{type(e).__name__}: {e}") from None
     meta = {"filename_or_obj": str(name), "format": kind if isinstance(path, bytes) else suffix_of(path).lstrip("."),
             "original_shape": original[::-1]}
-    try:
-        return _finite(name, _to_channels(pixels, channels)), meta
-    except ValueError as e:
-        if isinstance(e, ScanReadError):
-            raise
-        raise ScanReadError(name, "unsupported pixel layout", str(e)) from None
+    return _as_input(name, pixels, channels), meta
 
 
 def read_volume(path: str | Path):
