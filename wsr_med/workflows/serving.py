@@ -16,7 +16,8 @@ Threat model (docs/data.md, "The served model"): whoever reaches the port may se
   resolved (symlinks, ``..``) and must lie inside a root, and a path outside the roots, missing, or unreadable
   gets one and the same answer, so that the answers tell nothing about the server's files.
 * Bounds (:class:`ServeLimits`): rows per request, bytes per request (over all rows), a deadline after which the
-  remaining rows answer ``timeout``; ``wsr-med serve`` also refuses an oversized body before it is parsed.
+  remaining rows answer ``timeout``; ``wsr-med serve`` also refuses an oversized body before it is parsed. One
+  scan is decoded at a time per server process, so concurrent requests do not multiply the peak memory.
 * One answer row per input row, errors in wsr_med's own words (never a header value or a path), ``null`` for a
   probability that was not computed: strict JSON.
 """
@@ -30,6 +31,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,9 @@ class ScanClassifier(mlflow.pyfunc.PythonModel):
         self.transform = config.get_parsed_content("preprocessing")
         self.decision = Decision.of_run(run)
         self.limits = ServeLimits.from_environment()
+        # one scan decoded at a time in this process, whatever the number of concurrent requests (MLflow runs each in
+        # a thread): the peak memory is one full-resolution scan's (up to max_pixels), not one per request
+        self._decoding = threading.Lock()
 
     # --- one row ------------------------------------------------------------------------------------------
     def _row_bytes(self, row: dict, budget: int) -> bytes:
@@ -146,7 +151,8 @@ class ScanClassifier(mlflow.pyfunc.PythonModel):
 
     def _image(self, raw: bytes) -> torch.Tensor:
         try:
-            image = torch.as_tensor(self.transform({"image": raw})["image"], dtype=torch.float32)
+            with self._decoding:
+                image = torch.as_tensor(self.transform({"image": raw})["image"], dtype=torch.float32)
         except Exception as e:  # one bad file answers an error in its row, never fails the request
             while e.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
                 e = e.__cause__
