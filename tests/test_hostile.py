@@ -341,7 +341,13 @@ def test_scans_unlike_the_training_data_are_flagged(tmp_path):
     ds = pydicom.dcmread(new / "chest.dcm")
     ds.Modality = "CR"
     ds.save_as(new / "chest.dcm")
-    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(new / "colour.png")
+    colour = np.full((40, 40, 3), 255, np.uint8)  # a white colour picture with a red square: nothing like a scan
+    colour[10:20, 10:20] = (255, 0, 0)
+    Image.fromarray(colour).save(new / "colour.png")
+    # a training scan exported by another site as an 8-bit RGB picture: other channels, the same image to the network
+    pixels = read_scan(next((train / "left").glob("*.dcm")), channels=1)[0][0]
+    scaled = np.uint8(255 * (pixels - pixels.min()) / (pixels.max() - pixels.min()))
+    Image.fromarray(np.stack([scaled] * 3, axis=-1)).save(new / "same_scan_in_rgb.png")
     settings = {**TINY, "dataset_dir": str(train), "output_dir": str(tmp_path / "run"),
                 "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model_name": ""}
     run_workflow("train", **settings)
@@ -352,4 +358,5 @@ def test_scans_unlike_the_training_data_are_flagged(tmp_path):
         flags = {row["path"]: row["unlike_training"] for row in csv.DictReader(f)}
     assert flags["us_like_training.dcm"] == ""
     assert "modality CR never seen in training (US)" in flags["chest.dcm"]
-    assert "3 channel(s), training had 1" in flags["colour.png"]
+    assert "intensity mean" in flags["colour.png"] and "channel" not in flags["colour.png"]  # its look, not its channels
+    assert flags["same_scan_in_rgb.png"] == ""

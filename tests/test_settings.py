@@ -96,10 +96,13 @@ def test_data_that_cannot_train_is_refused_at_scan_time(tmp_path):
     assert (tmp_path / "runs" / "a" / "model.pt").is_file()
 
 
-def test_a_split_without_a_class_is_refused():
+def test_a_class_without_training_scans_is_refused():
     from wsr_med.errors import WsrMedError
     from wsr_med.workflows import check_trainable
 
     items = [{"label": k % 2} for k in range(8)]
-    with pytest.raises(WsrMedError, match="the validation split has no scan of 'right'"):
-        check_trainable("data", ["left", "right"], {"training": items, "validation": [{"label": 0}], "test": []})
+    with pytest.raises(WsrMedError, match="the training split has no scan of 'right'"):
+        check_trainable("data", ["left", "right"], {"training": [{"label": 0}] * 8, "validation": items, "test": []})
+    with pytest.raises(WsrMedError, match="the validation split has no scans"):
+        check_trainable("data", ["left", "right"], {"training": items, "validation": [], "test": []})
+    check_trainable("data", ["left", "right"], {"training": items, "validation": [{"label": 0}], "test": []})  # a warning

@@ -18,12 +18,16 @@ __all__ = ["scan_profile", "training_profile", "unlike_training"]
 
 _SIZE_FACTOR = 2.0  # a longest side more than this factor outside the training range is unusual
 _INTENSITY_MARGIN = 0.1  # on the [0, 1] scale the model sees
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as the reader's colour conversion
 
 
 def scan_profile(image: np.ndarray, meta: dict, intensity_percentiles=default("intensity_percentiles")) -> dict:
     """The profile of one decoded scan ``(C, *S)`` with the reader's ``meta``; intensities are scaled between the
     run's ``intensity_percentiles``, as the model sees them."""
-    values = image.reshape(image.shape[0], -1)
+    # intensities as a one-channel network sees them (colour converted to luma, as the reader does): a picture saved
+    # in grey and in colour profiles alike
+    gray = np.tensordot(_LUMA, image[:3], axes=1)[None] if image.shape[0] >= 3 else image[:1]
+    values = gray.reshape(1, -1)
     stride = max(1, values.shape[1] // 65536)  # a regular subsample, as the percentile scaling uses
     sample = values[:, ::stride].astype(np.float32)
     low, high = np.percentile(sample, list(intensity_percentiles))
@@ -50,8 +54,6 @@ def unlike_training(profile: dict, trained: dict) -> str:
     reasons = []
     if profile["modality"] and trained["modalities"] and profile["modality"] not in trained["modalities"]:
         reasons.append(f"modality {profile['modality']} never seen in training ({', '.join(sorted(trained['modalities']))})")
-    if str(profile["channels"]) not in trained["channels"]:
-        reasons.append(f"{profile['channels']} channel(s), training had {', '.join(sorted(trained['channels']))}")
     low, high = trained["longest_side"]
     if not low / _SIZE_FACTOR <= profile["longest_side"] <= high * _SIZE_FACTOR:
         reasons.append(f"{profile['longest_side']} px, training had {low}-{high} px")

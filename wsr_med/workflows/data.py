@@ -258,8 +258,9 @@ def prepare_data(
 
 def check_trainable(dataset_dir: str, classes: list[str], splits: dict[str, list[dict]], batch_size: int = 1) -> None:
     """Refuse, at scan time (before the run folder holds anything and before an MLflow run exists), data that cannot
-    train: fewer than two classes with scans, a split in which a class has no scan, a training split smaller than a
-    batch. One line each, saying what to do."""
+    train: fewer than two classes with scans, an empty training or validation split, a class without a training scan,
+    a training split smaller than a batch; one line each, saying what to do. A class missing from the validation or
+    test split (small data) is a warning: its AUC there is undefined, and calibration is skipped."""
     present = sorted({classes[i["label"]] for items in splits.values() for i in items})
     if len(present) < 2:
         raise WsrMedError(f"{dataset_dir}: scans of {len(present)} class(es) ({', '.join(present) or 'none'}); training "
@@ -269,10 +270,12 @@ def check_trainable(dataset_dir: str, classes: list[str], splits: dict[str, list
         if not items and name == "test":
             continue
         absent = [c for k, c in enumerate(classes) if not any(i["label"] == k for i in items)]
-        if not items or absent:
-            what = "no scans" if not items else f"no scan of {', '.join(repr(c) for c in absent)}"
-            raise WsrMedError(f"{dataset_dir}: the {name} split has {what} ({len(items)} scans): add scans of that "
-                              "class (patients), or change val_fraction / test_fraction / n_folds")
+        what = "no scans" if not items else f"no scan of {', '.join(repr(c) for c in absent)}"
+        message = f"{dataset_dir}: the {name} split has {what} ({len(items)} scans)"
+        if not items or (absent and name == "training"):
+            raise WsrMedError(f"{message}: add scans (patients) of that class, or change val_fraction / test_fraction / n_folds")
+        if absent and _rank() == 0:
+            logger.warning("%s: its AUC there is undefined for that class; more patients would help", message)
     if len(splits["training"]) < batch_size:
         raise WsrMedError(f"{dataset_dir}: {len(splits['training'])} training scans, fewer than one batch "
                           f"(batch_size={batch_size}): add scans or lower batch_size")
