@@ -73,8 +73,8 @@ def test_the_run_folder_layout_table_names_every_file_of_the_run_folder():
 
 
 def test_data_that_cannot_train_is_refused_at_scan_time(tmp_path):
-    """One class, a class missing from a split, fewer scans than a batch: one line each, nothing written to the run
-    folder, no MLflow run; the same command on good data then trains."""
+    """One class: one line, nothing written to the run folder, no MLflow run; the same command on good data then
+    trains."""
     import shutil
 
     from mlflow import MlflowClient
@@ -86,8 +86,6 @@ def test_data_that_cannot_train_is_refused_at_scan_time(tmp_path):
     args = ("--output-dir", "runs/a", "--set", "image_size=64", SMALL, "max_epochs=1", "num_workers=0", "progress_bar=false")
     refused(run_wsr_med(tmp_path, "train", "--dataset-dir", "one_class", *args, "batch_size=4"),
             "scans of 1 class(es) (left)", "training needs two or more")
-    refused(run_wsr_med(tmp_path, "train", "--dataset-dir", "hospital", *args, "batch_size=64"),
-            "fewer than one batch (batch_size=64)")
     left = tmp_path / "runs" / "a"  # the lock and the (empty) cache folder its writability check made: no run yet
     assert {p.name for p in left.iterdir()} <= {".lock", "cache"} and not any((left / "cache").iterdir())
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

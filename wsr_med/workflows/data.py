@@ -175,7 +175,6 @@ def prepare_data(
     intensity_percentiles: list[float] = default("intensity_percentiles"),
     compare_with: str | None = None,
     inner_validation: bool = False,
-    batch_size: int = 1,
 ) -> PreparedData:
     """Scan ``dataset_dir`` and split it at the patient level; :meth:`PreparedData.write` then saves
     ``datalist.json``, ``bad_files.csv`` and ``profile.json`` in ``output_dir``.
@@ -198,7 +197,6 @@ def prepare_data(
         class_balance: the run's setting; an imbalanced training set with ``none`` is warned about.
         max_pixels: scans declaring more pixels are bad files.
         intensity_percentiles: the run's intensity scaling (the scans' profiles are taken under it).
-        batch_size: the training batch; a training split smaller than one batch is refused.
         compare_with: a trained run folder: every item gets ``unlike_training``, why it looks unlike that
             run's training data ("" when it does not), see :mod:`wsr_med.data.profile`.
     """
@@ -218,7 +216,7 @@ def prepare_data(
         splits = {"training": [], "validation": [], "test": scan.items}
     elif split == "train":
         splits = split_items(scan.items, val_fraction, test_fraction, seed, n_folds, fold, inner_validation)
-        check_trainable(dataset_dir, scan.classes, splits, batch_size)
+        check_trainable(dataset_dir, scan.classes, splits)
         imbalance = imbalance_warning(scan.class_counts, class_balance)
         if imbalance and _rank() == 0:
             logger.warning("%s", imbalance)
@@ -256,10 +254,10 @@ def prepare_data(
     )
 
 
-def check_trainable(dataset_dir: str, classes: list[str], splits: dict[str, list[dict]], batch_size: int = 1) -> None:
+def check_trainable(dataset_dir: str, classes: list[str], splits: dict[str, list[dict]]) -> None:
     """Refuse, at scan time (before the run folder holds anything and before an MLflow run exists), data that cannot
-    train: fewer than two classes with scans, an empty training or validation split, a class without a training scan,
-    a training split smaller than a batch; one line each, saying what to do. A class missing from the validation or
+    train: fewer than two classes with scans, an empty training or validation split, a class without a training scan;
+    one line each, saying what to do. A class missing from the validation or
     test split (small data) is a warning: its AUC there is undefined, and calibration is skipped."""
     present = sorted({classes[i["label"]] for items in splits.values() for i in items})
     if len(present) < 2:
@@ -276,9 +274,6 @@ def check_trainable(dataset_dir: str, classes: list[str], splits: dict[str, list
             raise WsrMedError(f"{message}: add scans (patients) of that class, or change val_fraction / test_fraction / n_folds")
         if absent and _rank() == 0:
             logger.warning("%s: its AUC there is undefined for that class; more patients would help", message)
-    if len(splits["training"]) < batch_size:
-        raise WsrMedError(f"{dataset_dir}: {len(splits['training'])} training scans, fewer than one batch "
-                          f"(batch_size={batch_size}): add scans or lower batch_size")
 
 
 def _flag_unlike_training(scan: DatasetScan, run_dir: str) -> None:
