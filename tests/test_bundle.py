@@ -241,7 +241,9 @@ def test_predictions_csv(trained):
     with open(trained["out"] / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
-    assert list(rows[0]) == ["path", "predicted_class", "prob_above", "prob_left", "prob_right", "unlike_training"]
+    assert list(rows[0]) == ["path", "predicted_class", "prob_above", "prob_left", "prob_right", "decision_rule",
+                             "unlike_training"]
+    assert rows[0]["decision_rule"] == "highest probability"  # three classes
     for row in rows:
         probs = [float(row[f"prob_{c}"]) for c in ("above", "left", "right")]
         assert abs(sum(probs) - 1) < 1e-4

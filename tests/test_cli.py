@@ -71,7 +71,8 @@ def test_evaluate_and_predict_use_the_trained_settings(user):
     assert metrics["n"] == 20 and metrics["classes"] == ["left", "right"]
     with open(run / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and list(rows[0]) == ["path", "predicted_class", "prob_left", "prob_right", "unlike_training"]
+    assert len(rows) == 6 and list(rows[0]) == ["path", "predicted_class", "prob_left", "prob_right", "decision_rule",
+                                                "unlike_training"]
     evaluate = user["logs"]["evaluate"]
     assert "Results:" in evaluate.stdout and "runs/a/eval/report.html" in evaluate.stdout
     # an evaluation is not a validation and has no "best" epoch; MONAI's eval() warning is not shown
@@ -130,7 +131,8 @@ def test_finished_run_is_refused_and_left_byte_identical(user):
     assert snapshot(user["run"]) == before
     ok(wsr_med(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "new_scans"))
     with open(user["run"] / "predictions.csv", newline="") as f:
-        assert list(next(csv.reader(f))) == ["path", "predicted_class", "prob_left", "prob_right", "unlike_training"]
+        assert list(next(csv.reader(f))) == ["path", "predicted_class", "prob_left", "prob_right", "decision_rule",
+                                             "unlike_training"]
 
 
 def test_second_training_in_the_same_folder_is_refused(user):
@@ -261,6 +263,7 @@ def test_operating_point_is_chosen_on_validation_and_used_by_evaluate_and_predic
     with open(run / "predictions.csv", newline="") as f:
         for row in csv.DictReader(f):
             assert row["predicted_class"] == ("right" if float(row["prob_right"]) >= threshold else "left")
+            assert row["decision_rule"] == f"prob_right >= {threshold:.6g}"  # the decision, readable in the file
 
 
 def test_registered_served_model_decides_at_the_runs_threshold(user, monkeypatch):

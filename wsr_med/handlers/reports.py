@@ -170,8 +170,10 @@ class EvaluationReporter(Collector):
 
 
 class PredictionWriter(Collector):
-    """Write ``predictions.csv``: path, predicted class, one probability column per class, and ``unlike_training``
-    (why the scan looks unlike the training data; empty when it does not, see :mod:`wsr_med.data.profile`).
+    """Write ``predictions.csv``: path, predicted class, one probability column per class, ``decision_rule`` (how the
+    class was decided: ``prob_<positive class> >= <threshold>`` for two classes, else ``highest probability``), and
+    ``unlike_training`` (why the scan looks unlike the training data; empty when it does not, see
+    :mod:`wsr_med.data.profile`).
 
     Args:
         classes: class names in the model's order (the class map saved with the model).
@@ -189,8 +191,11 @@ class PredictionWriter(Collector):
     def finish(self, engine: Engine) -> None:
         probs = self.decision.probabilities(np.stack(self.probs)) if self.probs else np.zeros((0, len(self.classes)))
         predicted = self.decision.classes(probs)
-        write_csv(self.output_file, ["path", "predicted_class", *[f"prob_{c}" for c in self.classes], "unlike_training"],
-                  [[path, self.classes[int(k)], *[f"{p:.9g}" for p in row], unlike]
+        threshold = self.decision.threshold if len(self.classes) == 2 else None
+        rule = f"prob_{self.classes[1]} >= {threshold:.6g}" if threshold is not None else "highest probability"
+        write_csv(self.output_file, ["path", "predicted_class", *[f"prob_{c}" for c in self.classes], "decision_rule",
+                                     "unlike_training"],
+                  [[path, self.classes[int(k)], *[f"{p:.9g}" for p in row], rule, unlike]
                    for path, k, row, unlike in zip(self.paths, predicted, probs, self.unlike_training)])
         logger.info("predictions for %d scans written to %s", len(self.paths), self.output_file)
 
