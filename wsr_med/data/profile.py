@@ -12,13 +12,13 @@ from collections import Counter
 
 import numpy as np
 
+from wsr_med.data.readers import LUMA
 from wsr_med.settings import default
 
 __all__ = ["scan_profile", "training_profile", "unlike_training"]
 
 _SIZE_FACTOR = 2.0  # a longest side more than this factor outside the training range is unusual
 _INTENSITY_MARGIN = 0.1  # on the [0, 1] scale the model sees
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as the reader's colour conversion
 
 
 def scan_profile(image: np.ndarray, meta: dict, intensity_percentiles=default("intensity_percentiles")) -> dict:
@@ -26,7 +26,7 @@ def scan_profile(image: np.ndarray, meta: dict, intensity_percentiles=default("i
     run's ``intensity_percentiles``, as the model sees them."""
     # intensities as a one-channel network sees them (colour converted to luma, as the reader does): a picture saved
     # in grey and in colour profiles alike
-    gray = np.tensordot(_LUMA, image[:3], axes=1)[None] if image.shape[0] >= 3 else image[:1]
+    gray = np.tensordot(LUMA, image[:3], axes=1)[None] if image.shape[0] >= 3 else image[:1]
     values = gray.reshape(1, -1)
     stride = max(1, values.shape[1] // 65536)  # a regular subsample, as the percentile scaling uses
     sample = values[:, ::stride].astype(np.float32)

@@ -65,7 +65,7 @@ _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b
 # Projection radiography: the VOI LUT / window in the header is what a reader looks at.
 RADIOGRAPH_MODALITIES = ("CR", "DX", "MG", "RF", "XA", "IO", "PX", "RG")
 _DICOMDIR_REASON = "DICOMDIR: the index of a DICOM media export, not an image (the images it lists are read on their own)"
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's convert("L")
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's convert("L")
 
 
 class ScanReadError(ValueError):
@@ -264,7 +264,7 @@ def _to_channels(array: np.ndarray, channels: int | None) -> np.ndarray:
     if channels is None or array.shape[0] == channels:
         return array
     if channels == 1:
-        return np.tensordot(_LUMA, array, axes=1)[None].astype(np.float32)
+        return np.tensordot(LUMA, array, axes=1)[None].astype(np.float32)
     if channels == 3:
         return np.repeat(array, 3, axis=0)
     raise ValueError(f"channels must be 1, 3 or None, got {channels}")
