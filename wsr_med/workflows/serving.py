@@ -52,6 +52,7 @@ PATH_ROOTS_ENV = "WSR_MED_SERVE_PATH_ROOTS"  # folders whose scans clients may n
 MAX_ROWS_ENV = "WSR_MED_SERVE_MAX_ROWS"
 MAX_REQUEST_MIB_ENV = "WSR_MED_SERVE_MAX_REQUEST_MIB"
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # MLflow's own request timeout (seconds)
+BODY_LIMIT_ENV = "WSR_MED_SERVE_MAX_BODY_BYTES"  # read by serving_app.RequestGuard
 PATH_UNAVAILABLE = "path not available on this server"
 
 
@@ -230,6 +231,11 @@ def _records(model_input) -> list:
     return [{k: v for k, v in row.items() if isinstance(v, str)} if isinstance(row, dict) else row for row in rows]
 
 
+def body_limit(max_request_mib: float) -> int:
+    """The largest request body for ``max_request_mib`` of scans: base64 adds a third, JSON a little more."""
+    return int(max_request_mib * 2**20 * 4 / 3) + 2**20
+
+
 def served_model_signature(classes: list[str]):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -282,8 +288,8 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: in
                          max_request_mib=max_request_mib or ServeLimits.max_request_mib,
                          timeout_s=timeout_s or ServeLimits.timeout_s)
     import uvicorn
-    from mlflow.pyfunc.scoring_server import _SERVER_MODEL_PATH
-    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+    from mlflow.artifacts import download_artifacts
+    from mlflow.pyfunc.scoring_server import _SERVER_MODEL_PATH  # where MLflow's own app.py finds the model
 
     from wsr_med.errors import WsrMedError
 
@@ -291,7 +297,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: in
     if missing:
         raise WsrMedError(f"--path-root {missing[0]} is not a folder")
     try:
-        local = _download_artifact_from_uri(model_uri)
+        local = download_artifacts(artifact_uri=model_uri)
     except Exception as e:
         raise WsrMedError(f"cannot load {model_uri} ({type(e).__name__}: {str(e)[:200]}); is MLFLOW_TRACKING_URI (or "
                           "--tracking-uri) the store it was registered in?") from None
@@ -309,10 +315,3 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: in
           f"{limits.timeout_s:g} s per request", flush=True)
     uvicorn.run("wsr_med.workflows.serving_app:app", host=host, port=port, workers=workers, log_level="warning")
 
-
-BODY_LIMIT_ENV = "WSR_MED_SERVE_MAX_BODY_BYTES"
-
-
-def body_limit(max_request_mib: float) -> int:
-    """The largest request body for ``max_request_mib`` of scans: base64 adds a third, JSON a little more."""
-    return int(max_request_mib * 2**20 * 4 / 3) + 2**20
