@@ -95,3 +95,17 @@ def test_corrected_resampled_t_test_by_hand():
     assert out["ci"] == pytest.approx([0.015 - 2.570582 * se, 0.015 + 2.570582 * se], abs=1e-6)
     naive = stats.ttest_1samp(d, 0).pvalue  # without the correction: overlapping training sets ignored
     assert naive < out["p"]
+
+
+def test_small_samples_and_example_captions_say_what_they_mean():
+    from wsr_med.metrics.classification import small_sample_warnings
+    from wsr_med.metrics.plots import example_caption
+    from wsr_med.metrics.operating_point import temperature_at_bound, TEMPERATURE_BOUNDS
+
+    assert small_sample_warnings(100, {"a": 50, "b": 50}) == []
+    few = small_sample_warnings(12, {"a": 9, "b": 3, "c": 0})
+    assert len(few) == 2 and "only 12 cases" in few[0] and "a (9), b (3)" in few[1] and "c (" not in few[1]
+    assert example_caption("left", "right", 0.891) == "true left · predicted right\np 0.89"
+    assert example_caption("$x$", "a", 0.5).startswith(r"true \$x\$")  # no mathtext
+    assert temperature_at_bound(TEMPERATURE_BOUNDS[0]) and temperature_at_bound(TEMPERATURE_BOUNDS[1])
+    assert not temperature_at_bound(1.0)

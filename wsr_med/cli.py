@@ -43,7 +43,6 @@ DEMO_SETTINGS = {
     "max_epochs": 8,
     "batch_size": 16,
     "learning_rate": 0.001,
-    "test_fraction": 0.2,
     "synthetic": {"n_per_class": 150, "image_size": 256, "n_classes": 2, "seed": 1234},
 }
 RESULTS = [(RunFolder.MODEL, "best model weights"), (RunFolder.CLASSES, "class map"), (RunFolder.CONFIG, "resolved config"),
@@ -248,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
               "current folder; --tracking-uri none turns tracking off)", file=sys.stderr)
     try:
         _run(args, rest)
+    except (KeyboardInterrupt, SystemExit) as e:
+        code = 130 if isinstance(e, KeyboardInterrupt) else e.code
+        if code not in (130, 143):  # not a stop by Ctrl-C / SIGTERM (see MLflowTracker): exit as asked
+            raise
+        resume = " (the run resumes from its last completed epoch: run the same command again)" if args.command == "train" else ""
+        print(f"wsr-med {args.command}: stopped by {'Ctrl-C' if code == 130 else 'SIGTERM'}{resume}", file=sys.stderr)
+        return code
     except Exception as e:
         error = find_user_error(e)
         if error is None or args.debug:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 
-__all__ = ["EscapingFormatter", "escape_control", "escape_log_records"]
+__all__ = ["EscapingFormatter", "escape_control", "escape_log_records", "quiet_stop"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -36,6 +37,29 @@ class _NoBestTrainingLoss(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Got new best metric of train_loss")
+
+
+def _stopping() -> bool:
+    return isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Drops what ignite and MONAI log while a Ctrl-C or SIGTERM unwinds a workflow ("Engine run is terminating due
+    to exception: 143" and its traceback): stopping is not an error, and ``wsr-med`` says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, SystemExit)):
+            return False
+        return not (record.levelno >= logging.ERROR and _stopping())
+
+
+def quiet_stop() -> None:
+    """Before a Ctrl-C / SIGTERM unwinds a workflow: no handler of any logger prints the error records ignite and
+    MONAI log on the way out (their loggers have handlers of their own, made after :func:`escape_log_records`)."""
+    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for handler in {h for logger in loggers for h in logger.handlers}:
+        if not any(isinstance(f, _NoInterruptTraceback) for f in handler.filters):
+            handler.addFilter(_NoInterruptTraceback())
 
 
 def escape_log_records() -> None:

@@ -64,12 +64,20 @@ def settings_without_paths(settings: dict) -> dict:
 
 def check_settings(settings: dict) -> None:
     """Refuse, before any data is read, a setting that names nothing known (a backbone, a head, a balance mode)."""
-    from wsr_med.networks import BACKBONES, HEADS
+    from monai.utils import ensure_tuple_rep
+
+    from wsr_med.networks import BACKBONES, HEADS, ImageTooSmall, feature_size
 
     choices = {"backbone": list(BACKBONES), "head": list(HEADS), "class_balance": list(CLASS_BALANCE)}
     for key, allowed in choices.items():
         if key in settings and settings[key] not in allowed:
             raise WsrMedError(f"{key}={settings[key]!r} is not one of: {', '.join(allowed)}")
+    if "backbone" in settings and "image_size" in settings:  # the size the backbone takes, before any data is read
+        dims = settings.get("spatial_dims", default("spatial_dims"))
+        network = (settings["backbone"], dims, settings.get("in_channels", default("in_channels")),
+                   list(ensure_tuple_rep(settings["image_size"], dims)), settings.get("backbone_kwargs"))
+        if feature_size(*network) is None:
+            raise ImageTooSmall(*network)
 
 
 def check_writable(*folders: str | Path | None) -> None:
@@ -147,6 +155,7 @@ class RunFolder:
     CASES = "cases.csv"
     REPORT = "report.html"
     EVAL_PREFIX = "eval_"  # datalist and bad-file report of an evaluation, beside its other files
+    SUPERSEDED = ".superseded-"  # eval/ of the model before a continuation: eval.superseded-1/, ...
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -301,6 +310,18 @@ class RunFolder:
                                   "or use another output_dir.")
         return checkpoint
 
+    def _retire_evaluation(self) -> None:
+        """Move ``eval/`` aside when training continues: it evaluated a model that this training may replace."""
+        if not self.eval_dir.is_dir():
+            return
+        n = 1
+        while (self.path / f"{self.EVAL}{self.SUPERSEDED}{n}").exists():
+            n += 1
+        target = self.path / f"{self.EVAL}{self.SUPERSEDED}{n}"
+        self.eval_dir.rename(target)
+        logger.warning("%s evaluated the model before this continuation: moved to %s; evaluate again when it ends",
+                       self.eval_dir, target)
+
     def save_run_info(self, classes: list[str], settings: dict, config_files: list[str] | None = None) -> Path:
         """Write ``classes.json`` and ``config.json`` (settings with paths resolved, the config files as run).
 
@@ -322,6 +343,7 @@ class RunFolder:
             doc["continued"] = previous.get("continued", [])
             if previous["settings"].get("max_epochs") != resolved.get("max_epochs"):  # a resume is not a continuation
                 doc["continued"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "max_epochs": resolved.get("max_epochs")})
+                self._retire_evaluation()
         else:
             atomic_write(self.path / self.CLASSES, json.dumps(classes))
         import torch

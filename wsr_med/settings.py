@@ -73,7 +73,7 @@ SETTINGS: dict[str, Setting] = {
     "reject_degenerate": Setting("data", True, recipe=True),
     "max_pixels": Setting("data", 100_000_000, recipe=True),
     "val_fraction": Setting("data", 0.2, recipe=True),
-    "test_fraction": Setting("data", 0.0, recipe=True),
+    "test_fraction": Setting("data", 0.2, recipe=True),
     "n_folds": Setting("data", 0),
     "fold": Setting("data", 0),
     "inner_validation": Setting("data", False),

@@ -177,13 +177,17 @@ def default_num_workers(device: torch.device | str) -> int:
 
 
 def scan_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, device: torch.device | str = "cpu",
-                shuffle: bool = False, sampler=None, drop_last: bool = False) -> DataLoader:
+                shuffle: bool = False, sampler=None, training: bool = False) -> DataLoader:
     """The loader of a :func:`scan_dataset`, set up to keep the device fed.
+
+    ``training``: a last batch of a single scan is dropped (that scan is in another epoch's batches: the order is
+    shuffled): BatchNorm cannot train on one value per channel, which a 3D volume's 1x1x1 feature map gives.
 
     A memory cache is read by MONAI's :class:`~monai.data.ThreadDataLoader` in this process (its items may
     already be on the GPU); otherwise ``num_workers`` processes decode and augment, kept alive between
     epochs, each preparing 4 batches ahead, into pinned memory when the device is CUDA.
     """
+    drop_last = training and len(sampler if sampler is not None else dataset) % batch_size == 1
     if isinstance(dataset, CacheDataset):
         return ThreadDataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
                                 num_workers=0)

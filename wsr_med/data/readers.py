@@ -17,7 +17,9 @@ Deflated DICOM data set (:func:`deflated_limit`), measured before it is held in 
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import warnings
 import zlib
 from pathlib import Path
@@ -471,17 +473,34 @@ def read_image(path: ScanSource, channels: int | None = 1, min_size: int | None 
     return _as_input(name, pixels, channels), meta
 
 
+@functools.lru_cache(maxsize=None)
+def _volume_loader(reader: str):
+    """MONAI's ``LoadImage`` with ``reader``, made once per process and quietly: making one builds every MONAI reader,
+    and the nvImageCodec one warns twice on each machine without nvImageCodec (nothing a user can act on)."""
+    from monai.transforms import LoadImage
+
+    probe = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = probe.level
+    probe.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            return LoadImage(reader=reader, image_only=True, ensure_channel_first=True)
+    finally:
+        probe.setLevel(level)
+
+
 def read_volume(path: str | Path):
     """Read a NIfTI file or a folder holding one DICOM series as ``(1, X, Y, Z)`` in RAS orientation.
 
     Uses MONAI's ``LoadImage`` (nibabel / pydicom readers) and ``Orientation``; of the meta data
     only the affine and the file name are kept.
     """
-    from monai.transforms import LoadImage, Orientation
+    from monai.transforms import Orientation
 
     reader = "PydicomReader" if Path(path).is_dir() else "NibabelReader"
     try:
-        volume = LoadImage(reader=reader, image_only=True, ensure_channel_first=True)(str(path))
+        volume = _volume_loader(reader)(str(path))
     except Exception as e:
         raise ScanReadError(path, "not a readable volume", f"{type(e).__name__}: {e}") from None
     volume = Orientation(axcodes="RAS")(volume)

@@ -21,6 +21,7 @@ from monai.handlers import MLFlowHandler
 
 from wsr_med import tracking
 from wsr_med.files import atomic_write
+from wsr_med.log_format import quiet_stop
 from wsr_med.runs import RunFolder
 from wsr_med.tracking import tolerant
 
@@ -202,6 +203,7 @@ class MLflowTracker(MLFlowHandler):
             previous = self._previous_signals[sig] = signal.getsignal(sig)
 
             def handler(signum, frame, previous=previous):
+                quiet_stop()
                 self.policy.call(self.client.set_terminated, self.cur_run.info.run_id, "KILLED")
                 tracking.run_closed(self.cur_run.info.run_id)
                 signal.signal(signum, previous)
@@ -277,9 +279,26 @@ class MLflowTracker(MLFlowHandler):
                 self._log_network(model, Path(tmp))
             info = log_served_model(self.output_dir, self.registered_model_name, _requirements())
         atomic_write(self.output_dir / RunFolder.MLFLOW_MODEL_URI, info.model_uri)
+        if self.registered_model_name and info.registered_model_version is not None:
+            self._describe_version(str(info.registered_model_version))
         self._log_spatial_weights(model)
         logger.info("logged model %s%s", info.model_uri,
                     f", registered as '{self.registered_model_name}'" if self.registered_model_name else "")
+
+    def _describe_version(self, version: str) -> None:
+        """Tags and a description that tell this registered version from the others of its name at a glance:
+        its best validation AUC and epoch, whether its validation predictions collapsed, its network."""
+        run = RunFolder(self.output_dir)
+        best, calibration = run.best(), run.calibration() or {}
+        collapsed = calibration.get("collapsed") or ""
+        tags = {"best_val_auc": f"{best.get('value', float('nan')):.4f}", "best_epoch": str(best.get("epoch", "")),
+                "collapsed": "yes" if collapsed else "no", "network": self.run_name or ""}
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.registered_model_name, version, key, value)
+        self.client.update_model_version(
+            self.registered_model_name, version,
+            description=f"{tags['network']}: best validation AUC {tags['best_val_auc']} at epoch {tags['best_epoch']}"
+                        + (f"; COLLAPSED: the model's {collapsed}" if collapsed else ""))
 
     def _log_network(self, model: torch.nn.Module, tmp: Path):
         """The bare network as ``network`` (torch.export program: loads without unpickling code), not registered."""

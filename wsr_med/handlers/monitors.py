@@ -11,7 +11,7 @@ import numpy as np
 
 from wsr_med.files import atomic_write
 from wsr_med.handlers.collectors import Collector
-from wsr_med.metrics import collapse_warning, fit_decision, json_ready, parse_operating_point
+from wsr_med.metrics import collapse_warning, fit_decision, json_ready, parse_operating_point, temperature_at_bound
 from wsr_med.runs import RunFolder
 
 if TYPE_CHECKING:
@@ -65,9 +65,10 @@ class CalibrationFitter(Collector):
             logger.warning("epoch %d: no calibration fitted (%s); evaluation and prediction use threshold 0.5", epoch, e)
             (self.run / RunFolder.CALIBRATION).unlink(missing_ok=True)
             return
-        doc = {"epoch": epoch, "n_cases": len(self.labels), "decision": decision.to_dict(), **fit}
+        doc = {"epoch": epoch, "n_cases": len(self.labels), "decision": decision.to_dict(), **fit,
+               "collapsed": collapse_warning(np.stack(self.probs)) or ""}
         atomic_write(self.run / RunFolder.CALIBRATION, json.dumps(json_ready(doc), indent=1))
-        if not 0.051 < decision.temperature < 19.9:
+        if temperature_at_bound(decision.temperature):
             logger.warning("epoch %d: the fitted temperature %.3g is at its bound: the %d validation cases are too few or "
                            "perfectly separated to calibrate on", epoch, decision.temperature, len(self.labels))
         logger.info("epoch %d: temperature %.3f (validation NLL %.4f -> %.4f)%s", epoch, decision.temperature,

@@ -26,6 +26,7 @@ from wsr_med.metrics import (
     json_ready,
     negative_log_likelihood,
     operating_point_metrics,
+    temperature_at_bound,
     plot_confusion,
     plot_examples,
     plot_reliability,
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 __all__ = ["EvaluationReporter", "PredictionWriter", "evaluation_provenance"]
 
 logger = logging.getLogger(__name__)
+
+VALIDATION_CAVEAT = ("these are the run's validation cases, which chose the best epoch and fitted the temperature and "
+                     "threshold: the figures are optimistic; evaluate the test split or another folder for an unbiased estimate")
 
 
 class EvaluationReporter(Collector):
@@ -57,6 +61,8 @@ class EvaluationReporter(Collector):
         tracking_uri: MLflow tracking URI; None or empty for no MLflow logging.
         tag: name of this evaluation in MLflow (metrics ``<tag>_auc``..., artifacts under ``<tag>/``).
         provenance: what is evaluated (see :func:`evaluation_provenance`), shown first in the report.
+        eval_split: ``all`` (a folder), ``test`` or ``validation`` (the run's splits), recorded as ``split`` in
+            ``metrics.json``; the validation split gets a caveat: those cases chose the checkpoint and the decision.
 
     The local report also shows example cases per class (``examples.png``: the most confident right and wrong
     ones, as small thumbnails); the copy sent to MLflow leaves them out, as no image leaves the machine.
@@ -66,7 +72,8 @@ class EvaluationReporter(Collector):
 
     def __init__(self, classes: list[str], report_dir: str | Path, decision: Decision | None = None,
                  threshold: float | None = None, n_boot: int = 1000, run_dir: str | Path | None = None,
-                 tracking_uri: str | None = None, tag: str = "eval", provenance: dict | None = None) -> None:
+                 tracking_uri: str | None = None, tag: str = "eval", provenance: dict | None = None,
+                 eval_split: str | None = None) -> None:
         super().__init__()
         self.classes = list(classes)
         self.report_dir = Path(report_dir)
@@ -78,6 +85,7 @@ class EvaluationReporter(Collector):
         self.tracking_uri = tracking_uri
         self.tag = tag
         self.provenance = dict(provenance or {})
+        self.eval_split = eval_split
         self.metrics: dict | None = None
 
     def finish(self, engine: Engine) -> None:
@@ -90,6 +98,8 @@ class EvaluationReporter(Collector):
         self.metrics["operating_point"] = self._operating_point(labels, probs)
         self.metrics["calibration"] = self._calibration(labels, raw, probs)
         self.metrics["provenance"] = self.provenance
+        self.metrics["split"] = self.eval_split
+        self.metrics["warnings"] += self._caveats(self.metrics["calibration"])
         collapsed = collapse_warning(probs)
         if collapsed:
             self.metrics["warnings"].append(f"The model's {collapsed}")
@@ -137,6 +147,19 @@ class EvaluationReporter(Collector):
             for k, c in enumerate(self.classes) if 0 < (labels == k).sum() < len(labels)
             for t in [choose_threshold(labels == k, probs[:, k], "youden")]}
         return point
+
+    def _caveats(self, calibration: dict) -> list[str]:
+        """What the figures cannot be trusted for: the cases that tuned the model, a calibration that failed."""
+        out = []
+        if self.eval_split == "validation":
+            out.append(VALIDATION_CAVEAT)
+        if calibration["fitted_on"].startswith("validation") and temperature_at_bound(calibration["temperature"]):
+            out.append(f"the temperature {calibration['temperature']:.3g} stopped at its bound: the validation cases were too "
+                       "few or perfectly separated to calibrate on, so the probabilities are not calibrated")
+        if calibration["ece_after"] > calibration["ece_before"] + 0.01:
+            out.append(f"calibration made these cases' ECE worse ({calibration['ece_before']:.3f} → "
+                       f"{calibration['ece_after']:.3f}): the probabilities are not reliable as risks here")
+        return out
 
     def _calibration(self, labels: np.ndarray, raw: np.ndarray, probs: np.ndarray) -> dict:
         """ECE, Brier score and NLL on these cases before and after the run's temperature."""

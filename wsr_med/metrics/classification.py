@@ -8,7 +8,8 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix
 
-__all__ = ["COLLAPSE_TOLERANCE", "collapse_warning", "json_ready", "binary_auc", "roc_auc", "bootstrap_ci", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics"]
+__all__ = ["COLLAPSE_TOLERANCE", "collapse_warning", "json_ready", "binary_auc", "roc_auc", "bootstrap_ci", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics",
+           "small_sample_warnings", "SMALL_SAMPLE", "SMALL_CLASS"]
 
 
 # A model whose class probabilities vary by less than this across all cases says nothing about any case.
@@ -113,6 +114,23 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: in
     return float(ece), table
 
 
+SMALL_SAMPLE = 30  # fewer evaluated cases than this, or
+SMALL_CLASS = 10  # fewer cases of a present class than this: the report says the figures are uncertain
+
+
+def small_sample_warnings(n: int, support: dict[str, int]) -> list[str]:
+    """The caveats for too few cases (all, or of a class present), as report lines."""
+    out = []
+    if n < SMALL_SAMPLE:
+        out.append(f"only {n} cases were evaluated (fewer than {SMALL_SAMPLE}): every figure here is uncertain, "
+                   "read the confidence intervals")
+    few = {c: k for c, k in support.items() if 0 < k < SMALL_CLASS}
+    if few:
+        listed = ", ".join(f"{c} ({k})" for c, k in few.items())
+        out.append(f"fewer than {SMALL_CLASS} cases of {listed}: its sensitivity, AUC and PPV rest on very few cases")
+    return out
+
+
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float = 0.5,
                            n_boot: int = 1000, seed: int = 0) -> dict:
     """Every evaluation figure, JSON-ready.
@@ -157,6 +175,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
     else:
         auc = low = high = float("nan")
         warnings.append(f"no case of class {', '.join(absent)}: AUC is not defined on these cases")
+    warnings += small_sample_warnings(len(labels), {name: m["support"] for name, m in per_class.items()})
     ece, reliability = expected_calibration_error(labels, probs)
     out = {
         "n": int(len(labels)),
@@ -176,6 +195,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
         "reliability": reliability,
     }
     if k == 2:
+        out["positive_class"] = classes[1]
         for key in ("sensitivity", "specificity", "ppv", "npv"):
             out[key] = per_class[classes[1]][key]
     return out

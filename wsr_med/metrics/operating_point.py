@@ -15,7 +15,8 @@ from scipy.optimize import minimize_scalar
 from wsr_med.metrics.classification import bootstrap_ci
 
 __all__ = ["OPERATING_POINTS", "Decision", "apply_temperature", "brier_score", "choose_threshold", "fit_decision",
-           "fit_temperature", "negative_log_likelihood", "operating_point_metrics", "parse_operating_point"]
+           "fit_temperature", "negative_log_likelihood", "operating_point_metrics", "parse_operating_point",
+           "TEMPERATURE_BOUNDS", "temperature_at_bound"]
 
 # ``operating_point`` settings: youden (max sensitivity + specificity - 1), sensitivity:X / specificity:X
 # (the highest threshold that keeps sensitivity >= X, the lowest that keeps specificity >= X), fixed:X.
@@ -54,12 +55,22 @@ def brier_score(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
 
 
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
 def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The temperature (0.05 to 20) minimising the NLL of ``apply_temperature(probs, T)`` on these cases."""
+    """The temperature (within :data:`TEMPERATURE_BOUNDS`) minimising the NLL of ``apply_temperature(probs, T)``."""
     labels = np.asarray(labels).astype(int)
+    low, high = TEMPERATURE_BOUNDS
     result = minimize_scalar(lambda log_t: negative_log_likelihood(labels, apply_temperature(probs, np.exp(log_t))),
-                             bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+                             bounds=(np.log(low), np.log(high)), method="bounded")
     return float(np.exp(result.x))
+
+
+def temperature_at_bound(temperature: float) -> bool:
+    """Whether a fitted temperature stopped at a bound: too few or perfectly separated cases to calibrate on."""
+    low, high = TEMPERATURE_BOUNDS
+    return not 1.02 * low < temperature < high / 1.005
 
 
 def _roc_table(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-__all__ = ["figure", "plain", "plot_examples", "plot_roc", "plot_confusion", "plot_reliability", "plot_spatial_weights"]
+__all__ = ["figure", "plain", "example_caption", "plot_examples", "plot_roc", "plot_confusion", "plot_reliability", "plot_spatial_weights"]
 
 
 def figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (4.5, 4.5), **kwargs):
@@ -71,6 +71,11 @@ def plot_reliability(metrics: dict, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def example_caption(true: str, predicted: str, probability: float) -> str:
+    """``true left · predicted left``, then ``p 0.89`` below it (p: the probability of the predicted class)."""
+    return f"true {plain(true)} · predicted {plain(predicted)}\np {probability:.2f}"
+
+
 def plot_examples(thumbnails: list, labels: np.ndarray, probs: np.ndarray, classes: list[str], path: str | Path,
                   per_class: int = 2) -> Path | None:
     """Example cases per true class: the ``per_class`` most confident correct ones, then the most confident
@@ -83,7 +88,7 @@ def plot_examples(thumbnails: list, labels: np.ndarray, probs: np.ndarray, class
         rows.append((c, right[:per_class], wrong[:per_class]))
     if not any(r or w for _, r, w in rows):
         return None
-    fig, axes = figure(len(rows), 2 * per_class, figsize=(1.9 * 2 * per_class, 2.1 * len(rows)), squeeze=False)
+    fig, axes = figure(len(rows), 2 * per_class, figsize=(2.4 * 2 * per_class, 2.7 * len(rows)), squeeze=False)
     for ax_row, (c, right, wrong) in zip(axes, rows):
         cells = [(i, True) for i in right] + [None] * (per_class - len(right)) + [(i, False) for i in wrong]
         for ax, cell in zip(ax_row, cells + [None] * (2 * per_class - len(cells))):
@@ -92,9 +97,8 @@ def plot_examples(thumbnails: list, labels: np.ndarray, probs: np.ndarray, class
                 continue
             i, correct = cell
             ax.imshow(thumbnails[i], cmap="gray", vmin=0, vmax=255)
-            title = (f"{plain(classes[c])}: right, p {probs[i, c]:.2f}" if correct
-                     else f"{plain(classes[c])} as {plain(classes[pred[i]])}, p {probs[i, pred[i]]:.2f}")
-            ax.set_title(title, fontsize=7, color="black" if correct else "firebrick")
+            ax.set_title(example_caption(classes[c], classes[pred[i]], probs[i, pred[i]]), fontsize=9,
+                         color="black" if correct else "firebrick")
     return _save(fig, path)
 
 

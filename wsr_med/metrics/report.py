@@ -8,7 +8,7 @@ from pathlib import Path
 
 from wsr_med.files import atomic_write
 
-__all__ = ["write_html_report"]
+__all__ = ["CAPTIONS", "write_html_report"]
 
 
 def _fmt(v) -> str:
@@ -17,6 +17,23 @@ def _fmt(v) -> str:
     if isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, float) for x in v):
         return f"{_fmt(v[0])} [{_fmt(v[1])}, {_fmt(v[2])}]"  # value [95% CI]
     return html.escape(str(v))
+
+
+def _percent(v: float) -> str:
+    return f"{100 * v:.1f}%" if v == v else "—"
+
+
+# What each figure shows, by file stem (a figure not named here is captioned by its file name).
+CAPTIONS = {
+    "roc": "ROC curve: sensitivity against 1 − specificity as the threshold moves (binary: for the positive class; "
+           "otherwise each class against the rest); the dotted line is chance.",
+    "confusion_matrix": "Confusion matrix at the run's operating point: rows are the true class, columns the predicted one.",
+    "reliability": "Reliability after calibration: the accuracy of the cases in each confidence bin; "
+                   "bars on the dotted line are well calibrated.",
+    "reliability_uncalibrated": "Reliability before calibration (the network's raw softmax), for comparison.",
+    "examples": "Example cases per true class: the most confident correct predictions (black), then the most "
+                "confident wrong ones (red), with the probability of the predicted class.",
+}
 
 
 def _table(rows: dict) -> str:
@@ -37,14 +54,17 @@ def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title:
         weakest = min(present, key=lambda c: present[c]["sensitivity"])
         headline[f"lowest class sensitivity ({weakest})"] = present[weakest]["sensitivity"]
     if "sensitivity" in metrics:
-        headline.update({"threshold": metrics["threshold"], "sensitivity": metrics["sensitivity"],
-                         "specificity": metrics["specificity"], "PPV": metrics.get("ppv", float("nan")),
-                         "NPV": metrics.get("npv", float("nan"))})
+        positive = metrics.get("positive_class", metrics["classes"][-1])
+        headline.update({"positive class": positive, f"threshold (on p {positive})": metrics["threshold"],
+                         f"sensitivity for {positive}": metrics["sensitivity"],
+                         f"specificity (not {positive})": metrics["specificity"],
+                         f"PPV for {positive}": metrics.get("ppv", float("nan")),
+                         f"NPV (not {positive})": metrics.get("npv", float("nan"))})
     rows = _table(headline)[len("<table>"):-len("</table>")]
     per_class = "".join(
         f"<tr><td>{html.escape(c)}</td><td>{_fmt(m['auc'])}</td><td>{_fmt(m['sensitivity'])}</td>"
         f"<td>{_fmt(m['specificity'])}</td><td>{_fmt(m.get('ppv', float('nan')))}</td><td>{m['support']}</td>"
-        f"<td>{_fmt(100 * m.get('prevalence', float('nan')))}%</td></tr>"
+        f"<td>{_percent(m.get('prevalence', float('nan')))}</td></tr>"
         for c, m in metrics["per_class"].items()
     )
     described = "<h2>What was evaluated</h2>" + _table(provenance) if provenance else ""
@@ -54,7 +74,10 @@ def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title:
         point = {**{k: v for k, v in point.items() if k != "one_vs_rest_youden_on_these_cases"},
                  **{f"{c}: one-vs-rest Youden point on these cases (threshold, sensitivity, specificity)":
                     f"{_fmt(m['threshold'])}, {_fmt(m['sensitivity'])}, {_fmt(m['specificity'])}" for c, m in per_class_points.items()}}
-    decision = ("<h2>Operating point (value [95% bootstrap CI])</h2>" + _table(point)) if point else ""
+    title = "Operating point (value [95% bootstrap CI])"
+    if "positive_class" in metrics:
+        title += f"; positive: {html.escape(metrics['positive_class'])}"
+    decision = (f"<h2>{title}</h2>" + _table(point)) if point else ""
     calibration = metrics.get("calibration")
     if calibration:
         decision += "<h2>Calibration (temperature scaling; before → after, on these cases)</h2>" + _table({
@@ -65,13 +88,13 @@ def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title:
     warnings = "".join(f'<p class="warning">{html.escape(w)}</p>' for w in metrics.get("warnings", []))
     images = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()}"/>'
-        f"<figcaption>{html.escape(Path(p).stem)}</figcaption></figure>"
+        f"<figcaption>{html.escape(CAPTIONS.get(Path(p).stem, Path(p).stem))}</figcaption></figure>"
         for p in plots
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:0 1em 1em 0}}
-img{{max-width:480px}}.warning{{background:#fff3cd;border:1px solid #e0a800;padding:8px}}</style></head><body><h1>{html.escape(title)}</h1>
+img{{max-width:480px}}figcaption{{max-width:480px;font-size:90%}}.warning{{background:#fff3cd;border:1px solid #e0a800;padding:8px}}</style></head><body><h1>{html.escape(title)}</h1>
 {warnings}<table>{rows}</table><h2>Per class (one vs rest)</h2>
 <table><tr><th>class</th><th>AUC</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>cases</th><th>prevalence</th></tr>{per_class}</table>
 {decision}

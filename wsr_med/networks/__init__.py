@@ -18,4 +18,4 @@ from wsr_med.networks.heads import (
     default_pre_pool,
 )
 from wsr_med.networks.pretrained import IMAGENET_WEIGHTS, imagenet_weights_file, optimizer_param_groups, resolve_pretrained_weights
-from wsr_med.networks.wise_srnet import WiseSrNet, load_pretrained_weights, read_state_dict
+from wsr_med.networks.wise_srnet import ImageTooSmall, WiseSrNet, feature_size, load_pretrained_weights, read_state_dict

@@ -16,9 +16,36 @@ from wsr_med.networks.backbones import build_backbone
 from wsr_med.networks.heads import ClassificationHead
 from wsr_med.networks.pretrained import resolve_pretrained_weights
 
-__all__ = ["WiseSrNet", "load_pretrained_weights"]
+__all__ = ["ImageTooSmall", "WiseSrNet", "feature_size", "load_pretrained_weights"]
 
 logger = logging.getLogger(__name__)
+
+
+def feature_size(backbone: str, spatial_dims: int, in_channels: int, img_size: Sequence[int],
+                 backbone_kwargs: dict | None = None) -> list[int] | None:
+    """The backbone's last feature map size for inputs of ``img_size``, or None when the input is too small for it.
+
+    Computed on a copy on the meta device: no memory, no compute.
+    """
+    with torch.device("meta"):
+        probe = build_backbone(backbone, spatial_dims, in_channels, **dict(backbone_kwargs or {})).eval()
+        try:
+            shape = probe(torch.empty(1, in_channels, *img_size)).shape
+        except RuntimeError:  # a pooling or convolution kernel larger than what is left of the input
+            return None
+    return list(shape[2:]) if min(shape[2:]) >= 1 else None
+
+
+class ImageTooSmall(WsrMedError, ValueError):
+    """An ``image_size`` the backbone cannot take: its message names the smallest size that works."""
+
+    def __init__(self, backbone: str, spatial_dims: int, in_channels: int, img_size: Sequence[int],
+                 backbone_kwargs: dict | None = None) -> None:
+        smallest = next((n for n in range(max(img_size) + 1, 4097)
+                         if feature_size(backbone, spatial_dims, in_channels, [n] * spatial_dims, backbone_kwargs)), None)
+        super().__init__(f"image_size {max(img_size)} is too small for backbone '{backbone}' in {spatial_dims}D: its last "
+                         f"feature map would be empty; the smallest image_size it takes is {smallest} (a feature map of 1 "
+                         f"per axis; 2 or more keep some spatial layout for the head)")
 
 
 class WiseSrNet(nn.Module):
@@ -93,13 +120,10 @@ class WiseSrNet(nn.Module):
             load_pretrained_weights(self, resolve_pretrained_weights(pretrained_weights, backbone, download_weights))
 
     def _probe_feature_size(self, backbone: str, spatial_dims: int, in_channels: int, kwargs: dict) -> list[int]:
-        # A copy on the meta device gives the output shape without memory or compute.
-        with torch.device("meta"):
-            probe = build_backbone(backbone, spatial_dims, in_channels, **kwargs).eval()
-            shape = probe(torch.empty(1, in_channels, *self.img_size)).shape
-        if min(shape[2:]) < 1:
-            raise ValueError(f"img_size {self.img_size} is too small for backbone '{backbone}'.")
-        return list(shape[2:])
+        shape = feature_size(backbone, spatial_dims, in_channels, self.img_size, kwargs)
+        if shape is None:
+            raise ImageTooSmall(backbone, spatial_dims, in_channels, self.img_size, kwargs)
+        return shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if list(x.shape[2:]) != self.img_size:

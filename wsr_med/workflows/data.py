@@ -159,8 +159,8 @@ def prepare_data(
     dataset_dir: str,
     output_dir: str,
     spatial_dims: int = 2,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.0,
+    val_fraction: float = default("val_fraction"),
+    test_fraction: float = default("test_fraction"),
     n_folds: int = 0,
     fold: int = 0,
     seed: int = 0,
@@ -333,6 +333,6 @@ def prepare_evaluation(dataset_dir: str, run_dir: str, eval_dir: str, classes: l
     datalist = RunFolder(run_dir) / RunFolder.DATALIST
     items = read_datalist(datalist, key)
     if not items:
-        raise WsrMedError(f"the run in {run_dir} has no '{key}' split (train with test_fraction > 0, or evaluate a folder "
-                          "with eval_split=all)")
+        raise WsrMedError(f"the run in {run_dir} has no '{key}' split (it was trained with test_fraction=0); evaluate a "
+                          "labelled folder instead: --dataset-dir DIR --eval-split all")
     return PreparedData(classes=list(classes), training=[], validation=[], test=items, datalist=datalist)

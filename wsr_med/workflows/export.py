@@ -22,6 +22,7 @@ from pathlib import Path
 
 from wsr_med.errors import WsrMedError
 from wsr_med.files import atomic_path
+from wsr_med.handlers.reports import VALIDATION_CAVEAT
 from wsr_med.runs import RunFolder, path_id, settings_without_paths
 from wsr_med.settings import RECIPE_SETTINGS
 from wsr_med.workflows.bundle import BUNDLE
@@ -97,6 +98,7 @@ def export_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "1
         for folder in ("configs", "models", "docs"):
             (tmp / folder).mkdir()
         _write_models(run, tmp / "models", settings)
+        _write_source(tmp / "source")
         _write_configs(tmp / "configs", trained, classes, settings)
         metadata = _metadata(tmp, version, trained, classes, settings, best, evaluation, profile, name)
         (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4))
@@ -136,6 +138,25 @@ def strip_torchscript_debug(path: Path) -> None:
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
         for info, data in kept:
             archive.writestr(info, data)
+
+
+def _write_source(target: Path) -> None:
+    """The wsr_med code the bundle was made with, as an installable project (``pip install ./source``): the
+    configs call it, and the exported version may be on no package index."""
+    import importlib.metadata
+
+    import wsr_med
+
+    shutil.copytree(Path(wsr_med.__file__).parent, target / "wsr_med",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".lock"))
+    requires = [r for r in importlib.metadata.requires("wsr_med") or [] if "extra ==" not in r]
+    (target / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        f'[project]\nname = "wsr_med"\nversion = "{package_version("wsr_med")}"\nrequires-python = ">=3.10"\n'
+        f"dependencies = {json.dumps(requires)}\n\n"
+        '[project.scripts]\nwsr-med = "wsr_med.cli:main"\n\n'
+        '[tool.setuptools.packages.find]\ninclude = ["wsr_med", "wsr_med.*"]\nexclude = ["wsr_med.bundles*"]\n\n'
+        '[tool.setuptools.package-data]\nwsr_med = ["bundles/wise_srnet_classification/**/*"]\n')
 
 
 def _write_models(run: RunFolder, models: Path, settings: dict) -> None:
@@ -217,6 +238,12 @@ def _large_files(bundle: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
 def _readme(metadata: dict, trained: dict, classes: list[str], settings: dict, best: dict, evaluation: dict | None,
             has_data_license: bool) -> str:
     metrics = metadata["eval_metrics"]
@@ -235,6 +262,8 @@ def _readme(metadata: dict, trained: dict, classes: list[str], settings: dict, b
     else:
         perf = ("No evaluation was run before the export (`wsr-med evaluate --output-dir RUN ...` writes one; "
                 "export again after it).")
+    if evaluation and evaluation.get("split") == "validation":
+        perf = f"**Caveat:** {VALIDATION_CAVEAT}.\n\n{perf}"
     validation = (f"Best validation {best['metric']} during training: {_number(best.get('value'))} at epoch "
                   f"{best.get('epoch')} of {settings.get('max_epochs')}." if best else "")
     recipe = "\n".join(f"| `{k}` | {_code(settings[k])} |" for k in RECIPE_SETTINGS if k in settings)
@@ -274,8 +303,8 @@ seed {settings.get('seed')}).
 {perf}
 
 ## Commands
-Run from this folder. The `wsr_med` package must be importable (`pip install wsr_med=={metadata['required_packages_version']['wsr_med']}`
-with `torch==2.13.0`); the configs call its code.
+Run from this folder. The configs call the `wsr_med` package ({metadata['required_packages_version']['wsr_med']}); its
+code as exported is in `source/`: `pip install ./source "torch=={_torch_version()}"` installs it with its dependencies.
 
 ```bash
 # predict every scan under a folder -> eval/predictions.csv
