@@ -319,10 +319,43 @@ def test_exported_bundle_passes_the_model_zoo_checks_and_runs_from_its_folder(tr
     with open(bundle / "eval" / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {"prob_above", "prob_left", "prob_right"} <= set(rows[0])
+    contradicted = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                                   "--dataset_dir", str(trained["unlabelled"]), "--num_workers", "0", "--image_size", "32"],
+                                  cwd=bundle, capture_output=True, text=True)
+    assert contradicted.returncode != 0 and "image_size=32 (trained: 64)" in contradicted.stdout + contradicted.stderr
     for path in bundle.rglob("*"):  # neither the data's nor the run's location is in the bundle
         if path.is_file() and path.suffix in (".json", ".md", ".yml", ".conf"):
             text = path.read_text()
             assert str(hospital) not in text and str(trained["out"]) not in text, path
+
+
+def test_configs_read_like_a_model_zoo_bundle():
+    """inference.json: few expressions, none into a private function; evaluate.json spells no trained setting (the
+    ``trained`` component applies the run folder's); the multi-GPU config overrides only what differs."""
+    import re
+
+    from wsr_med.settings import TRAINED_SETTINGS
+
+    inference = (CONFIGS / "inference.json").read_text()
+    expressions = re.findall(r'"\$[^"]*"', inference)
+    assert len(expressions) <= 20, expressions
+    assert not [e for e in expressions if re.search(r"wsr_med(\.\w+)*\._", e) or "@trained[" in e], expressions
+    evaluate = json.loads((CONFIGS / "evaluate.json").read_text())
+    assert not set(evaluate) & set(TRAINED_SETTINGS) and "@trained[" not in json.dumps(evaluate)
+    multi_gpu = json.loads((CONFIGS / "multi_gpu_train.json").read_text())
+    assert "run" not in multi_gpu and "initialize" not in multi_gpu and "finalize" not in multi_gpu
+
+
+@pytest.mark.parametrize("workflow, override, phrase", [
+    (["inference.json"], {"image_size": 32}, "image_size=32 (trained: 64)"),
+    (["train.json", "evaluate.json"], {"head": "gap"}, "head='gap' (trained: 'wise')"),
+])
+def test_plain_monai_bundle_run_refuses_a_contradicting_setting(trained, workflow, override, phrase):
+    before = {p: p.stat().st_mtime_ns for p in trained["out"].rglob("*") if p.is_file()}
+    result = subprocess.run(bundle_command(workflow, {"output_dir": str(trained["out"]), "dataset_dir": str(trained["unlabelled"]),
+                                                      "num_workers": 0, **override}), capture_output=True, text=True)
+    assert result.returncode != 0 and phrase in result.stdout + result.stderr, result.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in trained["out"].rglob("*") if p.is_file()} == before
 
 
 def test_monai_tracking_switch_is_folded_into_one_run(tmp_path, hospital):

@@ -67,7 +67,7 @@ def user(tmp_path_factory) -> dict:
 def test_evaluate_and_predict_use_the_trained_settings(user):
     run = user["run"]
     assert json.loads((run / "config.json").read_text())["settings"]["image_size"] == 96
-    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    metrics = json.loads((run / "eval.superseded-1" / "metrics.json").read_text())  # moved aside by the continuation
     assert metrics["n"] == 20 and metrics["classes"] == ["left", "right"]
     with open(run / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))

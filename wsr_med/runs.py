@@ -64,8 +64,6 @@ def settings_without_paths(settings: dict) -> dict:
 
 def check_settings(settings: dict) -> None:
     """Refuse, before any data is read, a setting that names nothing known (a backbone, a head, a balance mode)."""
-    from monai.utils import ensure_tuple_rep
-
     from wsr_med.networks import BACKBONES, HEADS, ImageTooSmall, feature_size
 
     choices = {"backbone": list(BACKBONES), "head": list(HEADS), "class_balance": list(CLASS_BALANCE)}
@@ -75,7 +73,8 @@ def check_settings(settings: dict) -> None:
     if "backbone" in settings and "image_size" in settings:  # the size the backbone takes, before any data is read
         dims = settings.get("spatial_dims", default("spatial_dims"))
         network = (settings["backbone"], dims, settings.get("in_channels", default("in_channels")),
-                   list(ensure_tuple_rep(settings["image_size"], dims)), settings.get("backbone_kwargs"))
+                   [settings["image_size"]] * dims if isinstance(settings["image_size"], int) else list(settings["image_size"]),
+                   settings.get("backbone_kwargs"))
         if feature_size(*network) is None:
             raise ImageTooSmall(*network)
 
@@ -174,6 +173,10 @@ class RunFolder:
     @property
     def checkpoints(self) -> Path:
         return self.path / self.CHECKPOINTS
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / self.PREDICTIONS
 
     @property
     def eval_dir(self) -> Path:

@@ -4,7 +4,7 @@ and the CPU studies' recipe (learning rate 1e-3), one cell per GPU at a time (``
 
     wsr-med ablate-paper --warm-cache-only     # on any machine first: decode and cache every scan at both sizes
     wsr-med ablate-paper                       # then on the GPU machine (CUDA + mixed precision by themselves)
-    wsr-med ablate-paper --tiny --dataset-dir data/hospital --output-dir /tmp/paper   # the same path on a CPU, small
+    wsr-med ablate-paper --tiny --dataset-dir data/hospital --output-dir runs/paper_tiny   # the same path on a CPU, small
 
 The cache (``<output-dir>/cache``, keyed by file content and preprocessing) is filled before any cell trains, so
 GPU time is spent training; the study resumes like every ablation. ``--max-epochs`` sizes it to the time lent.

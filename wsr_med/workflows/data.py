@@ -22,7 +22,8 @@ from wsr_med.data.scan import DEFAULT_PATIENT_PATTERN, NoValidScans
 from wsr_med.data.synthetic import SIDES
 from wsr_med.errors import WsrMedError
 from wsr_med.files import atomic_write
-from wsr_med.runs import RunFolder
+from wsr_med.runs import RunFolder, check_writable
+from wsr_med.workflows.model import TrainedModel
 from wsr_med.settings import CLASS_BALANCE, default
 
 __all__ = ["SYNTHETIC", "PreparedData", "check_trainable", "imbalance_warning", "class_names", "prepare_data", "prepare_evaluation",
@@ -288,45 +289,48 @@ def _flag_unlike_training(scan: DatasetScan, run_dir: str) -> None:
                        unusual[0]["image"], unusual[0]["unlike_training"])
 
 
-def prepare_unlabelled(dataset_dir: str, predictions_file: str, classes: list[str], spatial_dims: int = 2,
-                       num_workers: int = 2, reject_degenerate: bool = True, max_pixels: int = MAX_PIXELS,
-                       intensity_percentiles: list[float] = default("intensity_percentiles"),
-                       run_dir: str | None = None) -> PreparedData:
-    """Every readable scan under ``dataset_dir`` (recursively, no labels) for inference.
+def prepare_unlabelled(dataset_dir: str, model: TrainedModel, predictions_file: str | Path | None = None,
+                       num_workers: int = 2, reject_degenerate: bool = True, max_pixels: int = MAX_PIXELS) -> PreparedData:
+    """Every readable scan under ``dataset_dir`` (recursively, no labels) for inference by ``model``.
 
-    Unreadable files are reported in ``<predictions_file stem>_bad_files.csv`` beside the predictions
-    (written even when no readable scan remains). With ``run_dir``, each item says whether it looks unlike
-    that run's training data (``unlike_training``).
+    Unreadable files are reported in ``<predictions_file stem>_bad_files.csv`` beside the predictions (default: the
+    run folder's ``predictions.csv``; written even when no readable scan remains); each item says whether it looks
+    unlike the run's training data (``unlike_training``).
     """
-    predictions_file = Path(predictions_file)
+    predictions_file = Path(predictions_file or model.run.predictions)
+    check_writable(predictions_file.parent)
     report = predictions_file.with_name(predictions_file.stem + "_bad_files.csv")
-    scan = _scan(dataset_dir, classes, report, labelled=False, fail_on_run=True, spatial_dims=spatial_dims,
-                 num_workers=num_workers, reject_degenerate=reject_degenerate, max_pixels=max_pixels,
-                 intensity_percentiles=intensity_percentiles)
+    scan = _scan(dataset_dir, model.classes, report, labelled=False, fail_on_run=True,
+                 spatial_dims=model.settings["spatial_dims"], num_workers=num_workers, reject_degenerate=reject_degenerate,
+                 max_pixels=max_pixels, intensity_percentiles=model.settings["intensity_percentiles"])
     if isinstance(scan, PreparedData):
         return scan
-    if run_dir is not None:
-        _flag_unlike_training(scan, run_dir)
+    _flag_unlike_training(scan, model.run.path)
     items = [{"image": str(scan.root / i["image"]), "relative_path": i["image"],
               "unlike_training": i.get("unlike_training", "")} for i in scan.items]
-    return PreparedData(classes=list(classes), training=[], validation=[], test=items, bad_files_report=report,
+    return PreparedData(classes=list(model.classes), training=[], validation=[], test=items, bad_files_report=report,
                         n_bad_files=len(scan.bad_files), _writer=lambda: scan.write_report(report))
 
 
-def prepare_evaluation(dataset_dir: str, run_dir: str, eval_dir: str, classes: list[str], eval_split: str = "all",
+def prepare_evaluation(dataset_dir: str, model: TrainedModel, eval_dir: str | Path | None = None, eval_split: str = "all",
                        **kwargs) -> PreparedData:
-    """The labelled cases to evaluate, in ``test``.
+    """The labelled cases to evaluate ``model`` on, in ``test``.
 
     Args:
         dataset_dir: a labelled folder or manifest (``eval_split="all"``: every readable scan in it).
-        run_dir: the training run folder (its ``datalist.json`` for ``eval_split="test"`` or ``"validation"``).
-        eval_dir: where the evaluation writes its datalist and bad-file report.
-        classes: the model's classes; folder names or labels must match them.
-        kwargs: scan options of :func:`prepare_data` (``spatial_dims``, ``num_workers``, ``patient_pattern``,
-            ``reject_degenerate``, ``max_pixels``, ``intensity_percentiles``).
+        model: the trained model; its run folder's ``datalist.json`` gives ``eval_split="test"`` or ``"validation"``,
+            its classes must match the folder names or labels.
+        eval_dir: where the evaluation writes its datalist and bad-file report (default: the run's ``eval/``).
+        kwargs: scan options of :func:`prepare_data` (``num_workers``, ``patient_pattern``, ``reject_degenerate``,
+            ``max_pixels``).
     """
+    eval_dir = eval_dir or model.run.eval_dir
+    check_writable(eval_dir)
+    run_dir, classes = model.run.path, model.classes
     if eval_split == "all":
-        return prepare_data(dataset_dir, eval_dir, classes=classes, split="all", compare_with=run_dir, **kwargs)
+        return prepare_data(dataset_dir, eval_dir, classes=classes, split="all", compare_with=run_dir,
+                            spatial_dims=model.settings["spatial_dims"],
+                            intensity_percentiles=model.settings["intensity_percentiles"], **kwargs)
     key = {"test": "test", "validation": "validation"}.get(eval_split)
     if key is None:
         raise WsrMedError(f"eval_split must be all, test or validation, got '{eval_split}'")

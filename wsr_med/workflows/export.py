@@ -26,6 +26,7 @@ from wsr_med.handlers.reports import VALIDATION_CAVEAT
 from wsr_med.runs import RunFolder, path_id, settings_without_paths
 from wsr_med.settings import RECIPE_SETTINGS
 from wsr_med.workflows.bundle import BUNDLE
+from wsr_med.workflows.model import TrainedModel
 
 __all__ = ["export_bundle", "strip_torchscript_debug"]
 
@@ -99,7 +100,7 @@ def export_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "1
             (tmp / folder).mkdir()
         _write_models(run, tmp / "models", settings)
         _write_source(tmp / "source")
-        _write_configs(tmp / "configs", trained, classes, settings)
+        _write_configs(tmp / "configs", TrainedModel(run.path), settings)
         metadata = _metadata(tmp, version, trained, classes, settings, best, evaluation, profile, name)
         (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4))
         ckpt_export(net_id="network_def", filepath=str(tmp / "models" / "model.ts"), ckpt_file=str(tmp / "models" / "model.pt"),
@@ -169,15 +170,16 @@ def _write_models(run: RunFolder, models: Path, settings: dict) -> None:
                                                        "exported": time.strftime("%Y-%m-%d")}, indent=1))
 
 
-def _write_configs(configs: Path, trained: dict, classes: list[str], settings: dict) -> None:
+def _write_configs(configs: Path, model: TrainedModel, settings: dict) -> None:
+    """The repository bundle's configs with this run pinned: inference.json names the trained settings and the
+    network as literals (as model-zoo bundles do; :class:`wsr_med.workflows.TrainedModel` still refuses a
+    contradicting override), train.json carries the recipe."""
     source = BUNDLE / "configs"
     inference = json.loads((source / "inference.json").read_text())
-    inference.pop("trained")
     inference.update({
-        **trained,
-        "classes": list(classes),
-        "output_dir": "$@bundle_root + '/models'",
-        "ckpt_path": "$@bundle_root + '/models/model.pt'",
+        **model.settings,
+        "classes": model.classes,
+        "network_def": {"_target_": "wsr_med.networks.WiseSrNet", **model.network_args()},
         "predictions_file": "$@bundle_root + '/eval/predictions.csv'",
     })
     (configs / "inference.json").write_text(json.dumps(inference, indent=4))

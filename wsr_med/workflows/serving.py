@@ -100,15 +100,14 @@ class ScanClassifier(mlflow.pyfunc.PythonModel):
     batch_size = 16
 
     def load_context(self, context) -> None:
-        from wsr_med.workflows.bundle import parse_bundle
+        from wsr_med.workflows.model import TrainedModel
 
-        run = RunFolder(context.artifacts["run"])
-        # the bundle's inference.json on this run folder: the network and preprocessing wsr-med predict builds
-        config = parse_bundle("inference", output_dir=str(run.path), device="cpu")
-        self.classes = config.get_parsed_content("classes")
-        self.network = config.get_parsed_content("network")
-        self.transform = config.get_parsed_content("preprocessing")
-        self.decision = Decision.of_run(run)
+        # the network, preprocessing and decision wsr-med predict takes from the run folder (inference.json builds the same)
+        model = TrainedModel(context.artifacts["run"])
+        self.classes = model.classes
+        self.network = model.network("cpu")
+        self.transform = model.preprocessing()
+        self.decision = model.decision
         self.limits = ServeLimits.from_environment()
         # one scan decoded at a time in this process, whatever the number of concurrent requests (MLflow runs each in
         # a thread): the peak memory is one full-resolution scan's (up to max_pixels), not one per request

@@ -18,7 +18,7 @@ from wsr_med.metrics import figure, plain, roc_auc
 from wsr_med.pipelines.ablation.grid import Cell, overrides_id
 from wsr_med.runs import RunFolder, latest_checkpoint
 from wsr_med.settings import default
-from wsr_med.workflows import load_model, parse_bundle, run_workflow
+from wsr_med.workflows import TrainedModel, run_workflow
 
 __all__ = ["CELL_RESULT", "cell_figure", "finished_results", "load_cell", "run_cell", "shuffle_auc"]
 
@@ -34,11 +34,11 @@ def load_cell(cell_dir: Path, cache_dir: str) -> tuple[torch.nn.Module, torch.Te
     from wsr_med.data import read_datalist, scan_dataset
 
     folder = RunFolder(cell_dir)
-    config = parse_bundle("evaluate", output_dir=str(cell_dir))  # the network and preprocessing the cell was trained with
-    net = load_model(config.get_parsed_content("network_def"), folder.model, "cpu")
+    model = TrainedModel(cell_dir)  # the network and preprocessing the cell was trained with
+    net = model.network("cpu")
     split = "test" if read_datalist(folder / RunFolder.DATALIST, "test") else "validation"  # studies before inner validation
     items = read_datalist(folder / RunFolder.DATALIST, split)
-    dataset = scan_dataset(items, config.get_parsed_content("validate#preprocessing"), cache_dir)
+    dataset = scan_dataset(items, model.preprocessing(), cache_dir)
     batches = list(DataLoader(dataset, batch_size=64, num_workers=0))
     images = torch.cat([b["image"] for b in batches])
     labels = torch.cat([b["label"] for b in batches]).numpy()
