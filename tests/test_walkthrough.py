@@ -101,7 +101,8 @@ def test_continuing_retires_the_old_evaluation_and_versions_tell_themselves_apar
     assert all("best_val_auc" in v.tags for v in versions)
 
 
-def test_sigterm_is_one_line(tmp_path):
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_stop_is_one_line(tmp_path, sig, code, said):
     ok(wsr_med(tmp_path, "synth", "hospital", "--n-per-class", "8", "--image-size", "64"))
     log = tmp_path / "train.log"
     with open(log, "w") as out:
@@ -113,13 +114,24 @@ def test_sigterm_is_one_line(tmp_path):
             while "Epoch[1] Complete" not in log.read_text() and time.time() < deadline:
                 assert training.poll() is None, log.read_text()[-3000:]
                 time.sleep(0.2)
-            training.send_signal(signal.SIGTERM)
-            assert training.wait(timeout=120) == 143
+            training.send_signal(sig)
+            assert training.wait(timeout=120) == code
         finally:
             training.kill()
     text = log.read_text()
     assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
-    assert "wsr-med train: stopped by SIGTERM (the run resumes from its last completed epoch" in text
+    assert f"wsr-med train: stopped by {said} (the run resumes from its last completed epoch" in text
+
+
+def test_calibration_that_failed_is_said_in_the_report():
+    from wsr_med.handlers import EvaluationReporter
+
+    reporter = EvaluationReporter(["a", "b"], "unused", eval_split="test")
+    fine = {"fitted_on": "validation split, epoch 3", "temperature": 1.3, "ece_before": 0.05, "ece_after": 0.03}
+    assert reporter._caveats(fine) == []
+    caveats = reporter._caveats({**fine, "temperature": 20.0, "ece_before": 0.002, "ece_after": 0.030})
+    assert len(caveats) == 2 and "stopped at its bound" in caveats[0] and "(0.002 → 0.030)" in caveats[1]
+    assert "optimistic" in EvaluationReporter(["a", "b"], "unused", eval_split="validation")._caveats(fine)[0]
 
 
 def _volumes(root: Path, n_per_class: int) -> Path:

@@ -2,6 +2,7 @@
 
     wsr-med demo                                   # the main job on generated data: train, evaluate, predict, MLflow
     wsr-med synth data/hospital --n-per-class 200  # write a synthetic hospital folder
+    wsr-med synth data/findings --multilabel       # a multi-label set: NIH and CheXpert-style label files
     wsr-med train --dataset-dir data/hospital --output-dir runs/a --set image_size=512 max_epochs=50
     wsr-med train --output-dir runs/a --set max_epochs=80          # continue a run with its own settings
     wsr-med evaluate --output-dir runs/a --dataset-dir data/other_hospital
@@ -146,6 +147,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--classes", type=int, default=2)
     sy.add_argument("--formats", nargs="+", default=["dcm", "png"])
     sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--multilabel", action="store_true",
+                    help="four findings, each at its own place, 0 to 4 per image: images/ with NIH's Data_Entry_2017.csv "
+                         "and a CheXpert-style chexpert.csv (1/0/-1 uncertain/blank); --n-per-class counts images")
     sub.add_parser("ablate", help="ablation study: heads x backbones x sizes x folds x seeds (wsr-med ablate --help)", add_help=False)
     sub.add_parser("ablate-paper", help="the paper-size study for a GPU: DenseNet121, 224/512 px, gap vs wise "
                    "(wsr-med ablate-paper --help)", add_help=False)
@@ -182,10 +186,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace, rest: list[str]) -> None:
     if args.command == "synth":
-        from wsr_med.data import make_synthetic_folder
+        from wsr_med.data import make_multilabel_folder, make_synthetic_folder
 
-        root = make_synthetic_folder(args.root, args.n_per_class, args.image_size, args.classes, tuple(args.formats), args.seed)
-        print(f"synthetic hospital folder written to {root}")
+        if args.multilabel:
+            root = make_multilabel_folder(args.root, args.n_per_class, args.image_size, seed=args.seed)
+            print(f"synthetic multi-label set written to {root}: labels in {root / 'Data_Entry_2017.csv'} (NIH) and "
+                  f"{root / 'chexpert.csv'} (CheXpert-style)")
+        else:
+            root = make_synthetic_folder(args.root, args.n_per_class, args.image_size, args.classes, tuple(args.formats),
+                                         args.seed)
+            print(f"synthetic hospital folder written to {root}")
     elif args.command == "ablate":
         from wsr_med.pipelines import ablation
 

@@ -78,6 +78,8 @@ SETTINGS: dict[str, Setting] = {
     "fold": Setting("data", 0),
     "inner_validation": Setting("data", False),
     "class_balance": Setting("data", "none", recipe=True),
+    "findings": Setting("data", None, recipe=True),  # multi-label files: pick / rename finding columns
+    "uncertain": Setting("data", "zeros", recipe=True),  # multi-label files: ignore | zeros | ones
     "synthetic": Setting("data", {"n_per_class": 150, "image_size": 256, "n_classes": 2, "seed": 1234}),
     "eval_split": Setting("data", "all", recorded=False),
     "predictions_file": Setting("data", COMPUTED, path=True, recorded=False),

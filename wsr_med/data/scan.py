@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsr_med.data.csv_files import write_csv
+from wsr_med.data.findings import is_label_file, read_label_file
 from wsr_med.data.profile import scan_profile
 from wsr_med.data.readers import MAX_PIXELS, ScanReadError, dicom_patient_id, read_scan, scan_format, suffix_of
 from wsr_med.errors import WsrMedError
@@ -85,13 +86,15 @@ class NoValidScans(WsrMedError):
 
 @dataclass
 class DatasetScan:
-    """What a scan found. ``items`` are ``{"image": path relative to root, "label": int, "patient": hash, "sha1": ...}``."""
+    """What a scan found. ``items`` are ``{"image": path relative to root, "label": int, "patient": hash, "sha1": ...}``;
+    with ``multilabel``, ``classes`` are findings and ``label`` one value per finding (1.0, 0.0, None = masked)."""
 
     root: Path
     classes: list[str]
     items: list[dict] = field(default_factory=list)
     bad_files: list[dict] = field(default_factory=list)
     profiles: dict[str, dict] = field(default_factory=dict)  # image -> wsr_med.data.profile.scan_profile
+    multilabel: bool = False
 
     def write_report(self, path: str | Path) -> Path:
         """Write the bad-file report (``file,reason``; paths relative to the dataset root)."""
@@ -99,9 +102,15 @@ class DatasetScan:
 
     @property
     def class_counts(self) -> dict[str, int]:
+        """Scans per class; multi-label: scans in which each finding is present."""
         counts = {c: 0 for c in self.classes}
         for item in self.items:
-            if "label" in item:
+            if "label" not in item:
+                continue
+            if self.multilabel:
+                for c, value in zip(self.classes, item["label"]):
+                    counts[c] += value == 1.0
+            else:
                 counts[self.classes[item["label"]]] += 1
         return counts
 
@@ -186,8 +195,8 @@ def _finish(scan: DatasetScan, source: Path, report: str | Path | None) -> Datas
         where = f"; the list is in {report}" if report is not None else ""
         raise NoValidScans(f"{source}: no valid scans found ({len(scan.bad_files)} files rejected{where}).", scan)
     if any("label" in item for item in scan.items):
-        logger.info("%s: %d valid scans in %d classes %s, %d rejected", source, len(scan.items), len(scan.classes),
-                    scan.class_counts, len(scan.bad_files))
+        logger.info("%s: %d valid scans in %d %s %s, %d rejected", source, len(scan.items), len(scan.classes),
+                    "findings (scans with each)" if scan.multilabel else "classes", scan.class_counts, len(scan.bad_files))
     else:  # unlabelled (inference): the model's classes say nothing about this folder
         logger.info("%s: %d valid scans, %d rejected", source, len(scan.items), len(scan.bad_files))
     return scan
@@ -277,8 +286,12 @@ def _read_text(manifest: Path) -> str:
 def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int = 2,
                   patient_pattern: str = DEFAULT_PATIENT_PATTERN, classes: list[str] | None = None,
                   reject_degenerate: bool = True, report: str | Path | None = None,
-                  max_pixels: int = MAX_PIXELS, intensity_percentiles=default("intensity_percentiles")) -> DatasetScan:
-    """Scan a CSV manifest ``path,label[,patient_id][,split]`` (paths relative to the CSV).
+                  max_pixels: int = MAX_PIXELS, intensity_percentiles=default("intensity_percentiles"),
+                  findings: list[str] | dict[str, str] | None = default("findings"),
+                  uncertain: str = default("uncertain")) -> DatasetScan:
+    """Scan a CSV manifest ``path,label[,patient_id][,split]`` (paths relative to the CSV), or a multi-label file
+    (NIH's ``Data_Entry_2017.csv`` or a CheXpert-style CSV, recognised by its header: :mod:`wsr_med.data.findings`,
+    which ``findings`` and ``uncertain`` are passed to).
 
     Classes are the sorted distinct labels unless ``classes`` fixes their order. A ``split``
     column (``train``/``val``/``test``) is kept in the items and used by :func:`wsr_med.data.split_items`.
@@ -286,6 +299,16 @@ def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int 
     manifest = Path(manifest)
     if not manifest.is_file():
         raise WsrMedError(f"manifest not found: {manifest}")
+    if is_label_file(manifest):
+        labels = read_label_file(manifest, findings, uncertain)
+        if classes is not None and list(classes) != labels.findings:
+            raise WsrMedError(f"{manifest}: findings {labels.findings}, the model's are {list(classes)}")
+        scan = DatasetScan(labels.root, labels.findings, multilabel=True)
+        if labels.n_uncertain:
+            logger.info("%s: %d uncertain labels, read as uncertain=%s", manifest, labels.n_uncertain, uncertain)
+        _check_all(labels.root, labels.items, spatial_dims, num_workers, patient_pattern, scan, reject_degenerate,
+                   max_pixels, intensity_percentiles)
+        return _finish(scan, manifest, report)
     rows = list(csv.DictReader(io.StringIO(_read_text(manifest), newline="")))
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise WsrMedError(f"{manifest}: a CSV with at least the columns 'path' and 'label' is expected.")

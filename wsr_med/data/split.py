@@ -14,14 +14,26 @@ from wsr_med.files import atomic_write
 __all__ = ["assign_folds", "split_items", "write_datalist", "read_datalist"]
 
 
+def _strata(items: list[dict]) -> np.ndarray:
+    """What a fold keeps in proportion: the class; multi-label, each scan's rarest present finding (rarest over the
+    whole set), or -1 for none: the rare findings, which a random split starves first, are spread over the folds."""
+    labels = [i["label"] for i in items]
+    if not labels or not isinstance(labels[0], list):
+        return np.array(labels)
+    positives = np.array([[value == 1.0 for value in label] for label in labels])
+    counts = positives.sum(0)
+    return np.array([int(np.argmin(np.where(row, counts, np.inf))) if row.any() else -1 for row in positives])
+
+
 def assign_folds(items: list[dict], n_folds: int, seed: int = 0) -> list[int]:
-    """Fold index per item: every patient in one fold, class proportions kept as far as patients allow."""
+    """Fold index per item: every patient in one fold, class (multi-label: rarest finding) proportions kept as far as
+    patients allow."""
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2, got {n_folds}")
     n_patients = len({i["patient"] for i in items})
     if n_patients < n_folds:
         raise ValueError(f"{n_patients} patients cannot be split into {n_folds} patient-level folds.")
-    labels = np.array([i["label"] for i in items])
+    labels = _strata(items)
     groups = np.array([i["patient"] for i in items])
     folds = np.zeros(len(items), dtype=int)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)

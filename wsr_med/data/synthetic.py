@@ -13,6 +13,7 @@ Scans are written as DICOM (16-bit DX, MONOCHROME2 or MONOCHROME1 with a rescale
 
 from __future__ import annotations
 
+import csv
 import datetime
 import hashlib
 import json
@@ -30,9 +31,15 @@ from scipy.ndimage import zoom
 
 from wsr_med.settings import default
 
-__all__ = ["SIDES", "synthetic_image", "make_synthetic_folder", "synthetic_dataset", "write_dicom"]
+__all__ = ["SIDES", "FINDINGS", "synthetic_image", "multilabel_image", "make_synthetic_folder", "make_multilabel_folder",
+           "synthetic_dataset", "write_dicom"]
 
 SIDES = ("left", "right", "above", "below")
+# The multi-label task: each finding is the same blob at its own place (fractions of the side, y then x), so only
+# where a blob lies tells the findings apart; distractors lie in the band between them.
+FINDINGS = {"nodule": (0.25, 0.25), "pneumothorax": (0.25, 0.75), "effusion": (0.75, 0.75), "cardiomegaly": (0.75, 0.25)}
+NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender", "View Position",
+              "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
 
 
 def _blob(size: int, cy: float, cx: float, sigma: float) -> np.ndarray:
@@ -61,6 +68,59 @@ def synthetic_image(side: str, size: int, rng: np.random.Generator, n_distractor
         placed += 1
     image = background + 0.3 * lesions + rng.normal(0.0, 0.03, (size, size))
     return np.clip(image, 0.0, 1.0)
+
+
+def multilabel_image(present: list[str], size: int, rng: np.random.Generator, n_distractors: int = 2) -> np.ndarray:
+    """A ``(size, size)`` float image in [0, 1] holding a blob at the place of each finding in ``present``."""
+    coarse = rng.normal(0.0, 1.0, (8, 8))
+    image = 0.45 + 0.08 * zoom(coarse, size / 8, order=3)[:size, :size]
+    sigma = size * 0.03
+    lesions = np.zeros((size, size))
+    for name in present:
+        y, x = (np.array(FINDINGS[name]) + rng.uniform(-0.06, 0.06, 2)) * size
+        lesions = np.maximum(lesions, _blob(size, y, x, sigma))
+    for _ in range(n_distractors):  # on the cross between the four places: present in every image, says nothing
+        along, across = rng.uniform(0.1, 0.9) * size, rng.uniform(0.46, 0.54) * size
+        y, x = (along, across) if rng.random() < 0.5 else (across, along)
+        lesions = np.maximum(lesions, _blob(size, y, x, sigma))
+    return np.clip(image + 0.3 * lesions + rng.normal(0.0, 0.03, (size, size)), 0.0, 1.0)
+
+
+def make_multilabel_folder(root: str | Path, n_images: int = 200, image_size: int = 256, prevalence: float = 0.35,
+                           uncertain: float = 0.1, seed: int = 0) -> Path:
+    """Write a multi-label chest-X-ray-like set: ``images/<patient>_<follow-up>.png`` and its labels twice, as NIH's
+    ``Data_Entry_2017.csv`` and as a CheXpert-style ``chexpert.csv`` (``Path,Patient,Sex,Age,Frontal/Lateral`` then one
+    column per finding of :data:`FINDINGS`: 1, 0, -1 uncertain, blank not mentioned).
+
+    Each finding occurs independently with ``prevalence`` (so an image holds 0 to 4); in ``chexpert.csv`` an
+    ``uncertain`` share of the labels is -1 (the image is drawn with the truth), and half of the absent findings are
+    blank. NIH's file has no uncertainty: it lists the true findings. 1 to 3 images per patient.
+
+    Returns:
+        ``root``.
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    names = list(FINDINGS)
+    nih, chexpert = [NIH_HEADER], [["Path", "Patient", "Sex", "Age", "Frontal/Lateral", *names]]
+    patient, follow_up = 0, 0
+    for _ in range(n_images):
+        if follow_up == 0 or rng.random() < 0.5:
+            patient, follow_up = patient + 1, 0
+        present = [f for f in names if rng.random() < prevalence]
+        image = multilabel_image(present, image_size, rng)
+        file = f"{patient:08d}_{follow_up:03d}.png"
+        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(root / "images" / file)
+        nih.append([file, "|".join(present) or "No Finding", str(follow_up), str(patient), "50", "M", "PA",
+                    str(image_size), str(image_size), "0.143", "0.143"])
+        codes = ["-1" if rng.random() < uncertain else ("1" if f in present else rng.choice(["0", ""])) for f in names]
+        chexpert.append([f"images/{file}", f"patient{patient:05d}", "Male", "50", "Frontal", *codes])
+        follow_up += 1
+    for name, rows in (("Data_Entry_2017.csv", nih), ("chexpert.csv", chexpert)):
+        with open(root / name, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    return root
 
 
 def write_dicom(path: str | Path, image: np.ndarray, patient_id: str, monochrome1: bool = False,

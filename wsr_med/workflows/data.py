@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from wsr_med.data import DatasetScan, read_datalist, scan_folder, scan_manifest, split_items, synthetic_dataset, write_datalist
+from wsr_med.data.findings import is_label_file, read_label_file
 from wsr_med.data.profile import training_profile, unlike_training
 from wsr_med.data.readers import MAX_PIXELS
 from wsr_med.data.scan import DEFAULT_PATIENT_PATTERN, NoValidScans
@@ -43,6 +44,8 @@ def class_names(dataset_dir: str, synthetic_classes: int = 2) -> list[str]:
     if dataset_dir == SYNTHETIC:
         return list(SIDES[:synthetic_classes])
     path = Path(dataset_dir)
+    if is_label_file(path):  # multi-label: the findings
+        return read_label_file(path).findings
     if path.suffix.lower() == ".csv":
         import csv
 
@@ -108,9 +111,10 @@ def _scan(dataset_dir: str, classes: list[str] | None, report: Path, labelled: b
     build without data: a missing folder, or one without a valid scan, returns data that writes the report
     and raises the error when the workflow runs (in ``write()``), not when it is built.
     """
+    labels = {"findings": options.pop("findings", default("findings")), "uncertain": options.pop("uncertain", default("uncertain"))}
     try:
         if labelled and Path(dataset_dir).suffix.lower() == ".csv":
-            return scan_manifest(dataset_dir, classes=classes, **options)
+            return scan_manifest(dataset_dir, classes=classes, **options, **labels)
         return scan_folder(dataset_dir, classes=classes, labelled=labelled, **options)
     except NoValidScans as e:
         scan, error = e.scan, WsrMedError(f"{str(e).rstrip('.')}; the list is in {report}).")
@@ -174,6 +178,8 @@ def prepare_data(
     class_balance: str = "none",
     max_pixels: int = MAX_PIXELS,
     intensity_percentiles: list[float] = default("intensity_percentiles"),
+    findings: list[str] | dict[str, str] | None = default("findings"),
+    uncertain: str = default("uncertain"),
     compare_with: str | None = None,
     inner_validation: bool = False,
 ) -> PreparedData:
@@ -198,6 +204,8 @@ def prepare_data(
         class_balance: the run's setting; an imbalanced training set with ``none`` is warned about.
         max_pixels: scans declaring more pixels are bad files.
         intensity_percentiles: the run's intensity scaling (the scans' profiles are taken under it).
+        findings, uncertain: for a multi-label file, the finding columns to read and how uncertain labels count
+            (:func:`wsr_med.data.findings.read_label_file`).
         compare_with: a trained run folder: every item gets ``unlike_training``, why it looks unlike that
             run's training data ("" when it does not), see :mod:`wsr_med.data.profile`.
     """
@@ -209,7 +217,7 @@ def prepare_data(
     report = output / f"{prefix}{RunFolder.BAD_FILES}"
     options = {"spatial_dims": spatial_dims, "num_workers": num_workers, "patient_pattern": patient_pattern,
                "reject_degenerate": reject_degenerate, "max_pixels": max_pixels,
-               "intensity_percentiles": intensity_percentiles}
+               "intensity_percentiles": intensity_percentiles, "findings": findings, "uncertain": uncertain}
     scan = _scan(dataset_dir, classes, report, fail_on_run=split == "all", **options)
     if isinstance(scan, PreparedData):
         return scan
@@ -217,6 +225,11 @@ def prepare_data(
         splits = {"training": [], "validation": [], "test": scan.items}
     elif split == "train":
         splits = split_items(scan.items, val_fraction, test_fraction, seed, n_folds, fold, inner_validation)
+        if scan.multilabel:
+            check_findings(dataset_dir, scan.classes, splits)
+            raise WsrMedError(f"{dataset_dir} is a multi-label file ({len(scan.classes)} findings: "
+                              f"{', '.join(scan.classes)}); it is read and split, but wsr_med cannot train multi-label "
+                              "models yet (one label per scan: a class-per-folder directory or a path,label manifest)")
         check_trainable(dataset_dir, scan.classes, splits)
         imbalance = imbalance_warning(scan.class_counts, class_balance)
         if imbalance and _rank() == 0:
@@ -253,6 +266,31 @@ def prepare_data(
         n_bad_files=len(scan.bad_files),
         _writer=write,
     )
+
+
+FEW_POSITIVES = 5  # positives of a finding in a split below which its AUC and operating point there mean little
+
+
+def check_findings(dataset_dir: str, findings: list[str], splits: dict[str, list[dict]]) -> None:
+    """Multi-label splits: refuse an empty training or validation split and a finding with no positive in training;
+    warn, naming them, about findings with fewer than :data:`FEW_POSITIVES` positives in any split."""
+    for name in ("training", "validation"):
+        if not splits[name]:
+            raise WsrMedError(f"{dataset_dir}: the {name} split has no scans: add patients, or change val_fraction / "
+                              "test_fraction / n_folds")
+    few = []
+    for name, items in splits.items():
+        if not items:
+            continue
+        positives = [sum(i["label"][k] == 1.0 for i in items) for k in range(len(findings))]
+        absent = [f for f, n in zip(findings, positives) if n == 0]
+        if name == "training" and absent:
+            raise WsrMedError(f"{dataset_dir}: no training scan has {', '.join(absent)}; a model cannot learn a finding it "
+                              "never sees: add scans with it, or leave it out with the findings setting")
+        few += [f"{f} ({n} in {name})" for f, n in zip(findings, positives) if n < FEW_POSITIVES]
+    if few and _rank() == 0:
+        logger.warning("%s: fewer than %d positives of %s: their AUC and operating point there rest on very few scans",
+                       dataset_dir, FEW_POSITIVES, ", ".join(few))
 
 
 def check_trainable(dataset_dir: str, classes: list[str], splits: dict[str, list[dict]]) -> None:
