@@ -110,3 +110,51 @@ def test_training_on_a_label_file_is_refused_in_one_line_for_now(findings_set):
                     "image_size=48", "num_workers=0"),
             "multi-label file (4 findings: nodule, pneumothorax, effusion, cardiomegaly)", "cannot train multi-label")
     assert not (home / "runs/ml/config.json").exists()
+
+
+def test_multilabel_metrics_by_hand():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from wsr_med.metrics.multilabel import fit_finding_decisions, multilabel_metrics
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((200, 3)) < [0.3, 0.5, 0.04]).astype(float)
+    probs = np.clip(labels * 0.4 + rng.random((200, 3)) * 0.6, 0, 1)
+    labels[:20, 0] = np.nan  # masked: takes no part in finding 0's figures
+    probs[:20, 0] = 1 - labels[:20, 1]  # nonsense scores where masked: would change the AUC if counted
+    m = multilabel_metrics(labels, probs, ["a", "b", "c"], {"a": 0.5}, n_boot=200)
+    known = ~np.isnan(labels[:, 0])
+    assert m["per_finding"]["a"]["auc"] == pytest.approx(roc_auc_score(labels[known, 0], probs[known, 0]))
+    assert m["per_finding"]["a"]["masked"] == 20 and m["per_finding"]["a"]["n"] == 180
+    aucs = [roc_auc_score(labels[~np.isnan(labels[:, k]), k], probs[~np.isnan(labels[:, k]), k]) for k in range(3)]
+    assert m["macro_auc"] == pytest.approx(np.mean(aucs))
+    pooled = ~np.isnan(labels)
+    assert m["micro_auc"] == pytest.approx(roc_auc_score(labels[pooled], probs[pooled]))
+    low, high = m["macro_auc_ci95"]
+    assert low < m["macro_auc"] < high and m["by_auc"] == sorted("abc", key=lambda f: -m["per_finding"][f]["auc"])
+    assert any(w.startswith("c: only") for w in m["warnings"])  # 4% of 200: a handful of positives, said
+    sens, low, high = m["per_finding"]["a"]["sensitivity"]
+    positive, called = labels[known, 0] == 1, probs[known, 0] >= 0.5
+    assert sens == pytest.approx((called & positive).sum() / positive.sum()) and low <= sens <= high
+    decisions = fit_finding_decisions(labels, probs, ["a", "b", "c"])
+    assert all(d["fitted"] and 0 < d["threshold"] < 1 for d in decisions.values())
+
+
+def test_masked_loss_ignores_masked_labels_and_weights_positives():
+    import torch
+
+    from wsr_med.workflows.losses import MaskedBCEWithLogitsLoss, finding_pos_weight
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]], requires_grad=True)
+    labels = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    loss = MaskedBCEWithLogitsLoss()(logits, labels)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.stack([logits[0, 0], logits[1, 0], logits[1, 1]]), torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.isclose(loss, expected)
+    loss.backward()
+    assert logits.grad[0, 1] == 0 and torch.isfinite(logits.grad).all()  # no gradient from a masked label
+    weight = finding_pos_weight([[1.0, 0.0], [0.0, None], [0.0, 1.0], [0.0, 0.0]])
+    assert weight.tolist() == [3.0, 2.0]
+    weighted = MaskedBCEWithLogitsLoss(weight)(logits.detach(), labels)
+    assert weighted > loss

@@ -1,0 +1,101 @@
+"""Multi-label evaluation: several findings per image, each a binary question, some labels masked (uncertain).
+
+Labels are ``(N, F)`` with 1.0 present, 0.0 absent and NaN masked (``uncertain=ignore``): a masked label takes no part
+in any figure of its finding. Probabilities are ``(N, F)`` sigmoid outputs, one per finding, independent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score
+
+from wsr_med.metrics.classification import SMALL_CLASS, binary_auc, bootstrap_ci
+from wsr_med.metrics.operating_point import apply_temperature, choose_threshold, fit_temperature, operating_point_metrics
+
+__all__ = ["fit_finding_decisions", "multilabel_metrics", "sigmoid_temperature"]
+
+
+def _finding(labels: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled cases of finding ``k``: (bool labels, probabilities)."""
+    known = ~np.isnan(labels[:, k])
+    return labels[known, k] == 1.0, probs[known, k]
+
+
+def sigmoid_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Independent sigmoid probabilities ``(N,)`` recalibrated by one temperature (each as a two-class softmax)."""
+    two = np.stack([1.0 - probs, probs], axis=1)
+    return apply_temperature(two, temperature)[:, 1]
+
+
+def fit_finding_decisions(labels: np.ndarray, probs: np.ndarray, findings: list[str],
+                          operating_point: str = "youden") -> dict[str, dict]:
+    """Per finding, fitted on these (validation) cases: a temperature by NLL and the threshold of ``operating_point``
+    on the calibrated probability; a finding without both labelled outcomes keeps temperature 1 and threshold 0.5."""
+    out = {}
+    for k, name in enumerate(findings):
+        positive, p = _finding(labels, probs, k)
+        if positive.all() or not positive.any():
+            out[name] = {"temperature": 1.0, "threshold": 0.5, "fitted": False}
+            continue
+        temperature = fit_temperature(positive.astype(int), np.stack([1.0 - p, p], axis=1))
+        calibrated = sigmoid_temperature(p, temperature)
+        out[name] = {"temperature": temperature, "threshold": choose_threshold(positive, calibrated, operating_point),
+                     "fitted": True}
+    return out
+
+
+def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, findings: list[str],
+                       thresholds: dict[str, float] | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Every evaluation figure of a multi-label task, JSON-ready.
+
+    Per finding: ROC AUC with a 95% bootstrap CI, average precision, prevalence, labelled and positive counts, and at
+    its threshold (``thresholds``, chosen on validation; 0.5 without) sensitivity, specificity, PPV and NPV with CIs.
+    Overall: the macro AUC (mean over findings with both outcomes, CI by resampling cases) and the micro AUC (all
+    labelled finding-case pairs pooled), each labelled as such; ``by_auc``: the findings from best to worst.
+    """
+    labels, probs = np.asarray(labels, dtype=float), np.asarray(probs, dtype=float)
+    thresholds = thresholds or {}
+    per_finding, warnings = {}, []
+    scored = []
+    for k, name in enumerate(findings):
+        positive, p = _finding(labels, probs, k)
+        n, n_pos = len(positive), int(positive.sum())
+        entry = {"n": n, "positives": n_pos, "masked": int(len(labels) - n),
+                 "prevalence": float(n_pos / n) if n else float("nan"), "threshold": float(thresholds.get(name, 0.5))}
+        if 0 < n_pos < n:
+            scored.append(k)
+            entry["auc"] = binary_auc(positive, p)
+            entry["auc_ci95"] = list(bootstrap_ci([positive.astype(int)], lambda i, y=positive, s=p: binary_auc(y[i[0]], s[i[0]]),
+                                                  n_boot, seed=seed))
+            entry["average_precision"] = float(average_precision_score(positive, p))
+            entry.update(operating_point_metrics(positive.astype(int), p, entry["threshold"], n_boot, seed))
+        else:
+            entry.update({"auc": float("nan"), "auc_ci95": [float("nan")] * 2, "average_precision": float("nan")})
+            warnings.append(f"{name}: {'no positive' if n_pos == 0 else 'no negative'} case here, its AUC is not defined")
+        if 0 < n_pos < SMALL_CLASS:
+            warnings.append(f"{name}: only {n_pos} positive cases, its figures rest on very few")
+        per_finding[name] = entry
+
+    def macro(idx: list[np.ndarray]) -> float:
+        values = []
+        for k in scored:
+            positive, p = _finding(labels[idx[0]], probs[idx[0]], k)
+            if 0 < positive.sum() < len(positive):
+                values.append(binary_auc(positive, p))
+        return float(np.mean(values)) if values else float("nan")
+
+    everything = [np.arange(len(labels))]
+    strata = np.zeros(len(labels), dtype=int)  # resample cases as a whole: the findings of one image go together
+    known = ~np.isnan(labels)
+    pooled_labels, pooled_probs = labels[known] == 1.0, probs[known]
+    return {
+        "task": "multilabel",
+        "n": int(len(labels)),
+        "findings": list(findings),
+        "per_finding": per_finding,
+        "macro_auc": macro(everything) if scored else float("nan"),
+        "macro_auc_ci95": list(bootstrap_ci([strata], macro, n_boot, seed=seed)) if scored else [float("nan")] * 2,
+        "micro_auc": binary_auc(pooled_labels, pooled_probs) if 0 < pooled_labels.sum() < len(pooled_labels) else float("nan"),
+        "by_auc": sorted(findings, key=lambda f: -np.nan_to_num(per_finding[f]["auc"], nan=-1.0)),
+        "warnings": warnings,
+    }
