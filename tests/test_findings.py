@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import ok, refused, wsr_med
+from test_cli import SMALL, ok, refused, wsr_med
 from wsr_med.data import read_label_file, scan_manifest, split_items
 from wsr_med.errors import WsrMedError
 
@@ -104,12 +104,103 @@ def test_patient_level_split_over_findings(findings_set):
         assert all(sum(i["label"][k] == 1.0 for i in items) > 0 for k in range(4)), name
 
 
-def test_training_on_a_label_file_is_refused_in_one_line_for_now(findings_set):
+@pytest.fixture(scope="module")
+def multilabel_run(findings_set) -> dict:
+    """The README's loop on the CheXpert-style file with no task setting: train, evaluate the test split, predict."""
     home = findings_set.parent
-    refused(wsr_med(home, "train", "--dataset-dir", "chest/chexpert.csv", "--output-dir", "runs/ml", "--set",
-                    "image_size=48", "num_workers=0"),
-            "multi-label file (4 findings: nodule, pneumothorax, effusion, cardiomegaly)", "cannot train multi-label")
-    assert not (home / "runs/ml/config.json").exists()
+    train = ok(wsr_med(home, "train", "--dataset-dir", "chest/chexpert.csv", "--output-dir", "runs/ml", "--set",
+                       "image_size=48", SMALL, "max_epochs=2", "batch_size=8", "learning_rate=0.01", "uncertain=ignore",
+                       "num_workers=0", "progress_bar=false"))
+    ok(wsr_med(home, "evaluate", "--output-dir", "runs/ml", "--eval-split", "test"))
+    (home / "new").mkdir(exist_ok=True)
+    for scan in sorted((findings_set / "images").glob("*.png"))[:5]:
+        shutil.copy(scan, home / "new" / scan.name)
+    ok(wsr_med(home, "predict", "--output-dir", "runs/ml", "--dataset-dir", "new"))
+    return {"home": home, "run": home / "runs/ml", "train": train, "uri": f"sqlite:///{home / 'mlflow.db'}"}
+
+
+def test_a_multilabel_model_trains_and_calibrates_per_finding(multilabel_run):
+    import json
+
+    from mlflow import MlflowClient
+
+    run = multilabel_run["run"]
+    assert json.loads((run / "config.json").read_text())["task"] == "multilabel"
+    findings = json.loads((run / "classes.json").read_text())
+    assert findings == ["nodule", "pneumothorax", "effusion", "cardiomegaly"]
+    decision = json.loads((run / "calibration.json").read_text())["decision"]
+    assert list(decision["findings"]) == findings and decision["fitted_on"].startswith("validation split")
+    client = MlflowClient(multilabel_run["uri"])
+    run_id = (run / "mlflow_run_id").read_text()
+    for name in ["val_auc", *[f"val_auc_{f}" for f in findings]]:
+        assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2], name
+    assert "eval_test_macro_auc" in client.get_run(run_id).data.metrics
+
+
+def test_the_multilabel_report_is_per_finding(multilabel_run):
+    import json
+
+    eval_dir = multilabel_run["run"] / "eval"
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["task"] == "multilabel" and metrics["split"] == "test"
+    assert set(metrics["per_finding"]) == {"nodule", "pneumothorax", "effusion", "cardiomegaly"}
+    aucs = [metrics["per_finding"][f]["auc"] for f in metrics["by_auc"]]
+    assert aucs == sorted(aucs, reverse=True)
+    html = (eval_dir / "report.html").read_text()
+    assert "macro AUC (mean of the findings&#x27; AUCs)" in html and "micro AUC (every labelled finding" in html
+    rows = [html.index(f"<tr><td>{f}</td>") for f in metrics["by_auc"]]
+    assert rows == sorted(rows)  # the table, best AUC first
+    with open(eval_dir / "cases.csv", newline="") as f:
+        cases = list(csv.DictReader(f))
+    assert len(cases) == metrics["n"] and {"label_nodule", "prob_nodule"} <= set(cases[0])
+    masked = sum(metrics["per_finding"][f]["masked"] for f in metrics["findings"])
+    assert masked == sum(row[f"label_{f}"] == "" for row in cases for f in metrics["findings"])
+
+
+def test_multilabel_predictions_served_and_exported_alike(multilabel_run):
+    import base64
+    import json
+
+    import mlflow
+    import pandas as pd
+
+    home, run = multilabel_run["home"], multilabel_run["run"]
+    predictions = _rows(run / "predictions.csv")
+    findings = ["nodule", "pneumothorax", "effusion", "cardiomegaly"]
+    assert len(predictions) == 5
+    for row in predictions:
+        present = [f for f in findings if row[f"present_{f}"] == "yes"]
+        assert row["findings"] == ("|".join(present) or "none") and row["decision_rule"].startswith("per finding")
+    mlflow.set_tracking_uri(multilabel_run["uri"])
+    served = mlflow.pyfunc.load_model((run / "mlflow_model_uri").read_text()).predict(pd.DataFrame(
+        [{"bytes": base64.b64encode((home / "new" / row["path"]).read_bytes()).decode()} for row in predictions]))
+    for row, (_, answer) in zip(predictions, served.iterrows()):
+        assert answer["findings"] == row["findings"]
+        assert all(abs(answer[f"prob_{f}"] - float(row[f"prob_{f}"])) < 1e-5 for f in findings)
+    ok(wsr_med(home, "export-bundle", "--output-dir", "runs/ml", "--bundle-dir", "exported/ml"))
+    bundle = home / "exported/ml"
+    metadata = json.loads((bundle / "configs/metadata.json").read_text())
+    assert metadata["task"].startswith("Multi-label") and "macro_auc" in metadata["eval_metrics"]
+    assert "applies a sigmoid to each" in (bundle / "docs/README.md").read_text()
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                           "--dataset_dir", str(home / "new"), "--num_workers", "0"], cwd=bundle, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported = _rows(bundle / "eval/predictions.csv")
+    assert [r["findings"] for r in exported] == [r["findings"] for r in predictions]
+
+
+def test_nih_file_trains_as_downloaded(findings_set):
+    home = findings_set.parent
+    ok(wsr_med(home, "train", "--dataset-dir", "chest/Data_Entry_2017.csv", "--output-dir", "runs/nih", "--set",
+               "image_size=48", SMALL, "max_epochs=1", "num_workers=0", "progress_bar=false", "--tracking-uri", "none"))
+    import json
+
+    assert json.loads((home / "runs/nih/classes.json").read_text()) == ["cardiomegaly", "effusion", "nodule", "pneumothorax"]
+    refused(wsr_med(home, "train", "--dataset-dir", "chest/chexpert.csv", "--output-dir", "runs/sampled", "--set",
+                    "class_balance=sampler", "num_workers=0", "--tracking-uri", "none"), "use class_balance=weighted_loss")
 
 
 def test_multilabel_metrics_by_hand():

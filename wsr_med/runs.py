@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 # Network settings that runs of earlier versions did not record, with the values those runs used.
 _UNRECORDED = {"head_kwargs": {}, "bn_momentum": None, "intensity_percentiles": default("intensity_percentiles")}
+MULTILABEL, MULTICLASS = "multilabel", "multiclass"  # config.json's "task"
 _EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
 
@@ -200,6 +201,13 @@ class RunFolder:
         """The class names in the model's output order."""
         return json.loads(self._require(self.CLASSES).read_text())
 
+    def task(self) -> str:
+        """``multiclass`` (one class per scan, a softmax) or ``multilabel`` (several findings, one sigmoid each)."""
+        return json.loads(self._require(self.CONFIG).read_text()).get("task", MULTICLASS)
+
+    def multilabel(self) -> bool:
+        return self.task() == MULTILABEL
+
     def settings(self) -> dict:
         """Every setting of the run as resolved when it was (last) trained."""
         return json.loads(self._require(self.CONFIG).read_text())["settings"]
@@ -325,8 +333,10 @@ class RunFolder:
         logger.warning("%s evaluated the model before this continuation: moved to %s; evaluate again when it ends",
                        self.eval_dir, target)
 
-    def save_run_info(self, classes: list[str], settings: dict, config_files: list[str] | None = None) -> Path:
-        """Write ``classes.json`` and ``config.json`` (settings with paths resolved, the config files as run).
+    def save_run_info(self, classes: list[str], settings: dict, config_files: list[str] | None = None,
+                      multilabel: bool = False) -> Path:
+        """Write ``classes.json`` and ``config.json`` (settings with paths resolved, the config files as run, the task:
+        ``multilabel`` when ``classes`` are findings, several per scan).
 
         A continued run keeps its class map (a different one is refused) and records the continuation
         (date, new ``max_epochs``) in ``config.json``.
@@ -334,7 +344,7 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         classes = list(classes)
         resolved = {k: _resolved(k, v) for k, v in settings.items()}
-        doc = {"settings": resolved,
+        doc = {"settings": resolved, "task": MULTILABEL if multilabel else MULTICLASS,
                "config_files": {str(f): json.loads(Path(f).read_text()) for f in config_files or [] if Path(f).is_file()},
                "continued": []}
         config = self.path / self.CONFIG

@@ -32,7 +32,7 @@ from monai.transforms import (
 from wsr_med.data.readers import MAX_PIXELS, read_scan
 from wsr_med.settings import default
 
-__all__ = ["LoadScan", "LoadScand", "ResizeLongestd", "ScalePercentilesd", "PadToSquared", "scan_transforms"]
+__all__ = ["LoadScan", "LoadScand", "ResizeLongestd", "ScalePercentilesd", "PadToSquared", "LabelVectord", "label_vector", "scan_transforms"]
 
 
 class LoadScan(Transform):
@@ -223,4 +223,28 @@ def scan_transforms(
             RandAdjustContrastd(keys, gamma=(1 - 2 * intensity, 1 + 2 * intensity), prob=0.5),
         ]
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
+    steps.append(LabelVectord())
     return Compose(steps)
+
+
+class LabelVectord(MapTransform):
+    """``label`` through :func:`label_vector` (not a MONAI ``Lambdad``: that records itself in the item, and the cached
+    item would then hold objects a ``weights_only`` load refuses)."""
+
+    def __init__(self) -> None:
+        super().__init__("label", allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if "label" in d:
+            d["label"] = label_vector(d["label"])
+        return d
+
+
+def label_vector(label):
+    """A multi-label label (one value per finding, None masked) as a float32 tensor with NaN where masked, which the
+    loss and the metrics leave out; a class index (single-label) as it is."""
+    if isinstance(label, (list, tuple)):
+        # a tensor, not numpy: a cache entry holding it loads with weights_only=True
+        return torch.tensor([float("nan") if value is None else value for value in label], dtype=torch.float32)
+    return label

@@ -26,7 +26,8 @@ class Collector:
 
     def _reset(self, engine: Engine | None = None) -> None:
         self.probs: list[np.ndarray] = []
-        self.labels: list[int] = []
+        self.labels: list[int] = []  # the class index of each case (single-label tasks)
+        self.targets: list[np.ndarray] = []  # each case's label vector: one-hot, or per finding 1/0/NaN (multi-label)
         self.paths: list[str] = []
         self.unlike_training: list[str] = []  # why each case looks unlike the training data ("" if it does not)
         self.thumbnails: list[np.ndarray | None] = []
@@ -46,13 +47,14 @@ class Collector:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            mine = (self.probs, self.labels, self.paths, self.unlike_training, self.thumbnails)
+            mine = (self.probs, self.labels, self.targets, self.paths, self.unlike_training, self.thumbnails)
             everyone = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, mine)
             self._reset()
-            for probs, labels, paths, unlike, thumbnails in everyone:
+            for probs, labels, targets, paths, unlike, thumbnails in everyone:
                 self.probs += probs
                 self.labels += labels
+                self.targets += targets
                 self.paths += paths
                 self.unlike_training += unlike
                 self.thumbnails += thumbnails
@@ -70,6 +72,7 @@ class Collector:
         label = out.get("label")
         if label is not None:
             label = torch.as_tensor(label)
+            self.targets.append(label.float().cpu().numpy().reshape(-1))
             self.labels.append(int(label.argmax()) if label.numel() > 1 else int(label))
         self.paths.append(str(item.get("relative_path", item.get("image", ""))))
         self.unlike_training.append(str(item.get("unlike_training", "")))

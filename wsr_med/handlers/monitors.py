@@ -58,6 +58,9 @@ class CalibrationFitter(Collector):
         epoch = int(engine.state.epoch)
         if best.get("epoch") != epoch or not self.labels:
             return
+        if self.run.multilabel():
+            self._fit_findings(epoch)
+            return
         try:
             decision, fit = fit_decision(np.array(self.labels), np.stack(self.probs), self.operating_point,
                                          fitted_on=f"validation split, epoch {epoch}")
@@ -74,3 +77,19 @@ class CalibrationFitter(Collector):
         logger.info("epoch %d: temperature %.3f (validation NLL %.4f -> %.4f)%s", epoch, decision.temperature,
                     fit["nll_before"], fit["nll_after"],
                     f", {self.operating_point} threshold {decision.threshold:.4f}" if decision.threshold is not None else "")
+
+    def _fit_findings(self, epoch: int) -> None:
+        """Multi-label: a temperature and an ``operating_point`` threshold per finding, on its labelled validation cases."""
+        from wsr_med.metrics.multilabel import FindingDecision, fit_finding_decisions
+
+        findings = fit_finding_decisions(np.stack(self.targets), np.stack(self.probs), self.run.classes(), self.operating_point)
+        decision = FindingDecision(findings, self.operating_point, f"validation split, epoch {epoch}")
+        unfitted = [f for f, d in findings.items() if not d["fitted"]]
+        if unfitted:
+            logger.warning("epoch %d: %s lack positive or negative validation cases: threshold 0.5, no calibration",
+                           epoch, ", ".join(unfitted))
+        doc = {"epoch": epoch, "n_cases": len(self.probs), "decision": decision.to_dict(),
+               "collapsed": collapse_warning(np.stack(self.probs)) or ""}
+        atomic_write(self.run / RunFolder.CALIBRATION, json.dumps(json_ready(doc), indent=1))
+        logger.info("epoch %d: per-finding temperatures and %s thresholds fitted on %d validation cases", epoch,
+                    self.operating_point, len(self.probs))

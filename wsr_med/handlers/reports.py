@@ -31,8 +31,12 @@ from wsr_med.metrics import (
     plot_examples,
     plot_reliability,
     plot_roc,
+    small_sample_warnings,
     write_html_report,
 )
+from wsr_med.metrics.multilabel import FindingDecision, finding_calibration, multilabel_metrics
+from wsr_med.metrics.plots import plot_finding_reliability, plot_finding_rocs
+from wsr_med.metrics.report import write_multilabel_report
 from wsr_med.runs import RunFolder, path_id
 
 if TYPE_CHECKING:
@@ -77,9 +81,16 @@ class EvaluationReporter(Collector):
         super().__init__()
         self.classes = list(classes)
         self.report_dir = Path(report_dir)
-        self.decision = decision or Decision(threshold=0.5 if len(self.classes) == 2 else None)
-        if threshold is not None:
-            self.decision = Decision(self.decision.temperature, float(threshold), f"fixed:{threshold}", "the threshold setting")
+        self.multilabel = isinstance(decision, FindingDecision) or bool(run_dir and RunFolder(run_dir).multilabel())
+        if self.multilabel:
+            self.decision = decision or FindingDecision.unfitted(self.classes, "none (calibrated=False)")
+            if threshold is not None:
+                self.decision = FindingDecision({f: {**d, "threshold": float(threshold)} for f, d in self.decision.findings.items()},
+                                                f"fixed:{threshold}", "the threshold setting")
+        else:
+            self.decision = decision or Decision(threshold=0.5 if len(self.classes) == 2 else None)
+            if threshold is not None:
+                self.decision = Decision(self.decision.temperature, float(threshold), f"fixed:{threshold}", "the threshold setting")
         self.n_boot = n_boot
         self.run_dir = Path(run_dir) if run_dir else None
         self.tracking_uri = tracking_uri
@@ -91,6 +102,9 @@ class EvaluationReporter(Collector):
     def finish(self, engine: Engine) -> None:
         if not self.labels:
             raise ValueError("evaluation needs labelled cases; for unlabelled scans use the inference workflow")
+        if self.multilabel:
+            self._finish_findings()
+            return
         labels, raw = np.array(self.labels), np.stack(self.probs)
         probs = self.decision.probabilities(raw)
         threshold = self.decision.threshold if self.decision.threshold is not None else 0.5
@@ -148,6 +162,37 @@ class EvaluationReporter(Collector):
             for t in [choose_threshold(labels == k, probs[:, k], "youden")]}
         return point
 
+    def _finish_findings(self) -> None:
+        """Multi-label: :func:`wsr_med.metrics.multilabel.multilabel_metrics` on the calibrated probabilities at each
+        finding's validation threshold, per-finding calibration, ``cases.csv``, small-multiple figures, the report."""
+        targets, raw = np.stack(self.targets), np.stack(self.probs)
+        probs = self.decision.probabilities(raw)
+        m = self.metrics = multilabel_metrics(targets, probs, self.classes, self.decision.thresholds, self.n_boot)
+        m["operating_point"] = {"rule": self.decision.operating_point, "chosen_on": self.decision.fitted_on}
+        m["calibration"] = finding_calibration(targets, raw, probs, self.classes)
+        m["provenance"], m["split"] = self.provenance, self.eval_split
+        m["warnings"] += small_sample_warnings(len(targets), {})
+        if self.eval_split == "validation":
+            m["warnings"].append(VALIDATION_CAVEAT)
+        unusual = sum(bool(u) for u in self.unlike_training)
+        if unusual:
+            m["warnings"].append(f"{unusual} of {len(targets)} cases look unlike the training data; see the unlike_training "
+                                 "column of cases.csv")
+        for warning in m["warnings"]:
+            logger.warning("%s", warning)
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.report_dir / RunFolder.METRICS, json.dumps(json_ready(m), indent=1, allow_nan=False))
+        write_csv(self.report_dir / RunFolder.CASES,
+                  ["path", *[f"label_{c}" for c in self.classes], *[f"prob_{c}" for c in self.classes], "unlike_training"],
+                  [[path, *["" if v != v else f"{v:g}" for v in label], *[f"{v:.9g}" for v in row], unlike]
+                   for path, label, row, unlike in zip(self.paths, targets, probs, self.unlike_training)])
+        self._plots = [plot_finding_rocs(targets, probs, m, self.report_dir / "finding_rocs.png"),
+                       plot_finding_reliability(m["calibration"], self.report_dir / "finding_reliability.png")]
+        report = write_multilabel_report(m, self._plots, self.report_dir / RunFolder.REPORT, provenance=self.provenance)
+        logger.info("evaluation on %d cases, %d findings: macro AUC %.4f [%.4f, %.4f], micro AUC %.4f; report %s", m["n"],
+                    len(self.classes), m["macro_auc"], *m["macro_auc_ci95"], m["micro_auc"], report)
+        self._log_mlflow()
+
     def _caveats(self, calibration: dict) -> list[str]:
         """What the figures cannot be trusted for: the cases that tuned the model, a calibration that failed."""
         out = []
@@ -178,17 +223,26 @@ class EvaluationReporter(Collector):
 
     def _send(self, client, run_id: str) -> None:
         m = self.metrics
+        if self.multilabel:
+            values = {"macro_auc": m["macro_auc"], "micro_auc": m["micro_auc"],
+                      **{tracking.metric_name(f"auc_{f}"): v["auc"] for f, v in m["per_finding"].items()}}
+            self._upload(client, run_id, values, write_multilabel_report)
+            return
         values = {"auc": m["auc"], "auc_ci95_low": m["auc_ci95"][0], "auc_ci95_high": m["auc_ci95"][1],
                   "accuracy": m["accuracy"], "ece": m["ece"]}
         values.update({k: m[k] for k in ("balanced_accuracy", "sensitivity", "specificity", "ppv", "npv") if k in m})
         values.update({tracking.metric_name(f"auc_{c}"): v["auc"] for c, v in m["per_class"].items()})
+        self._upload(client, run_id, values, write_html_report)
+
+    def _upload(self, client, run_id: str, values: dict, write_report) -> None:
+        """The metrics (``<tag>_<name>``), ``metrics.json``, the figures and a report without example images."""
         for k, v in values.items():
             if v == v:  # NaN is not a metric
                 client.log_metric(run_id, f"{self.tag}_{k}", float(v))
-        for name in (RunFolder.METRICS, "roc.png", "confusion_matrix.png", "reliability.png", "reliability_uncalibrated.png"):
-            client.log_artifact(run_id, str(self.report_dir / name), self.tag)
+        for path in [self.report_dir / RunFolder.METRICS, *self._plots]:
+            client.log_artifact(run_id, str(path), self.tag)
         with tempfile.TemporaryDirectory() as tmp:  # the report without example images: no image leaves the machine
-            shared = write_html_report(self.metrics, self._plots, Path(tmp) / RunFolder.REPORT, provenance=self.provenance)
+            shared = write_report(self.metrics, self._plots, Path(tmp) / RunFolder.REPORT, provenance=self.provenance)
             client.log_artifact(run_id, str(shared), self.tag)
 
 
@@ -213,6 +267,9 @@ class PredictionWriter(Collector):
 
     def finish(self, engine: Engine) -> None:
         probs = self.decision.probabilities(np.stack(self.probs)) if self.probs else np.zeros((0, len(self.classes)))
+        if isinstance(self.decision, FindingDecision):
+            self._write_findings(probs)
+            return
         predicted = self.decision.classes(probs)
         threshold = self.decision.threshold if len(self.classes) == 2 else None
         rule = f"prob_{self.classes[1]} >= {threshold:.6g}" if threshold is not None else "highest probability"
@@ -221,6 +278,22 @@ class PredictionWriter(Collector):
                   [[path, self.classes[int(k)], *[f"{p:.9g}" for p in row], rule, unlike]
                    for path, k, row, unlike in zip(self.paths, predicted, probs, self.unlike_training)])
         logger.info("predictions for %d scans written to %s", len(self.paths), self.output_file)
+
+    def _write_findings(self, probs: np.ndarray) -> None:
+        """Multi-label: per finding its calibrated probability and whether it is called present at its threshold, the
+        list of findings called present (``none`` for none), the rule, ``unlike_training``."""
+        rows = _finding_rows(self.classes, probs, self.decision.classes(probs))
+        rule = "per finding: prob_<finding> >= its threshold (" + ", ".join(
+            f"{f} {t:.6g}" for f, t in self.decision.thresholds.items()) + ")"
+        write_csv(self.output_file, ["path", *[f"prob_{c}" for c in self.classes], *[f"present_{c}" for c in self.classes],
+                                     "findings", "decision_rule", "unlike_training"],
+                  [[path, *row, rule, unlike] for path, row, unlike in zip(self.paths, rows, self.unlike_training)])
+        logger.info("predictions for %d scans written to %s", len(self.paths), self.output_file)
+
+
+def _finding_rows(classes: list[str], probs: np.ndarray, present: np.ndarray) -> list[list[str]]:
+    return [[*[f"{p:.9g}" for p in row], *["yes" if v else "no" for v in called],
+             "|".join(c for c, v in zip(classes, called) if v) or "none"] for row, called in zip(probs, present)]
 
 
 def evaluation_provenance(run: RunFolder, dataset_dir: str | None = None, eval_split: str | None = None) -> dict:

@@ -6,13 +6,15 @@ in any figure of its finding. Probabilities are ``(N, F)`` sigmoid outputs, one 
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from wsr_med.metrics.classification import SMALL_CLASS, binary_auc, bootstrap_ci
+from wsr_med.metrics.classification import SMALL_CLASS, binary_auc, bootstrap_ci, expected_calibration_error
 from wsr_med.metrics.operating_point import apply_temperature, choose_threshold, fit_temperature, operating_point_metrics
 
-__all__ = ["fit_finding_decisions", "multilabel_metrics", "sigmoid_temperature"]
+__all__ = ["FindingDecision", "finding_calibration", "fit_finding_decisions", "multilabel_metrics", "sigmoid_temperature"]
 
 
 def _finding(labels: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -25,6 +27,38 @@ def sigmoid_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Independent sigmoid probabilities ``(N,)`` recalibrated by one temperature (each as a two-class softmax)."""
     two = np.stack([1.0 - probs, probs], axis=1)
     return apply_temperature(two, temperature)[:, 1]
+
+
+@dataclass
+class FindingDecision:
+    """What turns a multi-label network's sigmoid outputs into calibrated probabilities and findings: per finding a
+    temperature and a threshold on its calibrated probability (``findings``: name -> ``{"temperature", "threshold",
+    "fitted"}``, in the model's output order), fitted on the validation split (:func:`fit_finding_decisions`)."""
+
+    findings: dict[str, dict]
+    operating_point: str = "youden"
+    fitted_on: str = ""
+
+    @classmethod
+    def unfitted(cls, findings: list[str], why: str) -> "FindingDecision":
+        return cls({f: {"temperature": 1.0, "threshold": 0.5, "fitted": False} for f in findings}, "fixed:0.5", why)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {f: d["threshold"] for f, d in self.findings.items()}
+
+    def probabilities(self, probs: np.ndarray) -> np.ndarray:
+        """``(N, F)`` sigmoid outputs -> calibrated probabilities, each finding by its own temperature."""
+        probs = np.asarray(probs, dtype=float)
+        return np.stack([sigmoid_temperature(probs[:, k], d["temperature"]) for k, d in enumerate(self.findings.values())],
+                        axis=1) if len(probs) else probs
+
+    def classes(self, calibrated: np.ndarray) -> np.ndarray:
+        """``(N, F)`` booleans: each finding called present at its threshold."""
+        return np.asarray(calibrated) >= np.array([d["threshold"] for d in self.findings.values()])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def fit_finding_decisions(labels: np.ndarray, probs: np.ndarray, findings: list[str],
@@ -99,3 +133,19 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, findings: list[str
         "by_auc": sorted(findings, key=lambda f: -np.nan_to_num(per_finding[f]["auc"], nan=-1.0)),
         "warnings": warnings,
     }
+
+
+def finding_calibration(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, findings: list[str]) -> dict:
+    """Per finding, on its labelled cases: ECE before and after calibration and the reliability bins after (each
+    finding read as a two-class question: :func:`wsr_med.metrics.expected_calibration_error`)."""
+    out = {}
+    for k, name in enumerate(findings):
+        positive, p_raw = _finding(labels, raw, k)
+        _, p = _finding(labels, calibrated, k)
+        if not len(positive):
+            continue
+        y = positive.astype(int)
+        before, _ = expected_calibration_error(y, np.stack([1 - p_raw, p_raw], axis=1))
+        after, reliability = expected_calibration_error(y, np.stack([1 - p, p], axis=1))
+        out[name] = {"ece_before": before, "ece_after": after, "reliability": reliability}
+    return out

@@ -124,10 +124,17 @@ class Decision:
         return asdict(self)
 
     @classmethod
-    def of_run(cls, run) -> "Decision":
+    def of_run(cls, run):
         """The decision of a :class:`wsr_med.runs.RunFolder`: its ``calibration.json``, or for runs without one
-        uncalibrated probabilities with threshold 0.5 (binary) or the most probable class."""
+        uncalibrated probabilities with threshold 0.5 (binary) or the most probable class. A multi-label run's is a
+        :class:`wsr_med.metrics.multilabel.FindingDecision`."""
         calibration = run.calibration()
+        if run.multilabel():  # several findings per scan: one decision per finding
+            from wsr_med.metrics.multilabel import FindingDecision
+
+            if calibration is not None:
+                return FindingDecision(**calibration["decision"])
+            return FindingDecision.unfitted(run.classes(), "none (the run has no calibration for its model)")
         if calibration is not None:
             return cls(**calibration["decision"])
         binary = len(run.classes()) == 2

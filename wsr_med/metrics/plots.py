@@ -8,7 +8,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-__all__ = ["figure", "plain", "example_caption", "plot_examples", "plot_roc", "plot_confusion", "plot_reliability", "plot_spatial_weights"]
+__all__ = ["figure", "plain", "example_caption", "plot_examples", "plot_roc", "plot_confusion", "plot_reliability", "plot_spatial_weights", "plot_finding_rocs",
+           "plot_finding_reliability"]
 
 
 def figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (4.5, 4.5), **kwargs):
@@ -99,6 +100,46 @@ def plot_examples(thumbnails: list, labels: np.ndarray, probs: np.ndarray, class
             ax.imshow(thumbnails[i], cmap="gray", vmin=0, vmax=255)
             ax.set_title(example_caption(classes[c], classes[pred[i]], probs[i, pred[i]]), fontsize=9,
                          color="black" if correct else "firebrick")
+    return _save(fig, path)
+
+
+def _grid(n: int, size: float = 2.6):
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = figure(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
+def plot_finding_rocs(labels: np.ndarray, probs: np.ndarray, metrics: dict, path: str | Path) -> Path:
+    """Multi-label: one ROC curve per finding (its labelled cases), small multiples in the order of ``metrics["by_auc"]``."""
+    findings = metrics["findings"]
+    fig, axes = _grid(len(findings))
+    for ax, name in zip(axes, metrics["by_auc"]):
+        k = findings.index(name)
+        known = ~np.isnan(labels[:, k])
+        positive = labels[known, k] == 1
+        if 0 < positive.sum() < len(positive):
+            fpr, tpr, _ = roc_curve(positive, probs[known, k])
+            ax.plot(fpr, tpr)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_title(f"{plain(name)}, AUC {metrics['per_finding'][name]['auc']:.3f}", fontsize=9)
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity")
+    return _save(fig, path)
+
+
+def plot_finding_reliability(calibration: dict, path: str | Path) -> Path:
+    """Multi-label: a reliability diagram per finding (after calibration), small multiples."""
+    fig, axes = _grid(len(calibration))
+    for ax, (name, c) in zip(axes, calibration.items()):
+        rel = c["reliability"]
+        n_bins = len(rel["count"])
+        ax.bar((np.arange(n_bins) + 0.5) / n_bins, np.nan_to_num(np.array(rel["accuracy"], dtype=float)), width=1 / n_bins,
+               edgecolor="k", alpha=0.7)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+        ax.set_title(f"{plain(name)}, ECE {c['ece_after']:.3f}", fontsize=9)
     return _save(fig, path)
 
 

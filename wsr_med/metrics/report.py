@@ -8,7 +8,7 @@ from pathlib import Path
 
 from wsr_med.files import atomic_write
 
-__all__ = ["CAPTIONS", "write_html_report"]
+__all__ = ["CAPTIONS", "write_html_report", "write_multilabel_report"]
 
 
 def _fmt(v) -> str:
@@ -31,6 +31,10 @@ CAPTIONS = {
     "reliability": "Reliability after calibration: the accuracy of the cases in each confidence bin; "
                    "bars on the dotted line are well calibrated.",
     "reliability_uncalibrated": "Reliability before calibration (the network's raw softmax), for comparison.",
+    "finding_rocs": "ROC curve of each finding on its labelled cases (uncertain labels left out when masked), best AUC "
+                    "first; the dotted line is chance.",
+    "finding_reliability": "Reliability of each finding's calibrated probability: the share of cases with the finding "
+                           "in each confidence bin; bars on the dotted line are well calibrated.",
     "examples": "Example cases per true class: the most confident correct predictions (black), then the most "
                 "confident wrong ones (red), with the probability of the predicted class.",
 }
@@ -38,6 +42,62 @@ CAPTIONS = {
 
 def _table(rows: dict) -> str:
     return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in rows.items()) + "</table>"
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}figure{{display:inline-block;margin:0 1em 1em 0}}
+img{{max-width:480px}}figcaption{{max-width:480px;font-size:90%}}.warning{{background:#fff3cd;border:1px solid #e0a800;padding:8px}}</style></head><body><h1>{html.escape(title)}</h1>
+{body}</body></html>"""
+
+
+def _figures(plots: list[Path]) -> str:
+    return "".join(
+        f'<figure><img src="data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()}"/>'
+        f"<figcaption>{html.escape(CAPTIONS.get(Path(p).stem, Path(p).stem))}</figcaption></figure>"
+        for p in plots
+    )
+
+
+def _ci(values) -> str:
+    value, low, high = values
+    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def write_multilabel_report(metrics: dict, plots: list[Path], path: str | Path, title: str = "wsr_med evaluation",
+                            provenance: dict | None = None) -> Path:
+    """Write ``path`` for a multi-label evaluation (:func:`wsr_med.metrics.multilabel.multilabel_metrics`): macro and
+    micro AUC, each named as such; one row per finding, best AUC first, with its operating point (threshold chosen on
+    validation) and confidence intervals; the warnings; what was evaluated; the figures. One self-contained file."""
+    low, high = metrics["macro_auc_ci95"]
+    headline = {"cases": metrics["n"], "findings": len(metrics["findings"]),
+                "macro AUC (mean of the findings' AUCs)": f"{_fmt(metrics['macro_auc'])} [{_fmt(low)}, {_fmt(high)}]",
+                "micro AUC (every labelled finding of every case pooled)": metrics["micro_auc"]}
+    rows = []
+    for name in metrics["by_auc"]:
+        m = metrics["per_finding"][name]
+        point = [_ci(m[k]) if k in m else "—" for k in ("sensitivity", "specificity", "ppv", "npv")]
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{_ci([m['auc'], *m['auc_ci95']])}</td>"
+                    f"<td>{_fmt(m['average_precision'])}</td><td>{_percent(m['prevalence'])}</td>"
+                    f"<td>{m['positives']} / {m['n']}</td><td>{m['masked']}</td><td>{_fmt(m['threshold'])}</td>"
+                    + "".join(f"<td>{v}</td>" for v in point) + "</tr>")
+    point = metrics.get("operating_point") or {}
+    chosen = (f"<p>Each finding is called present when its calibrated probability reaches its threshold, chosen by "
+              f"<b>{html.escape(str(point.get('rule', '?')))}</b> on {html.escape(str(point.get('chosen_on', '?')))}; "
+              "values are [95% bootstrap CI].</p>")
+    body = ("".join(f'<p class="warning">{html.escape(w)}</p>' for w in metrics.get("warnings", []))
+            + _table(headline)
+            + "<h2>Per finding (best AUC first)</h2>" + chosen
+            + "<table><tr><th>finding</th><th>AUC</th><th>average precision</th><th>prevalence</th><th>positives / labelled</th>"
+              "<th>masked (uncertain)</th><th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th></tr>"
+            + "".join(rows) + "</table>"
+            + ("<h2>What was evaluated</h2>" + _table(provenance) if provenance else "")
+            + "<h2>Plots</h2>" + _figures(plots))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, _page(title, body))
+    return path
 
 
 def write_html_report(metrics: dict, plots: list[Path], path: str | Path, title: str = "wsr_med evaluation",

@@ -58,7 +58,8 @@ def class_names(dataset_dir: str, synthetic_classes: int = 2) -> list[str]:
 
 @dataclass
 class PreparedData:
-    """The scanned, split dataset of a run; items carry absolute image paths."""
+    """The scanned, split dataset of a run; items carry absolute image paths. ``multilabel``: ``classes`` are findings
+    and each label has one value per finding (:mod:`wsr_med.data.findings`)."""
 
     classes: list[str]
     training: list[dict]
@@ -67,6 +68,7 @@ class PreparedData:
     datalist: Path | None = None
     bad_files_report: Path | None = None
     n_bad_files: int = 0
+    multilabel: bool = False
     _writer: Callable[[], None] | None = field(default=None, repr=False)
 
     def write(self) -> None:
@@ -78,6 +80,16 @@ class PreparedData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def loss(self, class_balance: str = "none", device: torch.device | str = "cpu") -> torch.nn.Module:
+        """The training loss: cross-entropy (class weights with ``weighted_loss``); multi-label, a binary cross-entropy
+        per finding with masked labels left out (a per-finding ``pos_weight`` with ``weighted_loss``)."""
+        if not self.multilabel:
+            return torch.nn.CrossEntropyLoss(weight=self.class_weights(class_balance, device))
+        from wsr_med.workflows.losses import MaskedBCEWithLogitsLoss, finding_pos_weight
+
+        weight = finding_pos_weight([i["label"] for i in self.training]) if class_balance == "weighted_loss" else None
+        return MaskedBCEWithLogitsLoss(weight).to(device)
 
     def class_weights(self, class_balance: str = "none", device: torch.device | str = "cpu") -> torch.Tensor | None:
         """Inverse-frequency loss weights (mean 1) for ``class_balance="weighted_loss"``, else None."""
@@ -93,6 +105,8 @@ class PreparedData:
             raise WsrMedError(f"class_balance must be one of {', '.join(CLASS_BALANCE)}, got '{class_balance}'")
         if class_balance != "sampler":
             return None
+        if self.multilabel:
+            raise WsrMedError(MULTILABEL_SAMPLER)
         labels = np.array([i["label"] for i in self.training])
         per_item = 1.0 / np.bincount(labels, minlength=self.num_classes)[labels]
         return torch.utils.data.WeightedRandomSampler(per_item.tolist(), len(labels), generator=torch.Generator().manual_seed(seed))
@@ -226,12 +240,10 @@ def prepare_data(
     elif split == "train":
         splits = split_items(scan.items, val_fraction, test_fraction, seed, n_folds, fold, inner_validation)
         if scan.multilabel:
-            check_findings(dataset_dir, scan.classes, splits)
-            raise WsrMedError(f"{dataset_dir} is a multi-label file ({len(scan.classes)} findings: "
-                              f"{', '.join(scan.classes)}); it is read and split, but wsr_med cannot train multi-label "
-                              "models yet (one label per scan: a class-per-folder directory or a path,label manifest)")
-        check_trainable(dataset_dir, scan.classes, splits)
-        imbalance = imbalance_warning(scan.class_counts, class_balance)
+            check_findings(dataset_dir, scan.classes, splits, class_balance)
+        else:
+            check_trainable(dataset_dir, scan.classes, splits)
+        imbalance = None if scan.multilabel else imbalance_warning(scan.class_counts, class_balance)
         if imbalance and _rank() == 0:
             logger.warning("%s", imbalance)
     else:
@@ -264,16 +276,22 @@ def prepare_data(
         datalist=datalist,
         bad_files_report=report,
         n_bad_files=len(scan.bad_files),
+        multilabel=scan.multilabel,
         _writer=write,
     )
 
 
+MULTILABEL_SAMPLER = ("class_balance=sampler balances classes, and a multi-label scan has several findings: use "
+                      "class_balance=weighted_loss (a positive weight per finding)")
 FEW_POSITIVES = 5  # positives of a finding in a split below which its AUC and operating point there mean little
 
 
-def check_findings(dataset_dir: str, findings: list[str], splits: dict[str, list[dict]]) -> None:
-    """Multi-label splits: refuse an empty training or validation split and a finding with no positive in training;
-    warn, naming them, about findings with fewer than :data:`FEW_POSITIVES` positives in any split."""
+def check_findings(dataset_dir: str, findings: list[str], splits: dict[str, list[dict]], class_balance: str = "none") -> None:
+    """Multi-label splits: refuse an empty training or validation split, a finding with no positive in training and the
+    class-balancing sampler; warn, naming them, about findings with fewer than :data:`FEW_POSITIVES` positives in any
+    split."""
+    if class_balance == "sampler":
+        raise WsrMedError(MULTILABEL_SAMPLER)
     for name in ("training", "validation"):
         if not splits[name]:
             raise WsrMedError(f"{dataset_dir}: the {name} split has no scans: add patients, or change val_fraction / "
@@ -347,6 +365,7 @@ def prepare_unlabelled(dataset_dir: str, model: TrainedModel, predictions_file: 
     items = [{"image": str(scan.root / i["image"]), "relative_path": i["image"],
               "unlike_training": i.get("unlike_training", "")} for i in scan.items]
     return PreparedData(classes=list(model.classes), training=[], validation=[], test=items, bad_files_report=report,
+                        multilabel=model.multilabel,
                         n_bad_files=len(scan.bad_files), _writer=lambda: scan.write_report(report))
 
 
@@ -377,4 +396,5 @@ def prepare_evaluation(dataset_dir: str, model: TrainedModel, eval_dir: str | Pa
     if not items:
         raise WsrMedError(f"the run in {run_dir} has no '{key}' split (it was trained with test_fraction=0); evaluate a "
                           "labelled folder instead: --dataset-dir DIR --eval-split all")
-    return PreparedData(classes=list(classes), training=[], validation=[], test=items, datalist=datalist)
+    return PreparedData(classes=list(classes), training=[], validation=[], test=items, datalist=datalist,
+                        multilabel=model.multilabel)

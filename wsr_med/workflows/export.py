@@ -101,7 +101,7 @@ def export_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "1
         _write_models(run, tmp / "models", settings)
         _write_source(tmp / "source")
         _write_configs(tmp / "configs", TrainedModel(run.path), settings)
-        metadata = _metadata(tmp, version, trained, classes, settings, best, evaluation, profile, name)
+        metadata = _metadata(tmp, version, trained, classes, settings, best, evaluation, profile, name, run.multilabel())
         (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4))
         ckpt_export(net_id="network_def", filepath=str(tmp / "models" / "model.ts"), ckpt_file=str(tmp / "models" / "model.pt"),
                     meta_file=str(tmp / "configs" / "metadata.json"), config_file=str(tmp / "configs" / "inference.json"))
@@ -109,7 +109,7 @@ def export_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "1
         shutil.copy(BUNDLE / "LICENSE", tmp / "LICENSE")
         if data_license is not None:
             shutil.copy(data_license, tmp / "docs" / "data_license.txt")
-        (tmp / "docs" / "README.md").write_text(_readme(metadata, trained, classes, settings, best, evaluation,
+        (tmp / "docs" / "README.md").write_text(_readme(metadata, trained, classes, settings, best, evaluation, run.multilabel(),
                                                         data_license is not None))
         (tmp / "large_files.yml").write_text(_large_files(tmp))
         umask = os.umask(0)
@@ -166,7 +166,7 @@ def _write_models(run: RunFolder, models: Path, settings: dict) -> None:
     for name in (RunFolder.CLASSES, RunFolder.BEST, RunFolder.PROFILE, RunFolder.CALIBRATION):
         if (run / name).is_file():
             shutil.copy(run / name, models / name)
-    (models / RunFolder.CONFIG).write_text(json.dumps({"settings": settings_without_paths(settings),
+    (models / RunFolder.CONFIG).write_text(json.dumps({"settings": settings_without_paths(settings), "task": run.task(),
                                                        "exported": time.strftime("%Y-%m-%d")}, indent=1))
 
 
@@ -194,12 +194,16 @@ def _write_configs(configs: Path, model: TrainedModel, settings: dict) -> None:
 
 
 def _metadata(bundle: Path, version: str, trained: dict, classes: list[str], settings: dict, best: dict,
-              evaluation: dict | None, profile: dict | None, name: str | None) -> dict:
+              evaluation: dict | None, profile: dict | None, name: str | None, multilabel: bool = False) -> dict:
     metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     run_name = settings.get("run_name", "wise_srnet")
     wsr_version = package_version("wsr_med")
     metrics = {f"best_{best['metric']}": _number(best.get("value"))} if best else {}
-    if evaluation:
+    if evaluation and multilabel:
+        metrics.update({"macro_auc": _number(evaluation.get("macro_auc")), "micro_auc": _number(evaluation.get("micro_auc")),
+                        **{f"auc_{f}": _number(m.get("auc")) for f, m in evaluation.get("per_finding", {}).items()},
+                        "n_cases": evaluation.get("n"), "evaluated_cases": (evaluation.get("provenance") or {}).get("cases", "")})
+    elif evaluation:
         cases = (evaluation.get("provenance") or {}).get("cases", "")
         metrics.update({"auc": _number(evaluation.get("auc")), "accuracy": _number(evaluation.get("accuracy")),
                         "balanced_accuracy": _number(evaluation.get("balanced_accuracy")), "n_cases": evaluation.get("n")})
@@ -223,7 +227,9 @@ def _metadata(bundle: Path, version: str, trained: dict, classes: list[str], set
                                f"{', '.join(classes)})"},
         "required_packages_version": {**metadata["required_packages_version"], "wsr_med": wsr_version},
         "name": name or f"Wise-SrNet classifier {run_name}",
-        "task": f"Classification of {_modality(profile) or 'medical'} scans into {len(classes)} classes: {', '.join(classes)}",
+        "task": (f"Multi-label classification of {_modality(profile) or 'medical'} scans: {len(classes)} findings, each "
+                 f"present or not (independent sigmoids): {', '.join(classes)}" if multilabel else
+                 f"Classification of {_modality(profile) or 'medical'} scans into {len(classes)} classes: {', '.join(classes)}"),
         "data_source": f"the training run's own data (location id {path_id(settings.get('dataset_dir'))}; "
                        f"{(profile or {}).get('n', '?')} training scans); see docs/README.md",
         "eval_metrics": metrics,
@@ -247,11 +253,23 @@ def _torch_version() -> str:
 
 
 def _readme(metadata: dict, trained: dict, classes: list[str], settings: dict, best: dict, evaluation: dict | None,
-            has_data_license: bool) -> str:
+            multilabel: bool, has_data_license: bool) -> str:
     metrics = metadata["eval_metrics"]
     size = " x ".join(str(s) for s in metadata["network_data_format"]["inputs"]["image"]["spatial_shape"])
     class_rows = "\n".join(f"| {i} | {_markdown(c)} |" for i, c in enumerate(classes))
-    if evaluation:
+    output = ("one logit per finding; `postprocessing` applies a sigmoid to each (findings are independent; each is "
+              "called present at its own threshold, chosen on the validation split: `models/calibration.json`). Findings "
+              "in output order:" if multilabel else "one logit per class; `postprocessing` applies a softmax. Classes in "
+              "output order:")
+    if evaluation and multilabel:
+        rows = "".join(f"| {_markdown(f)} | {_number(m.get('auc'))} ({', '.join(str(_number(v)) for v in m.get('auc_ci95') or [])}) "
+                       f"| {_number(m.get('prevalence'))} |\n" for f, m in sorted(
+                           (evaluation.get("per_finding") or {}).items(), key=lambda fm: -(fm[1].get("auc") or 0)))
+        perf = (f"Evaluated on {_markdown(metrics.get('evaluated_cases') or 'a labelled set')} ({evaluation.get('n')} cases): "
+                f"macro AUC (mean over findings) {_number(evaluation.get('macro_auc'))} (95% CI "
+                f"{', '.join(str(_number(v)) for v in evaluation.get('macro_auc_ci95') or [])}), micro AUC (pooled) "
+                f"{_number(evaluation.get('micro_auc'))}.\n\n| finding | AUC (95% CI) | prevalence |\n|---|---|---|\n{rows}")
+    elif evaluation:
         per_class = evaluation.get("per_class") or {}
         perf = (f"Evaluated on {_markdown(metrics.get('evaluated_cases') or 'a labelled folder')} "
                 f"({evaluation.get('n')} cases, evaluated {_markdown((evaluation.get('provenance') or {}).get('evaluated', '?'))}):\n\n"
@@ -288,9 +306,9 @@ seed {settings.get('seed')}).
 - Input `image`: {trained['in_channels']} channel(s), {size} pixels, float32 in [0, 1]: the scan's intensities
   between its {trained['intensity_percentiles']} percentiles, longest side resized to {trained['image_size']} and
   padded square (the bundle's `preprocessing` does this from a DICOM/PNG/JPEG/TIFF file).
-- Output `pred`: one logit per class; `postprocessing` applies a softmax. Classes in output order:
+- Output `pred`: {output}
 
-| index | class |
+| index | {'finding' if multilabel else 'class'} |
 |---|---|
 {class_rows}
 

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["metric_inputs", "per_class_auc_metrics"]
+__all__ = ["auc_metric", "evaluation_metrics", "masked_macro_auc", "metric_inputs", "per_class_auc_metrics",
+           "validation_metrics"]
 
 
 def metric_inputs(kind: str = "probs") -> Callable:
@@ -46,3 +47,62 @@ def per_class_auc_metrics(classes: list[str], prefix: str = "val_auc") -> dict:
         return transform
 
     return {metric_name(f"{prefix}_{name}"): ROCAUC(output_transform=column(c)) for c, name in enumerate(classes)}
+
+
+def masked_macro_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Multi-label: the mean over findings of each finding's ROC AUC on its labelled cases (NaN labels left out);
+    findings without both outcomes here are skipped; NaN when none has both."""
+    from wsr_med.metrics import binary_auc
+
+    values = []
+    for k in range(labels.shape[1]):
+        known = ~torch.isnan(labels[:, k])
+        positive = (labels[known, k] == 1).numpy()
+        if 0 < positive.sum() < len(positive):
+            values.append(binary_auc(positive, probs[known, k].float().numpy()))
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _finding_auc(k: int) -> Callable:
+    def compute(probs: torch.Tensor, labels: torch.Tensor) -> float:
+        return masked_macro_auc(probs[:, k : k + 1], labels[:, k : k + 1])
+
+    return compute
+
+
+def auc_metric(multilabel: bool = False):
+    """The validation AUC that picks the best epoch: ROC AUC (macro one-vs-rest over classes, MONAI's ``ROCAUC``); multi-
+    label, :func:`masked_macro_auc` over findings. Both gather every rank's cases under torchrun."""
+    from ignite.metrics import EpochMetric
+    from monai.handlers import ROCAUC
+
+    if not multilabel:
+        return ROCAUC(output_transform=metric_inputs("probs"))
+    return EpochMetric(masked_macro_auc, output_transform=metric_inputs("probs"), check_compute_fn=False)
+
+
+def validation_metrics(classes: list[str], multilabel: bool = False, prefix: str = "val_") -> dict:
+    """The metrics logged each validation besides ``val_auc``: accuracy and loss (NLL), and one-vs-rest AUC per class for
+    three classes or more; multi-label, the AUC of each finding."""
+    from ignite.metrics import Accuracy, EpochMetric, Loss
+
+    from wsr_med.tracking import metric_name
+
+    if multilabel:
+        return {metric_name(f"{prefix}auc_{name}"): EpochMetric(_finding_auc(k), output_transform=metric_inputs("probs"),
+                                                                 check_compute_fn=False)
+                for k, name in enumerate(classes)}
+    return {f"{prefix}accuracy": Accuracy(output_transform=metric_inputs("index")),
+            f"{prefix}loss": Loss(torch.nn.NLLLoss(), output_transform=metric_inputs("log_probs")),
+            **per_class_auc_metrics(classes, f"{prefix}auc")}
+
+
+def evaluation_metrics(classes: list[str], multilabel: bool = False) -> dict:
+    """What an evaluation logs as it runs (its report computes every figure itself): the AUC, accuracy and per-class
+    AUCs; multi-label, the macro AUC and each finding's."""
+    from ignite.metrics import Accuracy
+
+    if multilabel:
+        return {"auc": auc_metric(True), **validation_metrics(classes, True, prefix="")}
+    return {"auc": auc_metric(False), "accuracy": Accuracy(output_transform=metric_inputs("index")),
+            **per_class_auc_metrics(classes, "auc")}

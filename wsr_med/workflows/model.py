@@ -39,6 +39,7 @@ class TrainedModel:
         self.run.check_trained(given)
         self.settings = self.run.trained_settings()
         self.classes = self.run.classes()
+        self.multilabel = self.run.multilabel()
 
     def __repr__(self) -> str:
         return f"TrainedModel('{self.run.path}')"

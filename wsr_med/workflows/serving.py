@@ -95,7 +95,8 @@ class RowError(Exception):
 
 class ScanClassifier(mlflow.pyfunc.PythonModel):
     """Rows ``{"bytes": base64}`` (or ``{"path": ...}`` under the server's roots) -> ``prob_<class>``...,
-    ``predicted_class``, ``error``."""
+    ``predicted_class``, ``error``; a multi-label model: ``prob_<finding>``..., ``findings`` (those called present,
+    ``|``-joined, ``none``), ``error``."""
 
     batch_size = 16
 
@@ -108,6 +109,7 @@ class ScanClassifier(mlflow.pyfunc.PythonModel):
         self.network = model.network("cpu")
         self.transform = model.preprocessing()
         self.decision = model.decision
+        self.multilabel = model.multilabel
         self.limits = ServeLimits.from_environment()
         # one scan decoded at a time in this process, whatever the number of concurrent requests (MLflow runs each in
         # a thread): the peak memory is one full-resolution scan's (up to max_pixels), not one per request
@@ -182,7 +184,7 @@ class ScanClassifier(mlflow.pyfunc.PythonModel):
             elif pending:
                 with torch.no_grad():
                     out = self.network(torch.stack([image for _, image in pending])).float()
-                probs[[n for n, _ in pending]] = torch.softmax(out, dim=1).numpy()
+                probs[[n for n, _ in pending]] = (torch.sigmoid(out) if self.multilabel else torch.softmax(out, dim=1)).numpy()
             pending.clear()
 
         for n, row in enumerate(rows):
@@ -206,12 +208,13 @@ class ScanClassifier(mlflow.pyfunc.PythonModel):
         decided = [None] * len(rows)
         if len(good):
             probs[good] = self.decision.probabilities(probs[good])
-            for n, k in zip(good, self.decision.classes(probs[good])):
-                decided[n] = self.classes[k]
+            for n, called in zip(good, self.decision.classes(probs[good])):
+                decided[n] = ("|".join(c for c, v in zip(self.classes, called) if v) or "none") if self.multilabel \
+                    else self.classes[called]
         columns = {f"prob_{c}": pd.Series([None if np.isnan(p) else float(p) for p in probs[:, k]], dtype=object)
                    for k, c in enumerate(self.classes)}  # None -> JSON null (NaN is not JSON)
         out = pd.DataFrame(columns)
-        out["predicted_class"] = pd.Series([d or "" for d in decided], dtype=object)
+        out["findings" if self.multilabel else "predicted_class"] = pd.Series([d or "" for d in decided], dtype=object)
         out["error"] = errors
         return out
 
@@ -235,13 +238,13 @@ def body_limit(max_request_mib: float) -> int:
     return int(max_request_mib * 2**20 * 4 / 3) + 2**20
 
 
-def served_model_signature(classes: list[str]):
+def served_model_signature(classes: list[str], multilabel: bool = False):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     inputs = Schema([ColSpec("string", "path", required=False), ColSpec("string", "bytes", required=False)])
     outputs = Schema([*[ColSpec("double", f"prob_{c}", required=False) for c in classes],
-                      ColSpec("string", "predicted_class"), ColSpec("string", "error")])
+                      ColSpec("string", "findings" if multilabel else "predicted_class"), ColSpec("string", "error")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -261,12 +264,13 @@ def log_served_model(run_dir: str | Path, registered_model_name: str | None, pip
         for name in (RunFolder.MODEL, RunFolder.CLASSES, RunFolder.CALIBRATION, RunFolder.BEST):
             if (run / name).is_file():
                 (folder / name).write_bytes((run / name).read_bytes())
-        (folder / RunFolder.CONFIG).write_text(json.dumps({"settings": settings_without_paths(run.settings())}))
+        (folder / RunFolder.CONFIG).write_text(json.dumps({"settings": settings_without_paths(run.settings()),
+                                                           "task": run.task()}))
         mlflow.log_artifacts(str(folder), "served_model_files")
     run_id = mlflow.active_run().info.run_id
     return mlflow.pyfunc.log_model(name="model", python_model=ScanClassifier(),
                                    artifacts={"run": f"runs:/{run_id}/served_model_files"},
-                                   signature=served_model_signature(run.classes()),
+                                   signature=served_model_signature(run.classes(), run.multilabel()),
                                    registered_model_name=registered_model_name or None,
                                    pip_requirements=pip_requirements, tags=MODEL_CONTEXT_TAGS)
 
