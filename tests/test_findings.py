@@ -249,3 +249,22 @@ def test_masked_loss_ignores_masked_labels_and_weights_positives():
     assert weight.tolist() == [3.0, 2.0]
     weighted = MaskedBCEWithLogitsLoss(weight)(logits.detach(), labels)
     assert weighted > loss
+
+
+def test_ablation_compares_heads_by_macro_auc_and_lists_findings(findings_set):
+    import json
+
+    home = findings_set.parent
+    ok(wsr_med(home, "ablate", "--dataset-dir", "chest/chexpert.csv", "--output-dir", "study", "--heads", "gap", "wise",
+               "--sizes", "48", "--folds", "2", "--seeds", "0", "--tracking-uri", f"sqlite:///{home / 'study.db'}",
+               "--set", "image_size=48", SMALL, "max_epochs=2", "batch_size=8", "learning_rate=0.01", "uncertain=ignore",
+               "num_workers=0", "progress_bar=false", timeout=1200))
+    cell = next((home / "study").glob("*-wise-fold0-seed0"))
+    result = json.loads((cell / "cell.json").read_text())
+    assert result["auc"] == json.loads((cell / "eval" / "metrics.json").read_text())["macro_auc"]
+    summary = (home / "study" / "summary.md").read_text()
+    line = next(x for x in summary.splitlines() if "wise - gap, per finding" in x)
+    assert all(f in line for f in ("nodule", "pneumothorax", "effusion", "cardiomegaly"))
+    with open(home / "study" / "summary.csv", newline="") as f:
+        rows = {r["head"]: r for r in csv.DictReader(f)}
+    assert rows["wise"]["auc_vs_gap"] != "" and float(rows["gap"]["auc_mean"]) == float(rows["gap"]["auc_mean"])

@@ -152,13 +152,13 @@ def test_csv_cells_are_neutralised():
 
 def test_log_records_stay_one_line():
     from wsr_med.log_format import EscapingFormatter
-    from wsr_med.workflows import BUNDLE
+    from wsr_med.workflows import parse_bundle
 
     record = logging.LogRecord("wsr_med", logging.WARNING, __file__, 1, "skipping %s", ("evil\nFAKE ERROR caf\udce9",), None)
     line = EscapingFormatter("%(message)s").format(record)
     assert line == "skipping evil\\x0aFAKE ERROR caf\\udce9"
     for workflow in ("train", "evaluate", "inference", "multi_gpu_train"):  # every workflow escapes first
-        assert "wsr_med.log_format.escape_log_records()" in (BUNDLE / "configs" / f"{workflow}.json").read_text()
+        assert parse_bundle(workflow)["initialize"][0] == "$wsr_med.log_format.escape_log_records()", workflow
 
 
 def test_patient_pseudonyms_are_keyed(tmp_path, monkeypatch):

@@ -14,13 +14,28 @@ from sklearn.metrics import average_precision_score
 from wsr_med.metrics.classification import SMALL_CLASS, binary_auc, bootstrap_ci, expected_calibration_error
 from wsr_med.metrics.operating_point import apply_temperature, choose_threshold, fit_temperature, operating_point_metrics
 
-__all__ = ["FindingDecision", "finding_calibration", "fit_finding_decisions", "multilabel_metrics", "sigmoid_temperature"]
+__all__ = ["FindingDecision", "finding_aucs", "macro_auc", "finding_calibration", "fit_finding_decisions", "multilabel_metrics", "sigmoid_temperature"]
 
 
 def _finding(labels: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The labelled cases of finding ``k``: (bool labels, probabilities)."""
     known = ~np.isnan(labels[:, k])
     return labels[known, k] == 1.0, probs[known, k]
+
+
+def finding_aucs(labels: np.ndarray, probs: np.ndarray) -> list[float]:
+    """Each finding's ROC AUC on its labelled cases (NaN labels left out); NaN for a finding without both outcomes."""
+    out = []
+    for k in range(labels.shape[1]):
+        positive, p = _finding(np.asarray(labels, dtype=float), np.asarray(probs, dtype=float), k)
+        out.append(binary_auc(positive, p) if 0 < positive.sum() < len(positive) else float("nan"))
+    return out
+
+
+def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The mean of :func:`finding_aucs` over the findings that have both outcomes here (NaN when none has)."""
+    values = [v for v in finding_aucs(labels, probs) if v == v]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def sigmoid_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:

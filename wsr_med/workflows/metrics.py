@@ -50,17 +50,10 @@ def per_class_auc_metrics(classes: list[str], prefix: str = "val_auc") -> dict:
 
 
 def masked_macro_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Multi-label: the mean over findings of each finding's ROC AUC on its labelled cases (NaN labels left out);
-    findings without both outcomes here are skipped; NaN when none has both."""
-    from wsr_med.metrics import binary_auc
+    """Multi-label validation AUC (ignite's argument order): :func:`wsr_med.metrics.multilabel.macro_auc`."""
+    from wsr_med.metrics.multilabel import macro_auc
 
-    values = []
-    for k in range(labels.shape[1]):
-        known = ~torch.isnan(labels[:, k])
-        positive = (labels[known, k] == 1).numpy()
-        if 0 < positive.sum() < len(positive):
-            values.append(binary_auc(positive, probs[known, k].float().numpy()))
-    return float(sum(values) / len(values)) if values else float("nan")
+    return macro_auc(labels.float().numpy(), probs.float().numpy())
 
 
 def _finding_auc(k: int) -> Callable:

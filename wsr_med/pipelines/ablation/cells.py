@@ -46,14 +46,17 @@ def load_cell(cell_dir: Path, cache_dir: str) -> tuple[torch.nn.Module, torch.Te
 
 
 def shuffle_auc(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, repeats: int = 3, seed: int = 0) -> float:
-    """Validation AUC when the final feature map's positions are randomly permuted (mean over ``repeats``)."""
+    """Validation AUC when the final feature map's positions are randomly permuted (mean over ``repeats``); multi-label
+    (``labels`` ``(N, F)``), the macro AUC over findings of the sigmoid outputs."""
+    from wsr_med.metrics.multilabel import macro_auc
     from wsr_med.networks import logits_with_shuffled_positions
 
     generator = torch.Generator().manual_seed(seed)
     aucs = []
     for _ in range(repeats):
         logits = torch.cat([logits_with_shuffled_positions(net, x, generator) for x in images.split(64)])
-        aucs.append(roc_auc(labels, torch.softmax(logits, 1).numpy()))
+        aucs.append(macro_auc(labels, torch.sigmoid(logits).numpy()) if labels.ndim == 2
+                    else roc_auc(labels, torch.softmax(logits, 1).numpy()))
     return float(np.mean(aucs))
 
 
@@ -62,7 +65,9 @@ def cell_figure(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, 
     """Mean validation image, the learned Wise-SrNet spatial weights (if any) and MONAI Grad-CAM of a few cases per class."""
     from wsr_med.networks import WiseCompression, gradcam
 
-    cases = [i for c in range(len(classes)) for i in np.flatnonzero(labels == c)[:per_class]]
+    positive = labels == 1 if labels.ndim == 2 else labels[:, None] == np.arange(len(classes))  # (N, classes or findings)
+    cases = [i for c in range(len(classes)) for i in np.flatnonzero(positive[:, c])[:per_class]]
+    shown = [c for c in range(len(classes)) for _ in np.flatnonzero(positive[:, c])[:per_class]]
     heat = gradcam(net, images[cases])
     compression = net.head.compression
     weights = compression.depthwise.weight.detach().mean(0)[0] if isinstance(compression, WiseCompression) else None
@@ -75,10 +80,10 @@ def cell_figure(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, 
         axes[1].imshow(weights, cmap="magma")
         axes[1].set_title("spatial weights (mean)", fontsize=8)
         k = 2
-    for ax, i, h in zip(axes[k:], cases, heat):
+    for ax, i, c, h in zip(axes[k:], cases, shown, heat):
         ax.imshow(images[i, 0], cmap="gray")
         ax.imshow(h[0], cmap="jet", alpha=0.35, vmin=0, vmax=1)
-        ax.set_title(f"Grad-CAM, {plain(classes[labels[i]])}", fontsize=8)
+        ax.set_title(f"Grad-CAM, {plain(classes[c])}", fontsize=8)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
@@ -117,8 +122,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
     shuffled = shuffle_auc(net, images, labels)
     diagnostics = cell_figure(net, images, labels, classes, cell_dir / RunFolder.EVAL / "diagnostics.png")
     curve, seconds_per_epoch = _validation_history(cell_dir, args)
-    result = {**asdict(cell), "overrides_id": overrides_id(extra), "auc": metrics["auc"], "accuracy": metrics["accuracy"],
-              "auc_last_epoch": last["auc"], "auc_shuffled": shuffled, "n_train": counts["training"] + counts["validation"],
+    auc_of = "macro_auc" if metrics.get("task") == "multilabel" else "auc"  # multi-label: macro AUC over findings
+    result = {**asdict(cell), "overrides_id": overrides_id(extra), "auc": metrics[auc_of],
+              "accuracy": metrics.get("accuracy", float("nan")), "auc_last_epoch": last[auc_of], "auc_shuffled": shuffled, "n_train": counts["training"] + counts["validation"],
               "n_test": counts["test"], "params": sum(p.numel() for p in net.parameters()),
               "head_params": sum(p.numel() for p in net.head.parameters()),
               "seconds_per_epoch": seconds_per_epoch, "val_auc_curve": curve,
@@ -126,7 +132,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, parent_run_id: str, extra: di
     run_id = RunFolder(cell_dir).mlflow_run_id
     client = tracking.client(args.tracking_uri)
     client.log_metric(run_id, "eval_test_auc_shuffled", shuffled)
-    client.log_metric(run_id, "eval_test_auc_last_epoch", last["auc"])
+    client.log_metric(run_id, "eval_test_auc_last_epoch", last[auc_of])
     client.log_metric(run_id, "seconds_per_epoch", result["seconds_per_epoch"])
     client.log_artifact(run_id, str(diagnostics), "plots")
     atomic_write(done, json.dumps(result, indent=1))

@@ -13,6 +13,7 @@ import numpy as np
 from wsr_med.data.csv_files import unneutralise, write_csv
 from wsr_med.files import atomic_write
 from wsr_med.metrics import bootstrap_ci, corrected_resampled_ttest, figure, roc_auc
+from wsr_med.metrics.multilabel import finding_aucs, macro_auc
 from wsr_med.pipelines.ablation.grid import Cell
 from wsr_med.runs import RunFolder
 
@@ -25,13 +26,42 @@ def _cases_file(output: Path, cell: Cell, head: str) -> Path:
 
 
 def _read_cases(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """A cell's ``cases.csv``: paths, labels (class indices; multi-label ``(N, F)`` with NaN masked), probabilities, classes."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     classes = [k[len("prob_"):] for k in rows[0] if k.startswith("prob_")]
     paths = [r["path"] for r in rows]
-    labels = np.array([classes.index(unneutralise(r["label"])) for r in rows])
+    if f"label_{classes[0]}" in rows[0]:  # multi-label
+        labels = np.array([[float(r[f"label_{c}"]) if r[f"label_{c}"] else np.nan for c in classes] for r in rows])
+    else:
+        labels = np.array([classes.index(unneutralise(r["label"])) for r in rows])
     probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
     return paths, labels, probs, classes
+
+
+def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The head comparison's AUC: ROC AUC; multi-label, the macro AUC over findings."""
+    return macro_auc(labels, probs) if labels.ndim == 2 else roc_auc(labels, probs)
+
+
+def _strata(labels: np.ndarray) -> np.ndarray:
+    """What a case bootstrap redraws on: the classes; multi-label, nothing (a finding missing from a resample is skipped)."""
+    return np.zeros(len(labels), dtype=int) if labels.ndim == 2 else labels
+
+
+def _accuracy(row: dict) -> str:
+    """mean ± sd; a multi-label study has no accuracy (several findings per case): —."""
+    return "—" if row["accuracy_mean"] != row["accuracy_mean"] else f"{row['accuracy_mean']:.3f} ± {row['accuracy_sd']:.3f}"
+
+
+def finding_differences(output: Path, cells: list[Cell], head: str) -> dict[str, float]:
+    """Multi-label: per finding, the mean over cells of its AUC(head) - AUC(gap) on the same held-out cases."""
+    per_cell = []
+    for c in cells:
+        _, labels, probs_h, findings = _read_cases(_cases_file(output, c, head))
+        _, _, probs_g, _ = _read_cases(_cases_file(output, c, "gap"))
+        per_cell.append(np.array(finding_aucs(labels, probs_h)) - np.array(finding_aucs(labels, probs_g)))
+    return dict(zip(findings, np.nanmean(np.stack(per_cell), axis=0).tolist()))
 
 
 def made_with() -> str:
@@ -55,9 +85,9 @@ def fold_differences(output: Path, cells: list[Cell], head: str) -> list[tuple[C
     for c in cells:
         paths, labels, probs_h, _ = _read_cases(_cases_file(output, c, head))
         paths_g, labels_g, probs_g, _ = _read_cases(_cases_file(output, c, "gap"))
-        if paths != paths_g or not np.array_equal(labels, labels_g):
+        if paths != paths_g or not np.array_equal(labels, labels_g, equal_nan=True):
             raise ValueError(f"{head} and gap were evaluated on different cases in {c.name}")
-        out.append((c, roc_auc(labels, probs_h) - roc_auc(labels, probs_g), labels, probs_h, probs_g))
+        out.append((c, _auc(labels, probs_h) - _auc(labels, probs_g), labels, probs_h, probs_g))
     return out
 
 
@@ -72,9 +102,9 @@ def paired_difference(output: Path, cells: list[Cell], head: str, n_boot: int = 
     folds = [(y, ph, pg) for _, _, y, ph, pg in fold_differences(output, cells, head)]
 
     def mean_difference(indices: list[np.ndarray]) -> float:
-        return float(np.mean([roc_auc(y[i], ph[i]) - roc_auc(y[i], pg[i]) for (y, ph, pg), i in zip(folds, indices)]))
+        return float(np.mean([_auc(y[i], ph[i]) - _auc(y[i], pg[i]) for (y, ph, pg), i in zip(folds, indices)]))
 
-    low, high = bootstrap_ci([y for y, _, _ in folds], mean_difference, n_boot, seed=seed)
+    low, high = bootstrap_ci([_strata(y) for y, _, _ in folds], mean_difference, n_boot, seed=seed)
     return mean_difference([np.arange(len(y)) for y, _, _ in folds]), low, high
 
 
@@ -100,7 +130,7 @@ def summarise(output: Path, results: list[dict], cells: list[Cell], missing: lis
         row = {"network": network, "image_size": size, "head": head, "cells": len(rs),
                "auc_mean": statistics.mean(aucs), "auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
                "auc_last_epoch_mean": statistics.mean(r.get("auc_last_epoch", float("nan")) for r in rs),
-               "accuracy_mean": statistics.mean(accs), "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+               "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
                "auc_shuffled_mean": statistics.mean(r["auc_shuffled"] for r in rs),
                "params": rs[0]["params"], "head_params": rs[0]["head_params"],
                # a median: a cell that shared the machine with another job must not move the row
@@ -118,6 +148,9 @@ def summarise(output: Path, results: list[dict], cells: list[Cell], missing: lis
             _, row["auc_vs_gap_bootstrap_low"], row["auc_vs_gap_bootstrap_high"] = paired_difference(output, same, head)
             listed.append(f"- {network}, {size} px, {head} - gap, per fold x seed: " + ", ".join(
                 f"f{c.fold}s{c.seed} {d:+.3f}" for c, d, *_ in differences))
+            if differences[0][2].ndim == 2:  # multi-label: the macro AUC above, and where it comes from
+                listed.append(f"- {network}, {size} px, {head} - gap, per finding (mean over folds x seeds): " + ", ".join(
+                    f"{f} {d:+.3f}" for f, d in finding_differences(output, same, head).items()))
         rows.append(row)
     fields = ["network", "image_size", "head", "cells", "auc_mean", "auc_sd", "auc_last_epoch_mean", "accuracy_mean",
               "accuracy_sd", "auc_vs_gap", "auc_vs_gap_ci_low", "auc_vs_gap_ci_high", "auc_vs_gap_p",
@@ -136,7 +169,7 @@ def summarise(output: Path, results: list[dict], cells: list[Cell], missing: lis
         boot = f"[{r['auc_vs_gap_bootstrap_low']:+.3f}, {r['auc_vs_gap_bootstrap_high']:+.3f}]" if has else "—"
         p_value = ("<0.001" if r["auc_vs_gap_p"] < 0.001 else f"{r['auc_vs_gap_p']:.3f}") if has else "—"
         lines.append(f"| {r['network']} | {r['image_size']} | {r['head']} | {r['cells']} | {r['auc_mean']:.3f} ± {r['auc_sd']:.3f} | "
-                     f"{r['auc_last_epoch_mean']:.3f} | {r['accuracy_mean']:.3f} ± {r['accuracy_sd']:.3f} | {delta} | {p_value} | "
+                     f"{r['auc_last_epoch_mean']:.3f} | {_accuracy(r)} | {delta} | {p_value} | "
                      f"{boot} | {r['auc_shuffled_mean']:.3f} | {r['params']:,} | {r['head_params']:,} | {r['seconds_per_epoch']:.1f} |")
     lines += ["", "AUC on each cell's held-out fold, with the checkpoint its inner validation split chose. The CI and p "
               "of ΔAUC are the corrected resampled t-test over folds x seeds (Nadeau & Bengio 2003); the case "
