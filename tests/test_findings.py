@@ -268,3 +268,27 @@ def test_ablation_compares_heads_by_macro_auc_and_lists_findings(findings_set):
     with open(home / "study" / "summary.csv", newline="") as f:
         rows = {r["head"]: r for r in csv.DictReader(f)}
     assert rows["wise"]["auc_vs_gap"] != "" and float(rows["gap"]["auc_mean"]) == float(rows["gap"]["auc_mean"])
+
+
+def test_other_layouts_with_task_multilabel_and_picked_findings(findings_set, tmp_path):
+    """A path,label manifest with |-joined findings is multi-label when task=multilabel; findings picks the outputs."""
+    import json
+
+    home = findings_set.parent
+    rows = _rows(findings_set / "Data_Entry_2017.csv")
+    with open(findings_set / "joined.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "patient_id"])
+        writer.writerows([[f"images/{r['Image Index']}", "" if r["Finding Labels"] == "No Finding" else r["Finding Labels"],
+                           r["Patient ID"]] for r in rows])
+    refused(wsr_med(home, "train", "--dataset-dir", "chest/chexpert.csv", "--output-dir", "runs/x", "--set",
+                    "task=multiclass", "--tracking-uri", "none"), "is a multi-label file", "task=multiclass")
+    ok(wsr_med(home, "train", "--dataset-dir", "chest/joined.csv", "--output-dir", "runs/joined", "--set", "task=multilabel",
+               "findings=['effusion','nodule']", "image_size=48", SMALL, "max_epochs=1", "num_workers=0",
+               "progress_bar=false", "--tracking-uri", "none"))
+    run = home / "runs/joined"
+    assert json.loads((run / "classes.json").read_text()) == ["effusion", "nodule"]
+    assert json.loads((run / "config.json").read_text())["task"] == "multilabel"
+    ok(wsr_med(home, "evaluate", "--output-dir", "runs/joined", "--dataset-dir", "chest/joined.csv", "--set",
+               "findings=['effusion','nodule']", "--tracking-uri", "none"))
+    assert set(json.loads((run / "eval/metrics.json").read_text())["per_finding"]) == {"effusion", "nodule"}

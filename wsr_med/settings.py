@@ -16,7 +16,7 @@ from typing import Any
 from wsr_med.errors import WsrMedError
 
 __all__ = ["SETTINGS", "Setting", "COMPUTED", "KINDS", "TRAINED_SETTINGS", "PATH_SETTINGS", "MACHINE_SETTINGS",
-           "CONTINUABLE_SETTINGS", "RECIPE_SETTINGS", "RECORDED_SETTINGS", "CLASS_BALANCE", "UnknownSetting",
+           "CONTINUABLE_SETTINGS", "RECIPE_SETTINGS", "RECORDED_SETTINGS", "CLASS_BALANCE", "TASKS", "UnknownSetting",
            "check_known", "default"]
 
 KINDS = ("network", "preprocessing", "data", "optimisation", "machine", "tracking")
@@ -78,6 +78,7 @@ SETTINGS: dict[str, Setting] = {
     "fold": Setting("data", 0),
     "inner_validation": Setting("data", False),
     "class_balance": Setting("data", "none", recipe=True),
+    "task": Setting("data", "auto", recipe=True),  # auto (from the labels' layout) | multiclass | multilabel
     "findings": Setting("data", None, recipe=True),  # multi-label files: pick / rename finding columns
     "uncertain": Setting("data", "zeros", recipe=True),  # multi-label files: ignore | zeros | ones
     "synthetic": Setting("data", {"n_per_class": 150, "image_size": 256, "n_classes": 2, "seed": 1234}),
@@ -122,6 +123,7 @@ CONTINUABLE_SETTINGS = tuple(k for k, s in SETTINGS.items() if s.continuable)
 RECIPE_SETTINGS = tuple(k for k, s in SETTINGS.items() if s.recipe)
 RECORDED_SETTINGS = tuple(k for k, s in SETTINGS.items() if s.recorded)
 CLASS_BALANCE = ("none", "weighted_loss", "sampler")  # the values of ``class_balance``
+TASKS = ("auto", "multiclass", "multilabel")  # the values of ``task``
 
 
 def default(key: str) -> Any:

@@ -12,6 +12,9 @@ Two layouts are recognised from their header, with no setting:
 
 A finding's label is 1.0, 0.0 or None (masked out of the loss and the metrics: ``uncertain=ignore``). Uncertain
 labels follow ``uncertain``: ``ignore`` (U-Ignore), ``zeros`` (U-Zeros, the default) or ``ones`` (U-Ones).
+Any other CSV with a ``path`` and a ``label`` column is multi-label when ``task=multilabel``: the findings of a scan
+are its label's ``|``-joined names (blank or ``No Finding`` = none), as in NIH's file.
+
 ``findings`` picks and orders the finding columns (``["Edema", "Effusion"]``) or renames them
 (``{"Pleural Effusion": "effusion"}``). A value that is none of these is an error naming its line and column.
 """
@@ -57,16 +60,24 @@ def _rows(path: Path) -> tuple[list[str], list[dict]]:
     return [c for c in (reader.fieldnames or []) if c], rows
 
 
-def is_label_file(path: str | Path) -> bool:
-    """Whether ``path`` is a CSV in one of the multi-label layouts (by its header alone)."""
+def is_label_file(path: str | Path, task: str = "auto") -> bool:
+    """Whether ``path`` is a multi-label CSV: by its header alone (``task=auto``), or any CSV with ``task=multilabel``.
+
+    Raises:
+        WsrMedError: ``task=multiclass`` on a file whose header is a multi-label layout.
+    """
     path = Path(path)
     if path.suffix.lower() != ".csv" or not path.is_file():
         return False
+    if task == "multilabel":
+        return True
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
         header = next(csv.reader(f), [])
-    if set(NIH_COLUMNS) <= set(header):
-        return True
-    return any(c in header for c in PATH_COLUMNS) and "label" not in header
+    layout = set(NIH_COLUMNS) <= set(header) or (any(c in header for c in PATH_COLUMNS) and "label" not in header)
+    if layout and task == "multiclass":
+        raise WsrMedError(f"{path} is a multi-label file (several findings per scan), and task=multiclass asks for one "
+                          "class per scan: leave task out, or give a path,label manifest")
+    return layout
 
 
 def _pick(findings: list[str], chosen: list[str] | dict[str, str] | None, where: Path) -> tuple[list[str], list[str]]:
@@ -98,6 +109,8 @@ def read_label_file(path: str | Path, findings: list[str] | dict[str, str] | Non
     as_uncertain = _uncertain_value(uncertain)
     if set(NIH_COLUMNS) <= set(columns):
         return _read_nih(path, rows, findings)
+    if {"path", "label"} <= set(columns):  # task=multilabel on a manifest: findings joined by "|" in the label
+        return _read_joined(path, rows, findings)
     path_column = next((c for c in PATH_COLUMNS if c in columns), None)
     if path_column is None:
         raise WsrMedError(f"{path}: neither an NIH label file ('Image Index', 'Finding Labels') nor a CheXpert-style "
@@ -155,13 +168,32 @@ def _image_root(path: Path, images: list[str]) -> Path:
     return path.parent
 
 
-def _read_nih(path: Path, rows: list[dict], findings: list[str] | dict[str, str] | None) -> LabelFile:
+def _joined(path: Path, rows: list[dict], column: str, blank_is_none: bool) -> list[list[str]]:
+    """Each row's findings from ``|``-joined names in ``column`` (``No Finding`` = none)."""
     present = []
     for n, row in enumerate(rows, start=2):
-        names = [f.strip() for f in (row["Finding Labels"] or "").split("|") if f.strip()]
-        if not names:
-            raise WsrMedError(f"{path}: line {n}, column 'Finding Labels': empty (write '{NO_FINDING}' for none)")
+        names = [f.strip() for f in (row[column] or "").split("|") if f.strip()]
+        if not names and not blank_is_none:
+            raise WsrMedError(f"{path}: line {n}, column {column!r}: empty (write '{NO_FINDING}' for none)")
         present.append([f for f in names if f != NO_FINDING])
+    return present
+
+
+def _read_joined(path: Path, rows: list[dict], findings: list[str] | dict[str, str] | None) -> LabelFile:
+    present = _joined(path, rows, "label", blank_is_none=True)
+    columns, names = _pick(sorted({f for found in present for f in found}), findings, path)
+    out = LabelFile(path.parent, names, "joined")
+    for row, found in zip(rows, present):
+        item = {"image": row["path"].strip(), "label": [1.0 if c in found else 0.0 for c in columns]}
+        for key in ("patient_id", "split"):
+            if (row.get(key) or "").strip():
+                item[key] = row[key].strip().lower() if key == "split" else row[key].strip()
+        out.items.append(item)
+    return out
+
+
+def _read_nih(path: Path, rows: list[dict], findings: list[str] | dict[str, str] | None) -> LabelFile:
+    present = _joined(path, rows, "Finding Labels", blank_is_none=False)
     all_findings = sorted({f for names in present for f in names})
     columns, names = _pick(all_findings, findings, path)
     root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent

@@ -288,10 +288,10 @@ def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int 
                   reject_degenerate: bool = True, report: str | Path | None = None,
                   max_pixels: int = MAX_PIXELS, intensity_percentiles=default("intensity_percentiles"),
                   findings: list[str] | dict[str, str] | None = default("findings"),
-                  uncertain: str = default("uncertain")) -> DatasetScan:
+                  uncertain: str = default("uncertain"), task: str = default("task")) -> DatasetScan:
     """Scan a CSV manifest ``path,label[,patient_id][,split]`` (paths relative to the CSV), or a multi-label file
-    (NIH's ``Data_Entry_2017.csv`` or a CheXpert-style CSV, recognised by its header: :mod:`wsr_med.data.findings`,
-    which ``findings`` and ``uncertain`` are passed to).
+    (NIH's ``Data_Entry_2017.csv`` or a CheXpert-style CSV, recognised by its header, or any manifest with
+    ``task=multilabel``: :mod:`wsr_med.data.findings`, which ``findings`` and ``uncertain`` are passed to).
 
     Classes are the sorted distinct labels unless ``classes`` fixes their order. A ``split``
     column (``train``/``val``/``test``) is kept in the items and used by :func:`wsr_med.data.split_items`.
@@ -299,7 +299,7 @@ def scan_manifest(manifest: str | Path, spatial_dims: int = 2, num_workers: int 
     manifest = Path(manifest)
     if not manifest.is_file():
         raise WsrMedError(f"manifest not found: {manifest}")
-    if is_label_file(manifest):
+    if is_label_file(manifest, task):
         labels = read_label_file(manifest, findings, uncertain)
         if classes is not None and list(classes) != labels.findings:
             raise WsrMedError(f"{manifest}: findings {labels.findings}, the model's are {list(classes)}")

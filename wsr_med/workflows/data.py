@@ -25,7 +25,7 @@ from wsr_med.errors import WsrMedError
 from wsr_med.files import atomic_write
 from wsr_med.runs import RunFolder, check_writable
 from wsr_med.workflows.model import TrainedModel
-from wsr_med.settings import CLASS_BALANCE, default
+from wsr_med.settings import CLASS_BALANCE, TASKS, default
 
 __all__ = ["SYNTHETIC", "PreparedData", "check_trainable", "imbalance_warning", "class_names", "prepare_data", "prepare_evaluation",
            "prepare_unlabelled"]
@@ -39,13 +39,17 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
-def class_names(dataset_dir: str, synthetic_classes: int = 2) -> list[str]:
-    """The class names of a dataset without decoding anything: folder names, manifest labels or the synthetic sides."""
+def class_names(dataset_dir: str, synthetic_classes: int = 2, findings: list[str] | dict[str, str] | None = None,
+                task: str = default("task")) -> list[str]:
+    """The class names of a dataset without decoding anything: folder names, manifest labels or the synthetic sides;
+    for a multi-label file, its findings (as ``findings`` picks or renames them)."""
+    if task not in TASKS:
+        raise WsrMedError(f"task={task!r} is not one of: {', '.join(TASKS)}")
     if dataset_dir == SYNTHETIC:
         return list(SIDES[:synthetic_classes])
     path = Path(dataset_dir)
-    if is_label_file(path):  # multi-label: the findings
-        return read_label_file(path).findings
+    if is_label_file(path, task):  # multi-label: the findings
+        return read_label_file(path, findings).findings
     if path.suffix.lower() == ".csv":
         import csv
 
@@ -125,7 +129,7 @@ def _scan(dataset_dir: str, classes: list[str] | None, report: Path, labelled: b
     build without data: a missing folder, or one without a valid scan, returns data that writes the report
     and raises the error when the workflow runs (in ``write()``), not when it is built.
     """
-    labels = {"findings": options.pop("findings", default("findings")), "uncertain": options.pop("uncertain", default("uncertain"))}
+    labels = {key: options.pop(key, default(key)) for key in ("findings", "uncertain", "task")}
     try:
         if labelled and Path(dataset_dir).suffix.lower() == ".csv":
             return scan_manifest(dataset_dir, classes=classes, **options, **labels)
@@ -194,6 +198,7 @@ def prepare_data(
     intensity_percentiles: list[float] = default("intensity_percentiles"),
     findings: list[str] | dict[str, str] | None = default("findings"),
     uncertain: str = default("uncertain"),
+    task: str = default("task"),
     compare_with: str | None = None,
     inner_validation: bool = False,
 ) -> PreparedData:
@@ -220,6 +225,8 @@ def prepare_data(
         intensity_percentiles: the run's intensity scaling (the scans' profiles are taken under it).
         findings, uncertain: for a multi-label file, the finding columns to read and how uncertain labels count
             (:func:`wsr_med.data.findings.read_label_file`).
+        task: ``auto`` (multi-label for the layouts :func:`wsr_med.data.findings.is_label_file` recognises),
+            ``multilabel`` (also a ``path,label`` manifest with ``|``-joined findings) or ``multiclass``.
         compare_with: a trained run folder: every item gets ``unlike_training``, why it looks unlike that
             run's training data ("" when it does not), see :mod:`wsr_med.data.profile`.
     """
@@ -231,7 +238,7 @@ def prepare_data(
     report = output / f"{prefix}{RunFolder.BAD_FILES}"
     options = {"spatial_dims": spatial_dims, "num_workers": num_workers, "patient_pattern": patient_pattern,
                "reject_degenerate": reject_degenerate, "max_pixels": max_pixels,
-               "intensity_percentiles": intensity_percentiles, "findings": findings, "uncertain": uncertain}
+               "intensity_percentiles": intensity_percentiles, "findings": findings, "uncertain": uncertain, "task": task}
     scan = _scan(dataset_dir, classes, report, fail_on_run=split == "all", **options)
     if isinstance(scan, PreparedData):
         return scan
@@ -383,6 +390,8 @@ def prepare_evaluation(dataset_dir: str, model: TrainedModel, eval_dir: str | Pa
     """
     eval_dir = eval_dir or model.run.eval_dir
     check_writable(eval_dir)
+    if model.multilabel:  # a multi-label model reads its labels as findings, whatever the layout
+        kwargs["task"] = "multilabel"
     run_dir, classes = model.run.path, model.classes
     if eval_split == "all":
         return prepare_data(dataset_dir, eval_dir, classes=classes, split="all", compare_with=run_dir,
