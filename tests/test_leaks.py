@@ -50,11 +50,11 @@ def free_port() -> int:
 class Server:
     """``wsr-med serve`` started from a plain shell (PATH without the environment's bin/), on a free port."""
 
-    def __init__(self, home: Path, *options: str) -> None:
+    def __init__(self, home: Path, *options: str, model: str = "models:/leaky/1") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
-        self.process = subprocess.Popen([str(WSR_MED), "serve", "-m", "models:/leaky/1", "--port", str(self.port), *options],
+        self.process = subprocess.Popen([str(WSR_MED), "serve", "-m", model, "--port", str(self.port), *options],
                                         cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         start_new_session=True)
         deadline = time.time() + 180
