@@ -294,3 +294,20 @@ def test_other_layouts_with_task_multilabel_and_picked_findings(findings_set, tm
     ok(wsr_med(home, "evaluate", "--output-dir", "runs/joined", "--dataset-dir", "chest/joined.csv", "--set",
                "findings=['effusion','nodule']", "--tracking-uri", "none"))
     assert set(json.loads((run / "eval/metrics.json").read_text())["per_finding"]) == {"effusion", "nodule"}
+
+
+def test_a_collapse_is_checked_per_finding():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from wsr_med.handlers import CollapseMonitor
+
+    monitor = CollapseMonitor(["nodule", "effusion"])
+    monitor.probs = [np.array([0.3, 0.5]), np.array([0.7, 0.5]), np.array([0.4, 0.5])]
+    monitor.finish(SimpleNamespace(state=SimpleNamespace(epoch=1)))
+    assert "effusion" in monitor.warning and "nodule" not in monitor.warning
+    whole = CollapseMonitor()  # single-label: the spread over classes, as before
+    whole.probs = monitor.probs
+    whole.finish(SimpleNamespace(state=SimpleNamespace(epoch=1)))
+    assert whole.warning is None

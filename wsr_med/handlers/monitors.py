@@ -27,10 +27,24 @@ class CollapseMonitor(Collector):
 
     Such a model ranks nothing (AUC near 0.5, accuracy the majority share) while training loss may look
     fine; see :func:`wsr_med.metrics.collapse_warning`. The last warning is kept in ``self.warning``.
+
+    Args:
+        findings: a multi-label model's findings: each is checked on its own (one finding can collapse while the
+            others still rank cases), and the warning names those that did.
     """
 
+    def __init__(self, findings: list[str] | None = None) -> None:
+        super().__init__()
+        self.findings = findings
+
     def finish(self, engine: Engine) -> None:
-        self.warning = collapse_warning(np.stack(self.probs)) if self.probs else None
+        probs = np.stack(self.probs) if self.probs else None
+        if probs is not None and self.findings:
+            from wsr_med.metrics.multilabel import collapsed_findings
+
+            self.warning = collapsed_findings(probs, self.findings) or None
+        else:
+            self.warning = collapse_warning(probs) if probs is not None else None
         if self.warning:
             logger.warning("epoch %s: validation %s", engine.state.epoch, self.warning)
 
@@ -80,7 +94,7 @@ class CalibrationFitter(Collector):
 
     def _fit_findings(self, epoch: int) -> None:
         """Multi-label: a temperature and an ``operating_point`` threshold per finding, on its labelled validation cases."""
-        from wsr_med.metrics.multilabel import FindingDecision, fit_finding_decisions
+        from wsr_med.metrics.multilabel import FindingDecision, collapsed_findings, fit_finding_decisions
 
         findings = fit_finding_decisions(np.stack(self.targets), np.stack(self.probs), self.run.classes(), self.operating_point)
         decision = FindingDecision(findings, self.operating_point, f"validation split, epoch {epoch}")
@@ -89,7 +103,7 @@ class CalibrationFitter(Collector):
             logger.warning("epoch %d: %s lack positive or negative validation cases: threshold 0.5, no calibration",
                            epoch, ", ".join(unfitted))
         doc = {"epoch": epoch, "n_cases": len(self.probs), "decision": decision.to_dict(),
-               "collapsed": collapse_warning(np.stack(self.probs)) or ""}
+               "collapsed": collapsed_findings(np.stack(self.probs), self.run.classes())}
         atomic_write(self.run / RunFolder.CALIBRATION, json.dumps(json_ready(doc), indent=1))
         logger.info("epoch %d: per-finding temperatures and %s thresholds fitted on %d validation cases", epoch,
                     self.operating_point, len(self.probs))

@@ -11,16 +11,25 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from wsr_med.metrics.classification import SMALL_CLASS, binary_auc, bootstrap_ci, expected_calibration_error
+from wsr_med.metrics.classification import SMALL_CLASS, binary_auc, bootstrap_ci, collapse_warning, expected_calibration_error
 from wsr_med.metrics.operating_point import apply_temperature, choose_threshold, fit_temperature, operating_point_metrics
 
-__all__ = ["FindingDecision", "finding_aucs", "macro_auc", "finding_calibration", "fit_finding_decisions", "multilabel_metrics", "sigmoid_temperature"]
+__all__ = ["FindingDecision", "collapsed_findings", "finding_aucs", "macro_auc", "finding_calibration", "fit_finding_decisions", "multilabel_metrics", "sigmoid_temperature"]
 
 
 def _finding(labels: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The labelled cases of finding ``k``: (bool labels, probabilities)."""
     known = ~np.isnan(labels[:, k])
     return labels[known, k] == 1.0, probs[known, k]
+
+
+def collapsed_findings(probs: np.ndarray, findings: list[str]) -> str:
+    """A warning naming the findings whose probabilities are (nearly) the same for every case, or "" (each finding
+    on its own: one can collapse while the others still rank cases; :func:`wsr_med.metrics.collapse_warning`)."""
+    probs = np.asarray(probs, dtype=float)
+    collapsed = [f for k, f in enumerate(findings) if collapse_warning(probs[:, k : k + 1])]
+    return (f"the predictions of {', '.join(collapsed)} are nearly the same for every case: the model has collapsed for "
+            f"{'it' if len(collapsed) == 1 else 'them'}" if collapsed else "")
 
 
 def finding_aucs(labels: np.ndarray, probs: np.ndarray) -> list[float]:
