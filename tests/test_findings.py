@@ -53,23 +53,21 @@ def test_uncertain_labels_follow_the_setting(findings_set, policy, value):
         read_label_file(findings_set / "chexpert.csv", uncertain="maybe")
 
 
-def test_a_value_that_is_no_label_names_its_line_and_column(findings_set, tmp_path):
-    rows = _rows(findings_set / "chexpert.csv")
-    rows[3]["effusion"] = "probable"
-    bad = tmp_path / "bad.csv"
-    with open(bad, "w", newline="") as f:
+def _with(source: Path, target: Path, line: int, column: str, value: str) -> Path:
+    """``source`` copied to ``target`` with the value of ``column`` on data row ``line`` (0-based) replaced."""
+    rows = _rows(source)
+    rows[line][column] = value
+    with open(target, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return target
+
+
+def test_a_value_that_is_no_label_names_its_line_and_column(findings_set, tmp_path):
     with pytest.raises(WsrMedError, match=r"line 5, column 'effusion': 'probable' is not a label"):
-        read_label_file(bad)
-    nih_rows = _rows(findings_set / "Data_Entry_2017.csv")
-    nih_rows[1]["Finding Labels"] = ""
-    nih = tmp_path / "Data_Entry_2017.csv"
-    with open(nih, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(nih_rows[0]))
-        writer.writeheader()
-        writer.writerows(nih_rows)
+        read_label_file(_with(findings_set / "chexpert.csv", tmp_path / "bad.csv", 3, "effusion", "probable"))
+    nih = _with(findings_set / "Data_Entry_2017.csv", tmp_path / "Data_Entry_2017.csv", 1, "Finding Labels", "")
     with pytest.raises(WsrMedError, match=r"line 3, column 'Finding Labels': empty"):
         read_label_file(nih)
 
