@@ -309,3 +309,16 @@ def test_a_collapse_is_checked_per_finding():
     whole.probs = monitor.probs
     whole.finish(SimpleNamespace(state=SimpleNamespace(epoch=1)))
     assert whole.warning is None
+
+
+def test_finding_reliability_is_probability_against_frequency():
+    import numpy as np
+
+    from wsr_med.metrics.multilabel import finding_calibration
+
+    labels = np.array([[1.0], [0.0], [0.0], [0.0], [1.0], [1.0], [1.0], [0.0]])
+    probs = np.array([[0.05], [0.05], [0.05], [0.05], [0.95], [0.95], [0.95], [0.95]])
+    c = finding_calibration(labels, probs, probs, ["a"])["a"]
+    # the low bin holds 1 of 4 with the finding at p 0.05, the high bin 3 of 4 at p 0.95: ECE = 0.2 either side
+    assert c["reliability"]["accuracy"][0] == 0.25 and c["reliability"]["accuracy"][9] == 0.75
+    assert abs(c["ece_after"] - 0.2) < 1e-9

@@ -138,7 +138,7 @@ def plot_finding_reliability(calibration: dict, path: str | Path) -> Path:
         ax.bar((np.arange(n_bins) + 0.5) / n_bins, np.nan_to_num(np.array(rel["accuracy"], dtype=float)), width=1 / n_bins,
                edgecolor="k", alpha=0.7)
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted probability", ylabel="share with the finding")
         ax.set_title(f"{plain(name)}, ECE {c['ece_after']:.3f}", fontsize=9)
     return _save(fig, path)
 

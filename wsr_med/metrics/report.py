@@ -33,8 +33,8 @@ CAPTIONS = {
     "reliability_uncalibrated": "Reliability before calibration (the network's raw softmax), for comparison.",
     "finding_rocs": "ROC curve of each finding on its labelled cases (uncertain labels left out when masked), best AUC "
                     "first; the dotted line is chance.",
-    "finding_reliability": "Reliability of each finding's calibrated probability: the share of cases with the finding "
-                           "in each confidence bin; bars on the dotted line are well calibrated.",
+    "finding_reliability": "Reliability of each finding's calibrated probability: per bin of predicted probability, the "
+                           "share of cases that have the finding; bars on the dotted line are well calibrated.",
     "examples": "Example cases per true class: the most confident correct predictions (black), then the most "
                 "confident wrong ones (red), with the probability of the predicted class.",
 }
