@@ -202,8 +202,10 @@ class RunFolder:
         return json.loads(self._require(self.CLASSES).read_text())
 
     def task(self) -> str:
-        """``multiclass`` (one class per scan, a softmax) or ``multilabel`` (several findings, one sigmoid each)."""
-        return json.loads(self._require(self.CONFIG).read_text()).get("task", MULTICLASS)
+        """``multiclass`` (one class per scan, a softmax) or ``multilabel`` (several findings, one sigmoid each); runs from
+        before multi-label models, and folders without ``config.json``, are multi-class."""
+        path = self.path / self.CONFIG
+        return json.loads(path.read_text()).get("task", MULTICLASS) if path.is_file() else MULTICLASS
 
     def multilabel(self) -> bool:
         return self.task() == MULTILABEL
