@@ -9,7 +9,8 @@ from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix
 
 __all__ = ["COLLAPSE_TOLERANCE", "collapse_warning", "json_ready", "binary_auc", "roc_auc", "bootstrap_ci", "bootstrap_auc_ci", "expected_calibration_error", "classification_metrics",
-           "small_sample_warnings", "SMALL_SAMPLE", "SMALL_CLASS"]
+           "reliability_bins", "small_sample_warnings", "SMALL_SAMPLE",
+           "SMALL_CLASS"]
 
 
 # A model whose class probabilities vary by less than this across all cases says nothing about any case.
@@ -98,8 +99,12 @@ def bootstrap_auc_ci(labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000, 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> tuple[float, dict]:
     """ECE of the top-class confidence over ``n_bins`` equal-width bins, and the reliability-diagram bins."""
-    confidence = probs.max(1)
-    correct = (probs.argmax(1) == labels).astype(float)
+    return reliability_bins(probs.max(1), (probs.argmax(1) == labels).astype(float), n_bins)
+
+
+def reliability_bins(confidence: np.ndarray, hit: np.ndarray, n_bins: int = 10) -> tuple[float, dict]:
+    """ECE and the reliability bins of stated probabilities ``confidence`` against outcomes ``hit`` (1/0): per equal-width
+    bin the mean ``confidence``, the share of hits (``accuracy``) and the ``count``."""
     edges = np.linspace(0, 1, n_bins + 1)
     bins = np.clip(np.digitize(confidence, edges[1:-1]), 0, n_bins - 1)
     ece, table = 0.0, {"confidence": [], "accuracy": [], "count": []}
@@ -108,9 +113,9 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: in
         count = int(mask.sum())
         table["count"].append(count)
         table["confidence"].append(float(confidence[mask].mean()) if count else float("nan"))
-        table["accuracy"].append(float(correct[mask].mean()) if count else float("nan"))
+        table["accuracy"].append(float(hit[mask].mean()) if count else float("nan"))
         if count:
-            ece += count / len(labels) * abs(table["accuracy"][-1] - table["confidence"][-1])
+            ece += count / len(confidence) * abs(table["accuracy"][-1] - table["confidence"][-1])
     return float(ece), table
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from wsr_med.metrics.classification import SMALL_CLASS, binary_auc, bootstrap_ci, collapse_warning
+from wsr_med.metrics.classification import SMALL_CLASS, binary_auc, bootstrap_ci, collapse_warning, reliability_bins
 from wsr_med.metrics.operating_point import apply_temperature, choose_threshold, fit_temperature, operating_point_metrics
 
 __all__ = ["FindingDecision", "collapsed_findings", "finding_aucs", "macro_auc", "finding_calibration", "fit_finding_decisions", "multilabel_metrics", "sigmoid_temperature"]
@@ -159,22 +159,6 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, findings: list[str
     }
 
 
-def _reliability(positive: np.ndarray, p: np.ndarray, n_bins: int = 10) -> tuple[float, dict]:
-    """ECE of one finding's probability and its reliability bins: per bin of predicted probability, the mean
-    probability (``confidence``) and the share of cases that have the finding (``accuracy``: observed frequency)."""
-    bins = np.clip(np.digitize(p, np.linspace(0, 1, n_bins + 1)[1:-1]), 0, n_bins - 1)
-    ece, table = 0.0, {"confidence": [], "accuracy": [], "count": []}
-    for b in range(n_bins):
-        mask = bins == b
-        count = int(mask.sum())
-        table["count"].append(count)
-        table["confidence"].append(float(p[mask].mean()) if count else float("nan"))
-        table["accuracy"].append(float(positive[mask].mean()) if count else float("nan"))
-        if count:
-            ece += count / len(p) * abs(table["accuracy"][-1] - table["confidence"][-1])
-    return float(ece), table
-
-
 def finding_calibration(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, findings: list[str]) -> dict:
     """Per finding, on its labelled cases: ECE before and after calibration and the reliability bins after
     (predicted probability against observed frequency)."""
@@ -184,7 +168,7 @@ def finding_calibration(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndar
         _, p = _finding(labels, calibrated, k)
         if not len(positive):
             continue
-        before, _ = _reliability(positive, p_raw)
-        after, reliability = _reliability(positive, p)
+        before, _ = reliability_bins(p_raw, positive.astype(float))  # probability of the finding vs its frequency
+        after, reliability = reliability_bins(p, positive.astype(float))
         out[name] = {"ece_before": before, "ece_after": after, "reliability": reliability}
     return out
