@@ -390,8 +390,10 @@ def prepare_evaluation(dataset_dir: str, model: TrainedModel, eval_dir: str | Pa
     """
     eval_dir = eval_dir or model.run.eval_dir
     check_writable(eval_dir)
-    if model.multilabel:  # a multi-label model reads its labels as findings, whatever the layout
+    if model.multilabel:  # a multi-label model reads its labels as findings, whatever the layout, picked as in training
         kwargs["task"] = "multilabel"
+        if kwargs.get("findings") is None:
+            kwargs["findings"] = model.run.settings().get("findings")
     run_dir, classes = model.run.path, model.classes
     if eval_split == "all":
         return prepare_data(dataset_dir, eval_dir, classes=classes, split="all", compare_with=run_dir,
