@@ -123,6 +123,29 @@ def test_a_stop_is_one_line(tmp_path, sig, code, said):
     assert f"wsr-med train: stopped by {said} (the run resumes from its last completed epoch" in text
 
 
+def test_a_stopped_prediction_is_one_line(walked):
+    """Ctrl-C while ``wsr-med predict`` runs (no MLflow tracker there): one line, exit 130, no ignite/MONAI traceback."""
+    home = walked["home"]
+    ok(wsr_med(home, "synth", "many", "--n-per-class", "200", "--image-size", "64", "--formats", "png"))
+    log = home / "predict.log"
+    with open(log, "w") as out:
+        predicting = subprocess.Popen([str(WSR_MED), "predict", "--output-dir", "runs/a", "--dataset-dir", "many", "--set",
+                                       "num_workers=0", "batch_size=1"], cwd=home, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 300
+            while "valid scans" not in log.read_text() and time.time() < deadline:
+                assert predicting.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.1)
+            time.sleep(1)  # into the evaluator's loop
+            predicting.send_signal(signal.SIGINT)
+            assert predicting.wait(timeout=120) == 130, log.read_text()[-3000:]
+        finally:
+            predicting.kill()
+    text = log.read_text()
+    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+    assert "wsr-med predict: stopped by Ctrl-C" in text and "resumes" not in text
+
+
 def test_calibration_that_failed_is_said_in_the_report():
     from wsr_med.handlers import EvaluationReporter
 

@@ -238,6 +238,26 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
         _print_results(output, args.tracking_uri)
 
 
+def _stop_quietly_on_signals() -> None:
+    """Ctrl-C and SIGTERM stop any command the same way: no error records or tracebacks from ignite and MONAI on the way
+    out (:func:`wsr_med.log_format.quiet_stop`), then the one line :func:`main` prints. A training's MLflow tracker
+    marks its run KILLED first and then calls these."""
+    import signal
+
+    from wsr_med.log_format import quiet_stop
+
+    def interrupt(signum, frame):
+        quiet_stop()
+        raise KeyboardInterrupt
+
+    def terminate(signum, frame):
+        quiet_stop()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -255,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = getattr(args, "tracking_uri", None) or default_tracking_uri()
         print(f"MLflow tracking store: {uri} (--tracking-uri or MLFLOW_TRACKING_URI pin it; the default follows the "
               "current folder; --tracking-uri none turns tracking off)", file=sys.stderr)
+    _stop_quietly_on_signals()
     try:
         _run(args, rest)
     except (KeyboardInterrupt, SystemExit) as e:
