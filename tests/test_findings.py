@@ -322,3 +322,29 @@ def test_finding_reliability_is_probability_against_frequency():
     # the low bin holds 1 of 4 with the finding at p 0.05, the high bin 3 of 4 at p 0.95: ECE = 0.2 either side
     assert c["reliability"]["accuracy"][0] == 0.25 and c["reliability"]["accuracy"][9] == 0.75
     assert abs(c["ece_after"] - 0.2) < 1e-9
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_pneumonia"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+def test_a_chexpert_style_file_over_real_radiographs(tmp_path):
+    """Real full-resolution chest X-rays (8-bit and RGB JPEGs) listed CheXpert-style: two findings, pneumonia and its viral
+    kind (blank for normal scans: not mentioned), some uncertain; read, decoded, and split by patient."""
+    with open(SHARED / "labels_3class.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    picked = [r for r in rows if r["label"] == "normal"][:8] + [r for r in rows if r["label"] != "normal"][:16]
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Path", "Patient", "Sex", "Pneumonia", "Viral"])
+        for n, r in enumerate(picked):
+            viral = "" if r["label"] == "normal" else ("-1" if n % 7 == 0 else str(int(r["label"] == "viral")))
+            writer.writerow([str(SHARED / r["path"]), r["patient_id"], "M", str(int(r["label"] != "normal")), viral])
+    scan = scan_manifest(tmp_path / "train.csv", num_workers=0, uncertain="ignore")
+    assert scan.multilabel and scan.classes == ["Pneumonia", "Viral"] and not scan.bad_files
+    assert len(scan.items) == 24 and scan.class_counts["Pneumonia"] == 16
+    masked = sum(i["label"][1] is None for i in scan.items)
+    assert masked == sum(1 for n, r in enumerate(picked) if r["label"] != "normal" and n % 7 == 0) > 0
+    splits = split_items(scan.items, val_fraction=0.25, test_fraction=0.25, seed=0)
+    patients = [{i["patient"] for i in items} for items in splits.values()]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])

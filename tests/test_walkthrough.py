@@ -101,25 +101,32 @@ def test_continuing_retires_the_old_evaluation_and_versions_tell_themselves_apar
     assert all("best_val_auc" in v.tags for v in versions)
 
 
+def _stopped(home: Path, args: list[str], started: str, sig: int, code: int, settle: float = 0.0) -> str:
+    """``wsr-med <args>`` from ``home``, sent ``sig`` once its log shows ``started`` (then ``settle`` seconds); its log,
+    after checking the exit code and that nothing was logged as an error."""
+    log = home / f"{args[0]}-{sig}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(WSR_MED), *args], cwd=home, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 300
+            while started not in log.read_text() and time.time() < deadline:
+                assert process.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.1)
+            time.sleep(settle)
+            process.send_signal(sig)
+            assert process.wait(timeout=120) == code, log.read_text()[-3000:]
+        finally:
+            process.kill()
+    text = log.read_text()
+    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+    return text
+
+
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
 def test_a_stop_is_one_line(tmp_path, sig, code, said):
     ok(wsr_med(tmp_path, "synth", "hospital", "--n-per-class", "8", "--image-size", "64"))
-    log = tmp_path / "train.log"
-    with open(log, "w") as out:
-        training = subprocess.Popen([str(WSR_MED), "train", "--dataset-dir", "hospital", "--output-dir", "runs/t", "--set",
-                                     "image_size=64", SMALL, "max_epochs=500", *QUIET],
-                                    cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True)
-        try:
-            deadline = time.time() + 300
-            while "Epoch[1] Complete" not in log.read_text() and time.time() < deadline:
-                assert training.poll() is None, log.read_text()[-3000:]
-                time.sleep(0.2)
-            training.send_signal(sig)
-            assert training.wait(timeout=120) == code
-        finally:
-            training.kill()
-    text = log.read_text()
-    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+    text = _stopped(tmp_path, ["train", "--dataset-dir", "hospital", "--output-dir", "runs/t", "--set", "image_size=64", SMALL,
+                               "max_epochs=500", *QUIET], "Epoch[1] Complete", sig, code)
     assert f"wsr-med train: stopped by {said} (the run resumes from its last completed epoch" in text
 
 
@@ -127,22 +134,8 @@ def test_a_stopped_prediction_is_one_line(walked):
     """Ctrl-C while ``wsr-med predict`` runs (no MLflow tracker there): one line, exit 130, no ignite/MONAI traceback."""
     home = walked["home"]
     ok(wsr_med(home, "synth", "many", "--n-per-class", "200", "--image-size", "64", "--formats", "png"))
-    log = home / "predict.log"
-    with open(log, "w") as out:
-        predicting = subprocess.Popen([str(WSR_MED), "predict", "--output-dir", "runs/a", "--dataset-dir", "many", "--set",
-                                       "num_workers=0", "batch_size=1"], cwd=home, stdout=out, stderr=subprocess.STDOUT, text=True)
-        try:
-            deadline = time.time() + 300
-            while "valid scans" not in log.read_text() and time.time() < deadline:
-                assert predicting.poll() is None, log.read_text()[-3000:]
-                time.sleep(0.1)
-            time.sleep(1)  # into the evaluator's loop
-            predicting.send_signal(signal.SIGINT)
-            assert predicting.wait(timeout=120) == 130, log.read_text()[-3000:]
-        finally:
-            predicting.kill()
-    text = log.read_text()
-    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+    text = _stopped(home, ["predict", "--output-dir", "runs/a", "--dataset-dir", "many", "--set", "num_workers=0",
+                           "batch_size=1"], "valid scans", signal.SIGINT, 130, settle=1.0)  # settle: into the evaluator's loop
     assert "wsr-med predict: stopped by Ctrl-C" in text and "resumes" not in text
 
 
