@@ -39,23 +39,33 @@ class _NoBestTrainingLoss(logging.Filter):
         return not record.getMessage().startswith("Got new best metric of train_loss")
 
 
+_STOP = {"requested": False}  # set by quiet_stop: from then on the process is only unwinding
+
+
 def _stopping() -> bool:
-    return isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
+    return _STOP["requested"] or isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
 
 
 class _NoInterruptTraceback(logging.Filter):
-    """Drops what ignite and MONAI log while a Ctrl-C or SIGTERM unwinds a workflow ("Engine run is terminating due
-    to exception: 143" and its traceback): stopping is not an error, and ``wsr-med`` says it in one line."""
+    """While a Ctrl-C or SIGTERM unwinds a workflow: drops what ignite and MONAI log as errors on the way out ("Engine run
+    is terminating due to exception: 143") and the tracebacks of anything interrupted (a database write cut short by the
+    signal), keeping warnings as one line: stopping is not an error, and ``wsr-med`` says it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, SystemExit)):
             return False
-        return not (record.levelno >= logging.ERROR and _stopping())
+        if not _stopping():
+            return True
+        if record.levelno >= logging.ERROR:
+            return False
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
 
 
 def quiet_stop() -> None:
     """Before a Ctrl-C / SIGTERM unwinds a workflow: no handler of any logger prints the error records ignite and
     MONAI log on the way out (their loggers have handlers of their own, made after :func:`escape_log_records`)."""
+    _STOP["requested"] = True
     loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
     for handler in {h for logger in loggers for h in logger.handlers}:
         if not any(isinstance(f, _NoInterruptTraceback) for f in handler.filters):
