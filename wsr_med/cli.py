@@ -119,6 +119,40 @@ def demo(args: argparse.Namespace) -> None:
     _print_results(output, args.tracking_uri)
 
 
+def predict_pacs(args: argparse.Namespace) -> None:
+    """``wsr-med predict --dicomweb URL ...`` / ``--dataset-dir DICOM_FOLDER --sr-dir DIR``: classify studies and store
+    a DICOM SR per result (:func:`wsr_med.pacs.classify_studies`)."""
+    from wsr_med.errors import WsrMedError
+    from wsr_med.pacs import CStoreDestination, DicomFolder, DicomWebArchive, FolderDestination, classify_studies
+
+    if bool(args.dicomweb) == bool(args.dataset_dir):
+        raise WsrMedError("give the images with either --dicomweb URL (an archive) or --dataset-dir DIR (a DICOM folder)")
+    if args.dicomweb and not (args.study or args.query):
+        raise WsrMedError("say which studies: --study UID (repeatable) or --query KEY=VALUE ...")
+    if sum(map(bool, (args.sr_dir, args.store_to, args.c_store))) > 1:
+        raise WsrMedError("give one destination: --sr-dir, --store-to or --c-store")
+    query = {}
+    for item in args.query:  # kept as text: QIDO-RS matches strings (StudyDate=20260101-20261231)
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise WsrMedError(f"--query expects KEY=VALUE, got {item!r}")
+        query[key] = value
+    source = DicomWebArchive(args.dicomweb, args.auth_file) if args.dicomweb else DicomFolder(args.dataset_dir)
+    destination = (FolderDestination(args.sr_dir) if args.sr_dir else DicomWebArchive(args.store_to, args.auth_file)
+                   if args.store_to else CStoreDestination(args.c_store) if args.c_store else source
+                   if args.dicomweb else None)
+    if destination is None:
+        raise WsrMedError("nowhere to store the SRs of a DICOM folder: give --sr-dir DIR, --store-to URL or --c-store")
+    output = _overrides(args).get("output_dir") or default("output_dir")
+    summary = classify_studies(output, source, destination, studies=args.study, query=query, select=args.select,
+                               codes=args.codes, predictions_file=args.predictions_file)
+    print(f"{len(summary.rows)} classified, {summary.stored} SRs stored, {summary.already} already there, "
+          f"{len(summary.skipped)} skipped (see {RunFolder(output).predictions if not args.predictions_file else args.predictions_file})")
+    if summary.failed:
+        raise WsrMedError(f"{len(summary.failed)} of {summary.n_studies} studies not done ({summary.failed[0][1]}): "
+                          "run the same command again to complete them")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsr-med", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -139,6 +173,21 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-split", choices=["all", "test", "validation"], help="'all' of --dataset-dir (default) or a split of the run")
     pr = workflow_parser("predict", "predict unlabelled scans: a CSV with one probability per class")
     pr.add_argument("--predictions-file", help="default: <output-dir>/predictions.csv")
+    pacs = pr.add_argument_group("from and to a PACS (README 'From and to a PACS')")
+    pacs.add_argument("--dicomweb", metavar="URL", help="classify studies of this DICOMweb archive (QIDO-RS, WADO-RS); "
+                      "results go back into each study with STOW-RS. Credentials: $WSR_MED_DICOMWEB_AUTH or --auth-file")
+    pacs.add_argument("--study", action="append", default=[], metavar="UID", help="a StudyInstanceUID (repeatable)")
+    pacs.add_argument("--query", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="QIDO-RS study filters, e.g. Modality=CR StudyDate=20260101-20261231")
+    pacs.add_argument("--select", metavar="RULES.json", help="which instances to classify (default: the training "
+                      "profile's modalities)")
+    pacs.add_argument("--codes", metavar="CODES.json", help="class name -> code (e.g. SNOMED CT) for the SRs")
+    pacs.add_argument("--sr-dir", metavar="DIR", help="write the SRs to this folder instead (also for a DICOM folder "
+                      "given with --dataset-dir)")
+    pacs.add_argument("--store-to", metavar="URL", help="store the SRs in this other DICOMweb archive (STOW-RS)")
+    pacs.add_argument("--c-store", metavar="AE@HOST:PORT", help="send the SRs to this DICOM application entity")
+    pacs.add_argument("--auth-file", metavar="FILE", help="a file holding the archive's 'user:password' or "
+                      "'Bearer <token>' (never on the command line)")
     workflow_parser("demo", "the main job on generated data: train, evaluate, predict, log to MLflow")
     sy = sub.add_parser("synth", help="write a synthetic hospital folder (class = lesion position)")
     sy.add_argument("root")
@@ -229,6 +278,8 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
         demo(args)
     elif args.command == "train":
         train(args)
+    elif args.command == "predict" and (args.dicomweb or args.sr_dir or args.store_to or args.c_store):
+        predict_pacs(args)
     else:
         workflow = {"evaluate": "evaluate", "predict": "inference"}[args.command]
         overrides = _overrides(args)

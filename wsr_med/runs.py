@@ -147,6 +147,7 @@ class RunFolder:
     CACHE = "cache"
     MLFLOW_RUN_ID = "mlflow_run_id"
     MLFLOW_MODEL_URI = "mlflow_model_uri"
+    REGISTERED_MODEL = "registered_model.json"
     PROFILE = "profile.json"
     CALIBRATION = "calibration.json"
     LOCK = ".lock"
@@ -188,6 +189,11 @@ class RunFolder:
         """The MLflow run this folder logs to, or None before its first tracked epoch."""
         path = self.path / self.MLFLOW_RUN_ID
         return path.read_text().strip() if path.is_file() else None
+
+    def registered_model(self) -> dict | None:
+        """``{"name": ..., "version": ...}`` of the Model Registry version of this folder's model, or None."""
+        path = self.path / self.REGISTERED_MODEL
+        return json.loads(path.read_text()) if path.is_file() else None
 
     # --- what was trained -------------------------------------------------------------------------------
     def _require(self, name: str) -> Path:

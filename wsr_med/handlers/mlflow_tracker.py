@@ -281,6 +281,8 @@ class MLflowTracker(MLFlowHandler):
         atomic_write(self.output_dir / RunFolder.MLFLOW_MODEL_URI, info.model_uri)
         if self.registered_model_name and info.registered_model_version is not None:
             self._describe_version(str(info.registered_model_version))
+            atomic_write(self.output_dir / RunFolder.REGISTERED_MODEL,  # what a DICOM result names as its author
+                         json.dumps({"name": self.registered_model_name, "version": str(info.registered_model_version)}))
         self._log_spatial_weights(model)
         logger.info("logged model %s%s", info.model_uri,
                     f", registered as '{self.registered_model_name}'" if self.registered_model_name else "")

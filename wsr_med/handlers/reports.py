@@ -271,8 +271,7 @@ class PredictionWriter(Collector):
             self._write_findings(probs)
             return
         predicted = self.decision.classes(probs)
-        threshold = self.decision.threshold if len(self.classes) == 2 else None
-        rule = f"prob_{self.classes[1]} >= {threshold:.6g}" if threshold is not None else "highest probability"
+        rule = self.decision.rule(self.classes)
         write_csv(self.output_file, ["path", "predicted_class", *[f"prob_{c}" for c in self.classes], "decision_rule",
                                      "unlike_training"],
                   [[path, self.classes[int(k)], *[f"{p:.9g}" for p in row], rule, unlike]
@@ -283,8 +282,7 @@ class PredictionWriter(Collector):
         """Multi-label: per finding its calibrated probability and whether it is called present at its threshold, the
         list of findings called present (``none`` for none), the rule, ``unlike_training``."""
         rows = _finding_rows(self.classes, probs, self.decision.classes(probs))
-        rule = "per finding: prob_<finding> >= its threshold (" + ", ".join(
-            f"{f} {t:.6g}" for f, t in self.decision.thresholds.items()) + ")"
+        rule = self.decision.rule(self.classes)
         write_csv(self.output_file, ["path", *[f"prob_{c}" for c in self.classes], *[f"present_{c}" for c in self.classes],
                                      "findings", "decision_rule", "unlike_training"],
                   [[path, *row, rule, unlike] for path, row, unlike in zip(self.paths, rows, self.unlike_training)])

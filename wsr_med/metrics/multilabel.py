@@ -81,6 +81,13 @@ class FindingDecision:
         """``(N, F)`` booleans: each finding called present at its threshold."""
         return np.asarray(calibrated) >= np.array([d["threshold"] for d in self.findings.values()])
 
+    def rule(self, classes: list[str] | None = None) -> str:
+        return "per finding: prob_<finding> >= its threshold (" + ", ".join(
+            f"{f} {t:.6g}" for f, t in self.thresholds.items()) + ")"
+
+    def class_thresholds(self, classes: list[str] | None = None) -> dict[str, float]:
+        return self.thresholds
+
     def to_dict(self) -> dict:
         return asdict(self)
 

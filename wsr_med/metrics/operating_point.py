@@ -120,6 +120,15 @@ class Decision:
             return (calibrated[:, 1] >= self.threshold).astype(int)
         return calibrated.argmax(1)
 
+    def rule(self, classes: list[str]) -> str:
+        """How the class is decided, in words (``predictions.csv``'s ``decision_rule``, an SR's algorithm parameters)."""
+        return f"prob_{classes[1]} >= {self.threshold:.6g}" if self.threshold is not None and len(classes) == 2 \
+            else "highest probability"
+
+    def class_thresholds(self, classes: list[str]) -> dict[str, float]:
+        """The threshold each class's probability is compared with: the positive class's, for two classes."""
+        return {classes[1]: self.threshold} if self.threshold is not None and len(classes) == 2 else {}
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -66,6 +66,12 @@ class TrainedModel:
         e.g. a training checkpoint), on ``device``, in eval mode."""
         return load_model(network_def if network_def is not None else self.network_def(), weights or self.run.model, device)
 
+    def probabilities(self, logits: torch.Tensor):
+        """The network's ``(N, classes)`` output as probabilities: softmax, or one sigmoid per finding (multi-label);
+        not yet calibrated (:attr:`decision` does that)."""
+        logits = logits.detach().float().cpu()
+        return (torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)).numpy()
+
     def preprocessing(self, max_pixels: int = default("max_pixels")):
         """The evaluation preprocessing of the run's scans (:func:`wsr_med.data.scan_transforms`, ``train=False``)."""
         s = self.settings

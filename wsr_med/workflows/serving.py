@@ -105,6 +105,7 @@ class ScanClassifier(mlflow.pyfunc.PythonModel):
 
         # the network, preprocessing and decision wsr-med predict takes from the run folder (inference.json builds the same)
         model = TrainedModel(context.artifacts["run"])
+        self.model = model
         self.classes = model.classes
         self.network = model.network("cpu")
         self.transform = model.preprocessing()
@@ -183,8 +184,8 @@ class ScanClassifier(mlflow.pyfunc.PythonModel):
                     errors[n] = f"row {n}: timeout"
             elif pending:
                 with torch.no_grad():
-                    out = self.network(torch.stack([image for _, image in pending])).float()
-                probs[[n for n, _ in pending]] = (torch.sigmoid(out) if self.multilabel else torch.softmax(out, dim=1)).numpy()
+                    out = self.network(torch.stack([image for _, image in pending]))
+                probs[[n for n, _ in pending]] = self.model.probabilities(out)
             pending.clear()
 
         for n, row in enumerate(rows):

@@ -1,0 +1,213 @@
+"""A classification as DICOM: a Comprehensive SR (TID 1500) per classified image or series, made with highdicom.
+
+What one SR holds (``dsrdump`` shows it; README "From and to a PACS"):
+
+* an Imaging Measurement Report (TID 1500) with one measurement group (TID 1501) for the source, which references
+  the source image(s) by SOP Class / Instance UID and names the algorithm (TID 4019: the registered model's name and
+  version, wsr_med's version, the decision rule; no path);
+* one numeric measurement per class: its calibrated probability (unit ``{probability}``, UCUM);
+* the decision as qualitative evaluations: single-label, ``Finding = <decided class>``; multi-label, one
+  ``<finding> = Present / Absent`` per finding, with each finding's threshold as a measurement; binary, the threshold
+  on the positive class's probability;
+* the source's patient and study attributes (so it files into the same study), in a series of its own whose
+  SeriesDescription says ``NOT FOR CLINICAL USE``.
+
+UIDs are derived from the source's UIDs and the model's identity (:func:`result_uid`): the same model on the same
+source gives the same SR UID, so storing it again adds nothing to an archive.
+
+Class codes: ``--codes codes.json`` maps class names to codes, ``{"pneumonia": {"value": "233604007", "scheme":
+"SCT", "meaning": "Pneumonia"}}``; a class without an entry gets a code of the local scheme :data:`LOCAL_SCHEME`
+(value: the class name, meaning: the class name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from wsr_med import __version__
+from wsr_med.errors import WsrMedError
+
+__all__ = ["LOCAL_SCHEME", "ModelIdentity", "ClassCodes", "classification_sr", "result_uid", "SR_SERIES_NUMBER",
+           "NOT_FOR_CLINICAL_USE", "read_sr_probabilities"]
+
+LOCAL_SCHEME = "99WSRMED"  # a private coding scheme ("99" prefix, PS3.16 8.2): wsr_med's class and measurement names
+NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
+SR_SERIES_NUMBER = 9901  # high, so the AI result series sorts after the acquired ones in a viewer
+PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
+_PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
+_ABSENT = hd.sr.CodedConcept("2667000", "SCT", "Absent")
+_FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
+_IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+# the source attributes an SR carries (evidence, patient, study); pixel data never goes into the SR
+_EVIDENCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+             "StudyID", "AccessionNumber", "ReferringPhysicianName", "SeriesInstanceUID", "SOPClassUID",
+             "SOPInstanceUID", "Modality")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Who made a result: the registered model's name and version when the run was registered, else the run's name
+    and the first 12 hex digits of ``model.pt``'s SHA-256 (``version``). ``key`` (the weights' digest) seeds the UIDs."""
+
+    name: str
+    version: str
+    key: str
+
+    @classmethod
+    def of_run(cls, run) -> "ModelIdentity":
+        digest = hashlib.sha256(run.model.read_bytes()).hexdigest()
+        registered = run.registered_model()
+        if registered:
+            return cls(registered["name"], str(registered["version"]), digest)
+        return cls(str(run.settings().get("run_name") or run.path.name), f"sha256:{digest[:12]}", digest)
+
+    def algorithm(self, rule: str) -> hd.sr.AlgorithmIdentification:
+        return hd.sr.AlgorithmIdentification(name=self.name[:64], version=self.version[:64],
+                                             parameters=[f"wsr_med {__version__}", rule[:1024]])
+
+
+def result_uid(kind: str, *sources: str, model: ModelIdentity) -> str:
+    """A UID (``2.25.<n>``) determined by ``kind`` (``sr``, ``sr-series``, ``sc``...), the source UIDs and the model: the
+    same inputs always give the same UID, different ones (practically) never do."""
+    digest = hashlib.sha256("\n".join(["wsr_med", kind, *sources, model.key]).encode()).digest()
+    return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"  # a UUID-derived UID (PS3.5 B.2), by name
+
+
+class ClassCodes:
+    """The code of each class name: from a user's JSON file, else the local scheme (see the module docstring)."""
+
+    def __init__(self, classes: list[str], path: str | Path | None = None) -> None:
+        given = {}
+        if path is not None:
+            try:
+                given = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise WsrMedError(f"{path}: not a readable JSON file of class codes ({type(e).__name__})") from None
+            if not isinstance(given, dict):
+                raise WsrMedError(f'{path}: expected {{"<class>": {{"value": ..., "scheme": ..., "meaning": ...}}}}')
+            unknown = sorted(set(given) - set(classes))
+            if unknown:
+                raise WsrMedError(f"{path}: {', '.join(map(repr, unknown))} is not a class of the model "
+                                  f"({', '.join(classes)})")
+        self.codes = {}
+        for k, name in enumerate(classes):
+            entry = given.get(name)
+            if entry is None:
+                value = _local_value(name)
+                if any(c.value == value and c.scheme_designator == LOCAL_SCHEME for c in self.codes.values()):
+                    value = f"{value[:12]}-{k}"  # two names that read alike as code values
+                self.codes[name] = hd.sr.CodedConcept(value, LOCAL_SCHEME, name[:64])
+                continue
+            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry.get(k)
+                                                      for k in ("value", "scheme", "meaning")):
+                raise WsrMedError(f"{path}: the code of {name!r} needs non-empty 'value', 'scheme' and 'meaning'")
+            self.codes[name] = hd.sr.CodedConcept(entry["value"], entry["scheme"], entry["meaning"][:64])
+
+    def __getitem__(self, name: str) -> hd.sr.CodedConcept:
+        return self.codes[name]
+
+
+def _local_value(name: str) -> str:
+    """A class name as a code value: upper-case letters, digits and ``-`` (16 characters at most, so a CodeValue)."""
+    return (re.sub(r"[^A-Z0-9]+", "-", name.upper()).strip("-") or "CLASS")[:16]
+
+
+def _local(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(_local_value(value), LOCAL_SCHEME, meaning[:64])
+
+
+def _evidence(source: pydicom.Dataset) -> pydicom.Dataset:
+    """What an SR takes from its source: the identifiers that file it into the patient's study and reference the
+    image (:data:`_EVIDENCE`), nothing else of the header and no pixel data."""
+    header = pydicom.Dataset()
+    for keyword in _EVIDENCE:
+        if keyword in source:
+            header.add(source[keyword])
+        elif keyword not in ("SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"):
+            setattr(header, keyword, "")  # type 2 in the SR's patient and study modules: present, empty when unknown
+    return header
+
+
+def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probabilities: np.ndarray, decided,
+                      rule: str, thresholds: dict[str, float], multilabel: bool, model: ModelIdentity,
+                      class_codes: ClassCodes) -> hd.sr.ComprehensiveSR:
+    """The SR of one classified image (``sources`` = [its header]) or series (its slices' headers).
+
+    Args:
+        sources: the classified instances' headers (pixel data, if present, is not copied).
+        classes: the model's class (finding) names.
+        probabilities: ``(len(classes),)`` calibrated probabilities.
+        decided: the decided class index (single-label) or a boolean per finding (multi-label).
+        rule: the decision rule in words (``prob_pneumonia >= 0.43``), recorded with the algorithm.
+        thresholds: per class, the threshold its probability was compared with (binary and multi-label).
+        multilabel: the model's task.
+        model: the result's author and the seed of its UIDs.
+        class_codes: the code of each class.
+    """
+    first = sources[0]
+    source_uids = sorted(str(s.SOPInstanceUID) for s in sources)
+    evidence = [_evidence(s) for s in sources]
+    # measurement names are numbered (class names may differ only in what a code value cannot hold)
+    measurements = [hd.sr.Measurement(name=_local(f"PROB-{k}", f"Probability of {c}"), value=float(p),
+                                      unit=PROBABILITY_UNIT)
+                    for k, (c, p) in enumerate(zip(classes, probabilities))]
+    measurements += [hd.sr.Measurement(name=_local(f"THRESHOLD-{classes.index(c)}", f"Decision threshold for {c}"),
+                                       value=float(t), unit=PROBABILITY_UNIT) for c, t in thresholds.items()]
+    if multilabel:
+        evaluations = [hd.sr.QualitativeEvaluation(class_codes[c], _PRESENT if v else _ABSENT)
+                       for c, v in zip(classes, decided)]
+    else:
+        evaluations = [hd.sr.QualitativeEvaluation(_FINDING, class_codes[classes[int(decided)]])]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid("tracking", *source_uids, model=model),
+                                                     identifier="wsr_med classification"),
+        algorithm_id=model.algorithm(rule),
+        source_images=[hd.sr.SourceImageForMeasurementGroup(str(s.SOPClassUID), str(s.SOPInstanceUID))
+                       for s in sources[:1]] if len(sources) == 1 else None,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=result_uid("device", model=model), name="wsr_med", model_name=model.name[:64]))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=_IMAGING_PROCEDURE,
+        imaging_measurements=[group],
+        referenced_images=evidence if len(sources) > 1 else None,
+    )
+    series_uid = result_uid("sr-series", str(first.StudyInstanceUID), model=model)
+    return hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=result_uid("sr", *source_uids, model=model),
+        instance_number=int(first.get("InstanceNumber") or 1),
+        manufacturer="wsr_med",
+        series_description=f"wsr_med {model.name} {model.version} - {NOT_FOR_CLINICAL_USE}"[:64],
+        is_complete=True,
+    )
+
+
+def read_sr_probabilities(sr: pydicom.Dataset) -> dict[str, float]:
+    """The class probabilities an SR made by :func:`classification_sr` holds, by class name, read with highdicom."""
+    report = (sr if isinstance(sr, hd.sr.ComprehensiveSR) else hd.sr.ComprehensiveSR.from_dataset(sr)).content
+    out = {}
+    for group in report.get_image_measurement_groups():
+        for measurement in group.get_measurements():
+            meaning = measurement.name.meaning
+            if meaning.startswith("Probability of "):
+                out[meaning[len("Probability of "):]] = float(measurement.value)
+    return out

@@ -1,0 +1,86 @@
+"""Which instances of a study a model classifies, like MONAI Deploy's series selector: rules on DICOM attributes.
+
+A rules file (``--select rules.json``) maps attribute keywords to the values accepted::
+
+    {"Modality": ["CR", "DX"], "ImageType": ["ORIGINAL", "PRIMARY"], "BodyPartExamined": ["CHEST"],
+     "ViewPosition": ["PA", "AP"], "SOPClassUID": ["1.2.840.10008.5.1.4.1.1.1.1"]}
+
+A single-valued attribute must be one of its list; a multi-valued one (``ImageType``) must contain every value of
+its list; an attribute a rule names and the header lacks fails the rule. Without a file the rule is the training
+profile's modalities (``profile.json``). Always, whatever the rules: the instance must be an image (it has rows and
+columns), and a 2D model classifies single-frame images only (a 3D model classifies a series).
+Every instance left out gets its reason, and the reasons are listed (``skipped.csv``): nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+
+from wsr_med.errors import WsrMedError
+
+__all__ = ["Selection", "RULE_KEYWORDS"]
+
+RULE_KEYWORDS = ("Modality", "ImageType", "SOPClassUID", "BodyPartExamined", "ViewPosition", "Laterality",
+                 "PhotometricInterpretation", "SeriesDescription")
+_MULTI_VALUED = ("ImageType",)
+
+
+class Selection:
+    """Rules on header attributes (see the module docstring).
+
+    Args:
+        rules: keyword -> accepted values.
+        spatial_dims: the model's: 2 classifies single-frame images, 3 whole series.
+        source: where the rules came from, for messages ("rules.json", "the training profile").
+    """
+
+    def __init__(self, rules: dict[str, list[str]], spatial_dims: int = 2, source: str = "rules") -> None:
+        self.rules = {k: [str(v) for v in values] for k, values in rules.items()}
+        self.spatial_dims = spatial_dims
+        self.source = source
+
+    @classmethod
+    def from_file(cls, path: str | Path, spatial_dims: int = 2) -> "Selection":
+        try:
+            rules = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise WsrMedError(f"{path}: not a readable JSON file of selection rules ({type(e).__name__})") from None
+        if not isinstance(rules, dict):
+            raise WsrMedError(f'{path}: expected {{"<attribute>": ["<value>", ...]}}, e.g. {{"Modality": ["CR", "DX"]}}')
+        for key, values in rules.items():
+            if key not in RULE_KEYWORDS:
+                raise WsrMedError(f"{path}: {key!r} is not an attribute rules can name ({', '.join(RULE_KEYWORDS)})")
+            if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+                raise WsrMedError(f"{path}: {key!r} needs a non-empty list of strings")
+        return cls(rules, spatial_dims, Path(path).name)
+
+    @classmethod
+    def from_profile(cls, profile: dict | None, spatial_dims: int = 2) -> "Selection":
+        """The training profile's modalities; no modality rule when the training scans had none (PNG/JPEG)."""
+        modalities = sorted((profile or {}).get("modalities") or {})
+        return cls({"Modality": modalities} if modalities else {}, spatial_dims, "the training profile")
+
+    def reason(self, header: pydicom.Dataset) -> str:
+        """Why ``header``'s instance is not classified ("" when it is)."""
+        if not header.get("Rows") or not header.get("Columns"):
+            modality = header.get("Modality") or "?"
+            return f"not an image (modality {modality})"
+        frames = int(header.get("NumberOfFrames") or 1)
+        if self.spatial_dims == 2 and frames > 1:
+            return f"multi-frame ({frames} frames) for a 2D model"
+        for key, accepted in self.rules.items():
+            value = header.get(key)
+            if value is None or value == "":
+                return f"no {key} (rule from {self.source}: {', '.join(accepted)})"
+            if key in _MULTI_VALUED:
+                values = [str(v) for v in (value if isinstance(value, (list, pydicom.multival.MultiValue)) else [value])]
+                missing = [a for a in accepted if a not in values]
+                if missing:
+                    shown = "\\".join(values)
+                    return f"{key} {shown} lacks {', '.join(missing)} (rule from {self.source})"
+            elif str(value) not in accepted:
+                return f"{key} {value} not in {', '.join(accepted)} (rule from {self.source})"
+        return ""
