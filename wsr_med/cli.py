@@ -145,8 +145,8 @@ def predict_pacs(args: argparse.Namespace) -> None:
         raise WsrMedError("nowhere to store the SRs of a DICOM folder: give --sr-dir DIR, --store-to URL or --c-store")
     output = _overrides(args).get("output_dir") or default("output_dir")
     summary = classify_studies(output, source, destination, studies=args.study, query=query, select=args.select,
-                               codes=args.codes, predictions_file=args.predictions_file)
-    print(f"{len(summary.rows)} classified, {summary.stored} SRs stored, {summary.already} already there, "
+                               codes=args.codes, predictions_file=args.predictions_file, heatmaps=args.heatmaps)
+    print(f"{len(summary.rows)} classified, {summary.stored} results stored, {summary.already} already there, "
           f"{len(summary.skipped)} skipped (see {RunFolder(output).predictions if not args.predictions_file else args.predictions_file})")
     if summary.failed:
         raise WsrMedError(f"{len(summary.failed)} of {summary.n_studies} studies not done ({summary.failed[0][1]}): "
@@ -186,6 +186,8 @@ def _build_parser() -> argparse.ArgumentParser:
                       "given with --dataset-dir)")
     pacs.add_argument("--store-to", metavar="URL", help="store the SRs in this other DICOMweb archive (STOW-RS)")
     pacs.add_argument("--c-store", metavar="AE@HOST:PORT", help="send the SRs to this DICOM application entity")
+    pacs.add_argument("--heatmaps", action="store_true", help="also store a Grad-CAM overlay per image (a Secondary "
+                      "Capture marked NOT FOR DIAGNOSTIC USE)")
     pacs.add_argument("--auth-file", metavar="FILE", help="a file holding the archive's 'user:password' or "
                       "'Bearer <token>' (never on the command line)")
     workflow_parser("demo", "the main job on generated data: train, evaluate, predict, log to MLflow")

@@ -25,7 +25,9 @@ import torch
 
 from wsr_med.data.csv_files import write_csv
 from wsr_med.data.readers import ScanReadError
+from wsr_med.errors import WsrMedError
 from wsr_med.pacs.archive import ArchiveError
+from wsr_med.pacs.heatmaps import GradCamOverlay
 from wsr_med.pacs.results import ClassCodes, ModelIdentity, classification_sr
 from wsr_med.pacs.selection import Selection
 
@@ -82,7 +84,8 @@ def _reason(error: Exception) -> str:
 def classify_studies(run_dir: str | Path, source, destination=None, studies: list[str] = (), query: dict | None = None,
                      select: str | Path | None = None, codes: str | Path | None = None,
                      predictions_file: str | Path | None = None, batch_size: int = 16,
-                     device: str | torch.device = "cpu", max_pixels: int | None = None) -> PacsSummary:
+                     device: str | torch.device = "cpu", max_pixels: int | None = None,
+                     heatmaps: bool = False) -> PacsSummary:
     """Classify ``studies`` (or those ``query`` finds; a folder source: all) of ``source`` with the run's model and
     store an SR per result in ``destination`` (None: only ``predictions.csv``).
 
@@ -96,6 +99,7 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
         codes: a class codes file (:class:`wsr_med.pacs.results.ClassCodes`).
         predictions_file: default: the run folder's ``predictions.csv``; the skipped instances go beside it.
         batch_size: instances retrieved and classified together (the memory bound).
+        heatmaps: also store a Grad-CAM Secondary Capture per classified image (:mod:`wsr_med.pacs.heatmaps`; 2D).
     """
     from wsr_med.settings import default
     from wsr_med.workflows.model import TrainedModel
@@ -109,6 +113,9 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
     identity = ModelIdentity.of_run(model.run)
     class_codes = ClassCodes(model.classes, codes)
     network = model.network(device)
+    if heatmaps and spatial_dims != 2:
+        raise WsrMedError("--heatmaps draws on 2D images; this model classifies volumes")
+    overlay = GradCamOverlay(network) if heatmaps else None
     transform = model.preprocessing(max_pixels or default("max_pixels"))
     decision = model.decision
     rule, thresholds = decision.rule(model.classes), decision.class_thresholds(model.classes)
@@ -117,32 +124,41 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
     clock = _Clock(summary.seconds)
 
     def classify(batch: list[tuple[list[pydicom.Dataset], torch.Tensor]], study: str, held: set[str]) -> None:
+        images = torch.stack([image for _, image in batch]).to(device)
         with clock("network"), torch.no_grad():
-            logits = network(torch.stack([image for _, image in batch]).to(device))
+            logits = network(images)
         calibrated = decision.probabilities(model.probabilities(logits))
         decided = decision.classes(calibrated)
+        # the class a heat map explains: the decided one; multi-label, the most probable finding
+        explained = calibrated.argmax(1) if model.multilabel else decided
+        if overlay is not None:
+            with clock("heatmap"):
+                cams = overlay.maps(images, list(explained))
         results = []
-        with clock("SR"):
-            for (headers, _), probs, called in zip(batch, calibrated, decided):
+        with clock("SR"), warnings.catch_warnings():
+            # a one-part PatientName ("PID-0002") is copied as the archive holds it
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+            for n, ((headers, image), probs, called) in enumerate(zip(batch, calibrated, decided)):
                 try:
-                    with warnings.catch_warnings():  # a one-part PatientName ("PID-0002"): as the archive holds it
-                        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-                        sr = classification_sr(headers, model.classes, probs, called, rule, thresholds, model.multilabel,
-                                               identity, class_codes)
+                    made = [classification_sr(headers, model.classes, probs, called, rule, thresholds,
+                                              model.multilabel, identity, class_codes)]
+                    if overlay is not None:
+                        made.append(overlay.secondary_capture(headers[0], image.cpu().numpy(), cams[n],
+                                                              model.classes[int(explained[n])], identity))
                 except Exception as e:  # noqa: BLE001 - a source header highdicom refuses: listed, the rest go on
                     for header in headers:
                         skip(header, f"no SR could be made from its header ({type(e).__name__})")
                     continue
-                new = destination is not None and sr.SOPInstanceUID not in held
-                if new:
-                    results.append(sr)
+                new = [d for d in made if destination is not None and d.SOPInstanceUID not in held]
+                results += new
                 answer = ("|".join(c for c, v in zip(model.classes, called) if v) or "none") if model.multilabel \
                     else model.classes[int(called)]
                 first = headers[0]
                 status = "storing" if new else ("already stored" if destination is not None else "not stored")
                 summary.rows.append([str(first.StudyInstanceUID), str(first.SeriesInstanceUID),
                                      str(first.SOPInstanceUID) if spatial_dims == 2 else f"{len(headers)} instances",
-                                     answer, *[f"{p:.9g}" for p in probs], rule, str(sr.SOPInstanceUID), status])
+                                     answer, *[f"{p:.9g}" for p in probs], rule, str(made[0].SOPInstanceUID),
+                                     str(made[1].SOPInstanceUID) if len(made) > 1 else "", status])
         if results:
             with clock("store"):
                 destination.store(results)  # after a failure here the caller marks the study's unstored rows
@@ -230,7 +246,7 @@ def _classify_series(headers, source, image, classify, skip, study, held, clock)
 def _write(predictions_file: Path, classes: list[str], multilabel: bool, summary: PacsSummary) -> None:
     answer = "findings" if multilabel else "predicted_class"
     write_csv(predictions_file, ["study_uid", "series_uid", "sop_instance_uid", answer, *[f"prob_{c}" for c in classes],
-                                 "decision_rule", "sr_uid", "sr"], summary.rows)
+                                 "decision_rule", "sr_uid", "heatmap_uid", "sr"], summary.rows)
     skipped = predictions_file.with_name(predictions_file.stem + SKIPPED_SUFFIX)
     failed = [[study, "", "", "", f"study failed: {why}"] for study, why in summary.failed]
     write_csv(skipped, ["study_uid", "series_uid", "sop_instance_uid", "modality", "reason"], summary.skipped + failed)

@@ -126,7 +126,7 @@ def _local(value: str, meaning: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(_local_value(value), LOCAL_SCHEME, meaning[:64])
 
 
-def _evidence(source: pydicom.Dataset) -> pydicom.Dataset:
+def evidence_of(source: pydicom.Dataset) -> pydicom.Dataset:
     """What an SR takes from its source: the identifiers that file it into the patient's study and reference the
     image (:data:`_EVIDENCE`), nothing else of the header and no pixel data."""
     header = pydicom.Dataset()
@@ -156,7 +156,7 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
     """
     first = sources[0]
     source_uids = sorted(str(s.SOPInstanceUID) for s in sources)
-    evidence = [_evidence(s) for s in sources]
+    evidence = [evidence_of(s) for s in sources]
     # measurement names are numbered (class names may differ only in what a code value cannot hold)
     measurements = [hd.sr.Measurement(name=_local(f"PROB-{k}", f"Probability of {c}"), value=float(p),
                                       unit=PROBABILITY_UNIT)

@@ -1,0 +1,347 @@
+"""PACS in, PACS out, through ``wsr-med predict`` against a real Orthanc (started here on 127.0.0.1) and a DICOM folder;
+every SR and Secondary Capture checked by ``dciodvfy`` (dicom3tools) and ``dsrdump`` (dcmtk), probabilities read back
+with highdicom and compared with plain ``wsr-med predict`` on the same files.
+
+Orthanc, dciodvfy and dsrdump are Debian packages that ``.ci/run`` installs; where they are missing the tests skip,
+except under CI=true, where they fail.
+"""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from test_cli import SMALL, WSR_MED, ok, refused
+from wsr_med.pacs import ClassCodes, ModelIdentity, Selection, classification_sr, read_sr_probabilities
+from wsr_med.pacs.archive import AUTH_ENV
+from wsr_med.pacs.orthanc import LocalOrthanc, orthanc_available
+from wsr_med.pacs.results import NOT_FOR_CLINICAL_USE, result_uid
+
+QUIET = ["num_workers=0", "progress_bar=false"]
+NEEDED = {"Orthanc (orthanc, orthanc-dicomweb)": orthanc_available(), "dciodvfy (dicom3tools)": bool(shutil.which("dciodvfy")),
+          "dsrdump (dcmtk)": bool(shutil.which("dsrdump"))}
+
+
+def _require_tools() -> None:
+    missing = [name for name, there in NEEDED.items() if not there]
+    if missing:
+        message = f"not installed: {', '.join(missing)} (.ci/run installs them)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def run(home: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WSR_MED_DICOMWEB"))}
+    return subprocess.run([str(WSR_MED), *args], cwd=home, capture_output=True, text=True, timeout=timeout,
+                          env={**base, **(env or {})})
+
+
+def valid(path: Path) -> None:
+    """dciodvfy finds no error in the object; an SR also renders with dsrdump."""
+    checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, f"{path.name}: {errors}"
+    if pydicom.dcmread(path, stop_before_pixels=True).Modality == "SR":
+        dumped = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True)
+        assert dumped.returncode == 0 and "Imaging Measurement Report" in dumped.stdout, dumped.stderr
+        assert NOT_FOR_CLINICAL_USE in dumped.stdout
+
+
+def uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A small binary model trained as the README says, on a synthetic folder of DICOM files only (one study each)."""
+    _require_tools()
+    home = tmp_path_factory.mktemp("pacs")
+    ok(run(home, "synth", "hospital", "--n-per-class", "14", "--image-size", "64", "--formats", "dcm"))
+    ok(run(home, "train", "--dataset-dir", "hospital", "--output-dir", "runs/a", "--set", "image_size=64", SMALL,
+           "max_epochs=2", "batch_size=8", "learning_rate=0.01", *QUIET))
+    return {"home": home, "run": home / "runs/a", "files": sorted((home / "hospital").rglob("*.dcm"))}
+
+
+@pytest.fixture(scope="module")
+def plain_predictions(trained) -> dict[str, dict]:
+    """``wsr-med predict`` on the folder, by SOPInstanceUID."""
+    home = trained["home"]
+    ok(run(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "hospital", "--predictions-file", "plain.csv"))
+    return {uid_of(home / "hospital" / row["path"]): row for row in rows(home / "plain.csv")}
+
+
+@pytest.fixture()
+def pacs(tmp_path):
+    _require_tools()
+    with LocalOrthanc(tmp_path / "orthanc") as archive:
+        yield archive
+
+
+def _srs_by_study(pacs: LocalOrthanc) -> dict[str, list[dict]]:
+    """The SR (and SC) instances Orthanc holds, by StudyInstanceUID, each with its header and file."""
+    out = {}
+    for instance in pacs.get("/instances?expand"):
+        tags = pacs.get(f"/instances/{instance['ID']}/simplified-tags")
+        if NOT_FOR_CLINICAL_USE in tags.get("SeriesDescription", ""):
+            out.setdefault(tags["StudyInstanceUID"], []).append({"id": instance["ID"], "tags": tags})
+    return out
+
+
+def _download(pacs: LocalOrthanc, instance_id: str, folder: Path) -> Path:
+    import requests
+
+    folder.mkdir(exist_ok=True)
+    answer = requests.get(f"{pacs.url}/instances/{instance_id}/file", auth=(pacs.user, pacs.password), timeout=30)
+    answer.raise_for_status()
+    path = folder / f"{instance_id}.dcm"
+    path.write_bytes(answer.content)
+    return path
+
+
+def test_a_dicom_folder_gets_an_sr_per_image_with_predicts_probabilities(trained, plain_predictions):
+    home = trained["home"]
+    out = ok(run(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "hospital", "--sr-dir", "srs",
+                 "--predictions-file", "folder.csv"))
+    srs = sorted((home / "srs").rglob("*.dcm"))
+    assert len(srs) == len(trained["files"]) == len(plain_predictions)
+    classes = json.loads((trained["run"] / "classes.json").read_text())
+    for path in srs:
+        valid(path)
+        sr = pydicom.dcmread(path)
+        source = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        expected = plain_predictions[str(source.ReferencedSOPInstanceUID)]
+        got = read_sr_probabilities(sr)
+        assert sorted(got) == sorted(classes)
+        for name in classes:
+            assert abs(got[name] - float(expected[f"prob_{name}"])) < 1e-5
+        assert NOT_FOR_CLINICAL_USE in sr.SeriesDescription and sr.Modality == "SR"
+        assert path.parent.name == sr.StudyInstanceUID  # filed by study
+    table = rows(home / "folder.csv")
+    assert {r["sop_instance_uid"] for r in table} == set(plain_predictions)
+    assert all(r["predicted_class"] == plain_predictions[r["sop_instance_uid"]]["predicted_class"] for r in table)
+    assert "path" not in table[0] and not any(str(home) in v for r in table for v in r.values())  # UIDs, no paths
+    again = ok(run(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "hospital", "--sr-dir", "srs",
+                   "--predictions-file", "folder.csv"))
+    assert f"0 results stored, {len(srs)} already there" in again.stdout and sorted((home / "srs").rglob("*.dcm")) == srs
+    assert "results stored" in out.stdout
+
+
+def test_an_archive_gets_an_sr_in_each_original_study_and_a_rerun_adds_nothing(trained, pacs, real_dicom_dir, tmp_path):
+    home = trained["home"]
+    pacs.upload(trained["files"][:8] + sorted(real_dicom_dir.glob("*.dcm")))
+    before = len(pacs.get("/instances"))
+    env = {AUTH_ENV: pacs.auth}
+    out = ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--query",
+                 "StudyDate=19000101-21001231", "--predictions-file", "archive.csv", env=env))
+    table = rows(home / "archive.csv")
+    assert len(table) == 9 and all(r["sr"] == "stored" for r in table)  # 8 synthetic DX + the real DX; CR/US/MR skipped
+    srs = _srs_by_study(pacs)
+    by_source = {r["sop_instance_uid"]: r for r in table}
+    for row in table:
+        assert len(srs[row["study_uid"]]) == 1  # one SR, in the source's own study
+    for study, found in srs.items():
+        path = _download(pacs, found[0]["id"], tmp_path / "got")
+        valid(path)
+        sr = pydicom.dcmread(path)
+        assert sr.StudyInstanceUID == study
+        referenced = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        row = by_source[str(referenced.ReferencedSOPInstanceUID)]
+        assert sr.SOPInstanceUID == row["sr_uid"] and row["study_uid"] == study
+        assert sr.PatientID  # the SR carries the patient's identity: it lives in the patient's study
+    skipped = rows(home / "archive_skipped.csv")
+    reasons = {r["modality"]: r["reason"] for r in skipped}
+    assert {"CR", "US", "MR"} <= set(reasons) and all("not in DX" in reasons[m] for m in ("CR", "US", "MR"))
+    assert pacs.auth not in out.stdout + out.stderr and pacs.password not in out.stdout + out.stderr
+    assert len(pacs.get("/instances")) == before + 9
+
+    again = ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--query",
+                   "StudyDate=19000101-21001231", "--predictions-file", "archive.csv", env=env))
+    assert len(pacs.get("/instances")) == before + 9 and "0 results stored, 9 already there" in again.stdout
+    # the SRs are in the studies now: listed as skipped ("not an image"), not classified
+    assert sum(r["reason"].startswith("not an image") for r in rows(home / "archive_skipped.csv")) == 9
+
+
+def test_selection_rules_codes_heatmaps_and_c_store(trained, pacs, real_dicom_dir, tmp_path):
+    home = trained["home"]
+    siim = next(real_dicom_dir.glob("siim_cr_chest_*.dcm"))
+    pacs.upload([siim, real_dicom_dir / "US1_UNCI.dcm", trained["files"][0]])
+    study = str(pydicom.dcmread(siim, stop_before_pixels=True).StudyInstanceUID)
+    rules = home / "rules.json"
+    rules.write_text(json.dumps({"Modality": ["CR", "DX"], "BodyPartExamined": ["CHEST"]}))
+    codes = home / "codes.json"
+    codes.write_text(json.dumps({"right": {"value": "24028007", "scheme": "SCT", "meaning": "Right"}}))
+    ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--study", study, "--select", str(rules),
+           "--codes", str(codes), "--heatmaps", "--predictions-file", "selected.csv", env={AUTH_ENV: pacs.auth}))
+    [row] = rows(home / "selected.csv")
+    assert row["heatmap_uid"] and row["sr"] == "stored"
+    found = _srs_by_study(pacs)[study]
+    assert len(found) == 2
+    for item in found:
+        path = _download(pacs, item["id"], tmp_path / "objects")
+        valid(path)
+        ds = pydicom.dcmread(path)
+        assert NOT_FOR_CLINICAL_USE in ds.SeriesDescription and ds.StudyInstanceUID == study
+        if ds.Modality != "SR":  # the Grad-CAM overlay: derived, burned-in legend, its source referenced
+            assert ds.BurnedInAnnotation == "YES" and list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+            assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == row["sop_instance_uid"]
+            assert ds.SOPInstanceUID == row["heatmap_uid"] and ds.pixel_array.shape[-1] == 3
+        else:
+            dumped = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True).stdout
+            assert "(24028007,SCT,\"Right\")" in dumped or row["predicted_class"] == "left"
+    # a rule the synthetic DX lacks (BodyPartExamined) skips it, naming the rule
+    synthetic_study = str(pydicom.dcmread(trained["files"][0], stop_before_pixels=True).StudyInstanceUID)
+    ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--study", synthetic_study,
+           "--select", str(rules), "--predictions-file", "selected.csv", env={AUTH_ENV: pacs.auth}))
+    assert rows(home / "selected.csv") == []
+    assert "no BodyPartExamined (rule from rules.json: CHEST)" in rows(home / "selected_skipped.csv")[0]["reason"]
+
+    # C-STORE from a DICOM folder to the archive's AE
+    folder = home / "one_study"
+    folder.mkdir()
+    shutil.copy(trained["files"][1], folder)
+    ok(run(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "one_study", "--c-store",
+           f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}", "--predictions-file", "cstore.csv"))
+    sent = rows(home / "cstore.csv")[0]
+    assert sent["sr"] == "stored" and len(_srs_by_study(pacs)[sent["study_uid"]]) == 1
+
+
+def test_an_archive_stopped_mid_run_gives_one_line_and_the_rerun_completes(trained, pacs):
+    home = trained["home"]
+    pacs.upload(trained["files"])
+    n = len(trained["files"])
+    env = {AUTH_ENV: pacs.auth}
+    args = ["predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--query", "Modality=DX",
+            "--predictions-file", "stopped.csv"]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WSR_MED_DICOMWEB"))}
+    process = subprocess.Popen([str(WSR_MED), *args], cwd=home, env={**base, **env}, stderr=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if f"study 2 of {n} done" in line:
+            pacs.stop()
+            break
+    rest = process.stderr.read()
+    process.wait(120)
+    stderr = "".join(lines) + rest
+    assert process.returncode == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("wsr-med ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert "not done" in errors[0] and "run the same command again" in errors[0]
+    done = [r for r in rows(home / "stopped.csv") if r["sr"] == "stored"]
+    assert 2 <= len(done) < n
+    pacs.start()
+    again = ok(run(home, *args, env=env))
+    assert f"{n - len(done)} results stored, {len(done)} already there" in again.stdout
+    srs = _srs_by_study(pacs)
+    assert len(srs) == n and all(len(found) == 1 for found in srs.values())
+
+
+def test_wrong_credentials_and_no_archive_are_one_line_without_the_secret(trained, pacs):
+    home = trained["home"]
+    wrong = f"{pacs.user}:not-the-password"
+    result = run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--query", "Modality=DX",
+                 env={AUTH_ENV: wrong})
+    refused(result, "HTTP 401")
+    assert "not-the-password" not in result.stdout + result.stderr
+    secret_file = home / "token.txt"
+    secret_file.write_text("Bearer a-token-value\n")
+    pacs.stop()
+    result = run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--study", "1.2.3",
+                 "--auth-file", str(secret_file))
+    refused(result, "unreachable", "after 3 attempts")
+    assert "a-token-value" not in result.stdout + result.stderr
+    refused(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb), "--study UID")
+
+
+def test_a_multilabel_model_writes_present_or_absent_per_finding(trained, tmp_path):
+    """A multi-label model's SR: a probability and a threshold per finding and Present / Absent, valid DICOM."""
+    _require_tools()
+    home = trained["home"]
+    ok(run(home, "synth", "findings", "--multilabel", "--n-per-class", "40", "--image-size", "64"))
+    ok(run(home, "train", "--dataset-dir", "findings/chexpert.csv", "--output-dir", "runs/ml", "--set", "image_size=64",
+           SMALL, "max_epochs=1", "batch_size=8", *QUIET))
+    folder = home / "few"
+    folder.mkdir()
+    for path in trained["files"][:3]:
+        shutil.copy(path, folder)
+    ok(run(home, "predict", "--output-dir", "runs/ml", "--dataset-dir", "few", "--predictions-file", "ml_plain.csv"))
+    ok(run(home, "predict", "--output-dir", "runs/ml", "--dataset-dir", "few", "--sr-dir", "ml_srs",
+           "--predictions-file", "ml.csv"))
+    plain = {uid_of(folder / r["path"]): r for r in rows(home / "ml_plain.csv")}
+    findings = json.loads((home / "runs/ml/classes.json").read_text())
+    for row in rows(home / "ml.csv"):
+        assert row["findings"] == plain[row["sop_instance_uid"]]["findings"]
+        path = home / "ml_srs" / row["study_uid"] / f"{row['sr_uid']}.dcm"
+        valid(path)
+        got = read_sr_probabilities(pydicom.dcmread(path))
+        assert all(abs(got[f] - float(plain[row["sop_instance_uid"]][f"prob_{f}"])) < 1e-5 for f in findings)
+        dumped = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True).stdout
+        assert sum(('"Present"' in line or '"Absent"' in line) for line in dumped.splitlines()) == len(findings)
+        assert dumped.count("Decision threshold for") == len(findings)
+
+
+# --- units ---------------------------------------------------------------------------------------------------
+def test_result_uids_depend_on_source_and_model_only():
+    model = ModelIdentity("m", "1", "k" * 64)
+    assert result_uid("sr", "1.2.3", model=model) == result_uid("sr", "1.2.3", model=model)
+    assert result_uid("sr", "1.2.3", model=model) != result_uid("sr", "1.2.4", model=model)
+    assert result_uid("sr", "1.2.3", model=model) != result_uid("sr", "1.2.3", model=ModelIdentity("m", "2", "j" * 64))
+    uid = result_uid("sr", "1.2.3", model=model)
+    assert uid.startswith("2.25.") and len(uid) <= 64 and pydicom.uid.UID(uid).is_valid
+
+
+def test_selection_names_the_rule_and_the_value():
+    header = pydicom.Dataset()
+    header.Rows = header.Columns = 8
+    header.Modality, header.ImageType = "CR", ["DERIVED", "PRIMARY"]
+    assert Selection({"Modality": ["DX"]}).reason(header) == "Modality CR not in DX (rule from rules)"
+    assert "lacks ORIGINAL" in Selection({"ImageType": ["ORIGINAL", "PRIMARY"]}).reason(header)
+    assert Selection({"Modality": ["CR"]}).reason(header) == ""
+    header.NumberOfFrames = 3
+    assert "multi-frame" in Selection({}).reason(header) and Selection({}, spatial_dims=3).reason(header) == ""
+    del header.Rows
+    assert Selection({}).reason(header).startswith("not an image")
+
+
+def test_bad_rules_and_codes_files_are_refused_naming_the_file(tmp_path):
+    from wsr_med.errors import WsrMedError
+
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"PatientName": ["X"]}))
+    with pytest.raises(WsrMedError, match="rules.json: 'PatientName' is not an attribute"):
+        Selection.from_file(rules)
+    codes = tmp_path / "codes.json"
+    codes.write_text(json.dumps({"pneumonia": {"value": "1"}}))
+    with pytest.raises(WsrMedError, match="needs non-empty 'value', 'scheme' and 'meaning'"):
+        ClassCodes(["normal", "pneumonia"], codes)
+    codes.write_text(json.dumps({"tumour": {"value": "1", "scheme": "SCT", "meaning": "x"}}))
+    with pytest.raises(WsrMedError, match="'tumour' is not a class of the model"):
+        ClassCodes(["normal", "pneumonia"], codes)
+
+
+def test_an_sr_of_a_real_radiograph_is_valid_and_copies_identifiers_only(real_dicom_dir, tmp_path):
+    _require_tools()
+    source = pydicom.dcmread(next(real_dicom_dir.glob("siim_cr_chest_*.dcm")))
+    model = ModelIdentity("chest", "7", "a" * 64)
+    sr = classification_sr([source], ["normal", "pneumonia"], np.array([0.25, 0.75]), 1, "prob_pneumonia >= 0.4",
+                           {"pneumonia": 0.4}, False, model, ClassCodes(["normal", "pneumonia"]))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    valid(path)
+    written = pydicom.dcmread(path)
+    assert written.StudyInstanceUID == source.StudyInstanceUID and written.PatientID == source.PatientID
+    assert "PatientAge" not in written and "PixelData" not in written  # identifiers to file it, nothing else
+    assert read_sr_probabilities(written) == {"normal": 0.25, "pneumonia": 0.75}
