@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 AUTH_ENV = "WSR_MED_DICOMWEB_AUTH"  # "user:password" or "Bearer <token>"
 AUTH_FILE_ENV = "WSR_MED_DICOMWEB_AUTH_FILE"  # a file holding the same
+PAGE = 1000  # QIDO-RS results asked at a time
+MAX_RESULTS = 1_000_000  # studies, series or instances one search returns at most (memory bound)
 T = TypeVar("T")
 
 
@@ -154,16 +156,30 @@ class DicomWebArchive:
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
     def find_studies(self, query: dict[str, str]) -> list[str]:
-        """The StudyInstanceUIDs matching QIDO-RS filters (``{"Modality": "CR", "StudyDate": "20260101-20261231"}``)."""
-        found = self.retry.run("study search", lambda: self.client.search_for_studies(
-            search_filters=dict(query), get_remaining=True))
-        return [header_of(s).StudyInstanceUID for s in found]
+        """The StudyInstanceUIDs matching QIDO-RS filters (``{"Modality": "CR", "StudyDate": "20260101-20261231"}``);
+        ``Modality`` is asked as the study attribute ``ModalitiesInStudy`` (a study holds several)."""
+        filters = {("ModalitiesInStudy" if key == "Modality" else key): value for key, value in query.items()}
+        return self._search("study search", "StudyInstanceUID",
+                            lambda **page: self.client.search_for_studies(search_filters=filters, **page))
+
+    def _search(self, what: str, key: str, search) -> list[str]:
+        """The ``key`` UIDs a QIDO-RS ``search`` finds, a page at a time. Some archives ignore ``offset`` for some
+        filters and answer the first page again: paging stops at a page that is short or brings nothing new (a
+        client that pages until an empty answer loops forever there), and at :data:`MAX_RESULTS`."""
+        found: dict[str, None] = {}
+        while len(found) < MAX_RESULTS:
+            page = self.retry.run(what, lambda: search(limit=PAGE, offset=len(found)))
+            new = [uid for uid in (str(header_of(item).get(key, "")) for item in page) if uid and uid not in found]
+            found.update(dict.fromkeys(new))
+            if len(page) < PAGE or not new:
+                break
+        return list(found)
 
     def study_headers(self, study: str) -> Iterator[list[pydicom.Dataset]]:
         """The headers of every instance of ``study``, a series at a time (WADO-RS metadata: no pixel data)."""
-        series = self.retry.run(f"study {study}", lambda: self.client.search_for_series(study, get_remaining=True))
-        for s in series:
-            uid = header_of(s).SeriesInstanceUID
+        series = self._search(f"study {study}", "SeriesInstanceUID",
+                              lambda **page: self.client.search_for_series(study, **page))
+        for uid in series:
             metadata = self.retry.run(f"study {study}", lambda: self.client.retrieve_series_metadata(study, uid))
             yield [header_of(m) for m in metadata]
 
@@ -177,9 +193,8 @@ class DicomWebArchive:
     # --- as a destination --------------------------------------------------------------------------------
     def holds(self, study: str) -> set[str]:
         """The SOPInstanceUIDs ``study`` holds (to leave out results already stored)."""
-        found = self.retry.run(f"study {study}", lambda: self.client.search_for_instances(
-            study, fields=["SOPInstanceUID"], get_remaining=True))
-        return {header_of(i).SOPInstanceUID for i in found}
+        return set(self._search(f"study {study}", "SOPInstanceUID", lambda **page: self.client.search_for_instances(
+            study, fields=["SOPInstanceUID"], **page)))
 
     def store(self, datasets: list[pydicom.Dataset]) -> None:
         """STOW-RS; a refused instance is an error (the archive stores each instance whole or not at all)."""

@@ -182,6 +182,8 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
     with clock("query"):
         uids = list(studies) or source.find_studies(query or {})
     summary.n_studies = len(uids)
+    if not uids:
+        logger.warning("no study matches %s", "the query" if query else "the folder")
     for n_study, study in enumerate(uids, 1):
         first_row = len(summary.rows)
         try:

@@ -73,7 +73,7 @@ class GradCamOverlay:
         # wants a value for a patient-based image, so it is given a placeholder and then the truth
         sc.PatientOrientation = source.get("PatientOrientation") or ""
         sc.Laterality = source.get("Laterality") or ""  # type 2C: empty when the source does not say
-        sc.SeriesDescription = f"wsr_med Grad-CAM {model.version} - {NOT_FOR_CLINICAL_USE}"[:64]
+        sc.SeriesDescription = f"{NOT_FOR_CLINICAL_USE} - wsr_med Grad-CAM {model.name} {model.version}"[:64]
         sc.BurnedInAnnotation = "YES"
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.DerivationDescription = f"Grad-CAM of {model.name} {model.version} for {label}"[:1024]

@@ -42,6 +42,7 @@ class LocalOrthanc:
     def __init__(self, folder: str | Path | None = None) -> None:
         self._tmp = None if folder else tempfile.TemporaryDirectory(prefix="wsr_med_orthanc_")
         self.folder = Path(folder or self._tmp.name)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port = _free_port(), _free_port()
         self.process: subprocess.Popen | None = None
         config = {

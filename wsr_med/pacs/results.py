@@ -196,7 +196,7 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
         sop_instance_uid=result_uid("sr", *source_uids, model=model),
         instance_number=int(first.get("InstanceNumber") or 1),
         manufacturer="wsr_med",
-        series_description=f"wsr_med {model.name} {model.version} - {NOT_FOR_CLINICAL_USE}"[:64],
+        series_description=f"{NOT_FOR_CLINICAL_USE} - wsr_med {model.name} {model.version}"[:64],  # the warning first: never cut
         is_complete=True,
     )
 
