@@ -223,14 +223,14 @@ def test_an_archive_stopped_mid_run_gives_one_line_and_the_rerun_completes(train
     n = len(trained["files"])
     env = {AUTH_ENV: pacs.auth}
     args = ["predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--query", "Modality=DX",
-            "--predictions-file", "stopped.csv"]
+            "--predictions-file", "stopped.csv", "--set", "batch_size=2"]
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WSR_MED_DICOMWEB"))}
     process = subprocess.Popen([str(WSR_MED), *args], cwd=home, env={**base, **env}, stderr=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)
     lines = []
     for line in process.stderr:
         lines.append(line)
-        if f"study 2 of {n} done" in line:
+        if "results stored for" in line:  # the first results are in the archive: stop it
             pacs.stop()
             break
     rest = process.stderr.read()
@@ -312,6 +312,8 @@ def test_selection_names_the_rule_and_the_value():
     assert Selection({"Modality": ["CR"]}).reason(header) == ""
     header.NumberOfFrames = 3
     assert "multi-frame" in Selection({}).reason(header) and Selection({}, spatial_dims=3).reason(header) == ""
+    header.Rows = header.Columns = 60000
+    assert Selection({}, spatial_dims=3, max_pixels=10**8).reason(header).startswith("too large: 60000 x 60000 x 3")
     del header.Rows
     assert Selection({}).reason(header).startswith("not an image")
 

@@ -10,7 +10,7 @@
     wsr-med ablate --dataset-dir data/hospital --heads gap wise --sizes 224 512 --folds 5 --seeds 0 1 2
     wsr-med ablate ... --workers 4 | --shard 2/8  # cells at once (one GPU each), or this machine's share of the grid
     wsr-med ablate-paper                           # DenseNet121 at 224/512 px, gap vs wise: the study for a GPU
-    wsr-med bench heads | io | batchnorm | serve | memory | train | workers | gpu   # benchmarks (docs/benchmarks.md)
+    wsr-med bench heads | io | batchnorm | serve | memory | train | workers | gpu | pacs   # benchmarks (docs/benchmarks.md)
     wsr-med export-bundle --output-dir runs/a --bundle-dir bundles/chest_v1   # a model-zoo bundle of a trained run
     wsr-med bundle-path                            # the installed MONAI bundle, for python -m monai.bundle run
     wsr-med serve -m models:/wsr_med-left-right/1  # the registered model over HTTP (bytes in; --path-root DIR for paths)
@@ -119,6 +119,17 @@ def demo(args: argparse.Namespace) -> None:
     _print_results(output, args.tracking_uri)
 
 
+def _to_dicom(args: argparse.Namespace) -> bool:
+    """Whether a predict writes DICOM results (from or to a PACS) rather than running the bundle's inference."""
+    return args.command == "predict" and any((args.dicomweb, args.sr_dir, args.store_to, args.c_store))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def predict_pacs(args: argparse.Namespace) -> None:
     """``wsr-med predict --dicomweb URL ...`` / ``--dataset-dir DICOM_FOLDER --sr-dir DIR``: classify studies and store
     a DICOM SR per result (:func:`wsr_med.pacs.classify_studies`)."""
@@ -143,9 +154,18 @@ def predict_pacs(args: argparse.Namespace) -> None:
                    if args.dicomweb else None)
     if destination is None:
         raise WsrMedError("nowhere to store the SRs of a DICOM folder: give --sr-dir DIR, --store-to URL or --c-store")
-    output = _overrides(args).get("output_dir") or default("output_dir")
+    settings = _overrides(args)
+    output = settings.get("output_dir") or default("output_dir")
+    unknown = sorted(set(settings) - {"output_dir", "dataset_dir", "predictions_file", "tracking_uri", "batch_size",
+                                      "max_pixels", "device"})
+    if unknown:
+        raise WsrMedError(f"--set {', '.join(unknown)}: not a setting of predict from or to a PACS (batch_size, "
+                          "max_pixels, device)")
     summary = classify_studies(output, source, destination, studies=args.study, query=query, select=args.select,
-                               codes=args.codes, predictions_file=args.predictions_file, heatmaps=args.heatmaps)
+                               codes=args.codes, predictions_file=args.predictions_file, heatmaps=args.heatmaps,
+                               batch_size=int(settings.get("batch_size") or default("batch_size")),
+                               device=settings.get("device") or ("cuda" if _cuda() else "cpu"),
+                               max_pixels=settings.get("max_pixels"))
     print(f"{len(summary.rows)} classified, {summary.stored} results stored, {summary.already} already there, "
           f"{len(summary.skipped)} skipped (see {RunFolder(output).predictions if not args.predictions_file else args.predictions_file})")
     if summary.failed:
@@ -207,9 +227,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: 'heads' (speed/memory per head), 'io' (reading scans), "
                            "'batchnorm' (eval-mode outputs after a short training), 'serve' (REST vs in-process), "
                            "'memory' (large scans with and without checkpointing), 'train' (bundle loop vs bare loop), "
-                           "'workers' (an ablation grid in parallel), 'gpu' (the prepared GPU check)",
+                           "'workers' (an ablation grid in parallel), 'gpu' (the prepared GPU check), 'pacs' (archive -> SR vs predict on disk)",
                            add_help=False)
-    bench.add_argument("which", choices=["heads", "io", "batchnorm", "serve", "memory", "train", "workers", "gpu"])
+    bench.add_argument("which", choices=["heads", "io", "batchnorm", "serve", "memory", "train", "workers", "gpu", "pacs"])
     ex = sub.add_parser("export-bundle", help="turn a trained run folder into a self-contained MONAI model-zoo bundle")
     ex.add_argument("--output-dir", required=True, help="the trained run folder")
     ex.add_argument("--bundle-dir", required=True, help="the new bundle folder (must not exist)")
@@ -280,7 +300,7 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
         demo(args)
     elif args.command == "train":
         train(args)
-    elif args.command == "predict" and (args.dicomweb or args.sr_dir or args.store_to or args.c_store):
+    elif _to_dicom(args):
         predict_pacs(args)
     else:
         workflow = {"evaluate": "evaluate", "predict": "inference"}[args.command]
@@ -322,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     # MONAI warns that bundle configs are evaluated: this command only runs its own (or --bundle-root's) configs
     warnings.filterwarnings("ignore", message=r"parsing config_file .*", category=UserWarning)
-    if args.command in ("train", "evaluate", "predict", "demo"):
+    if args.command in ("train", "evaluate", "predict", "demo") and not _to_dicom(args):
         from wsr_med.tracking import default_tracking_uri
 
         uri = getattr(args, "tracking_uri", None) or default_tracking_uri()

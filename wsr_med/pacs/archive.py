@@ -108,6 +108,8 @@ def _credentials(auth_file: str | Path | None) -> str | None:
 def http_session(auth_file: str | Path | None = None, timeout_s: float = Retry.timeout_s) -> requests.Session:
     """A ``requests`` session with the archive's credentials (see the module docstring) and a timeout per request."""
     session = requests.Session()
+    # pixel data hardly compresses and gzip costs the archive a core per transfer: bytes as stored
+    session.headers["Accept-Encoding"] = "identity"
     session.mount("http://", _TimeoutAdapter(timeout_s))
     session.mount("https://", _TimeoutAdapter(timeout_s))
     secret = _credentials(auth_file)
@@ -198,11 +200,13 @@ class DicomWebArchive:
 
     def store(self, datasets: list[pydicom.Dataset]) -> None:
         """STOW-RS; a refused instance is an error (the archive stores each instance whole or not at all)."""
-        study = datasets[0].StudyInstanceUID
-        answer = self.retry.run(f"study {study}", lambda: self.client.store_instances(datasets, study))
+        studies = sorted({str(ds.StudyInstanceUID) for ds in datasets})
+        one = studies[0] if len(studies) == 1 else None  # several: POST /studies, each instance filed by its own UID
+        what = f"study {one}" if one else f"storing results of {len(studies)} studies"
+        answer = self.retry.run(what, lambda: self.client.store_instances(datasets, one))
         failed = answer.get("FailedSOPSequence") if answer is not None else None
         if failed:
-            raise ArchiveError(f"study {study}: the archive refused {len(failed)} of {len(datasets)} results")
+            raise ArchiveError(f"{what}: the archive refused {len(failed)} of {len(datasets)} results")
 
 
 class DicomFolder:

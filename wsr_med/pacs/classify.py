@@ -1,22 +1,29 @@
 """Classify the studies of an archive (or a DICOM folder) and store the results as DICOM SRs in those studies.
 
-A study at a time: its headers (WADO-RS metadata, no pixels), the selection, then the chosen instances retrieved and
-classified a batch at a time (memory: one batch of scans; disk: nothing but a 3D series while it is read), an SR per
-image (2D) or series (3D), stored unless the destination already holds it. The network, preprocessing and decision
-are the run folder's (:class:`wsr_med.workflows.TrainedModel`), as for ``wsr-med predict``.
+Two threads, so that waiting for the archive overlaps with computing:
 
-One failed instance is listed (``skipped.csv``) and the rest go on; a study the archive fails on (after the retries)
-is named in one line with the HTTP status, and the others go on; the command then exits 1 with the count, and the
-same command run again completes it (results already stored are not stored again).
+* the retriever walks the studies: their headers (WADO-RS metadata, no pixels), the selection (every instance left
+  out is listed with its reason), then the chosen instances' bytes, a batch at a time, into a queue of at most
+  :data:`QUEUED_BATCHES` batches (memory: a few batches of scans; disk: nothing but a 3D series while it is read);
+* this thread decodes with the run's preprocessing, runs the network, applies the run's decision
+  (:class:`wsr_med.workflows.TrainedModel`, as ``wsr-med predict`` does), makes an SR per image (2D) or series (3D),
+  and stores the new ones, ``batch_size`` at a time; a result the destination already holds is not stored again.
+
+One failed instance is listed (``<predictions>_skipped.csv``) and the rest go on; a study the archive refuses (HTTP
+4xx/5xx after the retries) is named in one line and the others go on; an archive that does not answer at all stops the
+run in one line. The command then exits 1, and the same command run again completes the rest.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import tempfile
+import threading
 import time
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +42,14 @@ __all__ = ["PacsSummary", "classify_studies", "SKIPPED_SUFFIX"]
 
 logger = logging.getLogger(__name__)
 SKIPPED_SUFFIX = "_skipped.csv"  # beside predictions.csv: every instance not classified, with its reason
+QUEUED_BATCHES = 2  # retrieved batches waiting for the network at most
+STORING, STORED, ALREADY = "storing", "stored", "already stored"
 
 
 @dataclass
 class PacsSummary:
-    """What a run did: rows of ``predictions.csv``, skipped instances, failed studies, and seconds per stage."""
+    """What a run did: rows of ``predictions.csv``, skipped instances, failed studies, and seconds per stage (the
+    retriever's stages overlap the others)."""
 
     rows: list[list[str]] = field(default_factory=list)
     skipped: list[list[str]] = field(default_factory=list)
@@ -49,28 +59,37 @@ class PacsSummary:
 
     @property
     def stored(self) -> int:
-        return sum(row[-1] == "stored" for row in self.rows)
+        return sum(row[-1] == STORED for row in self.rows)
 
     @property
     def already(self) -> int:
-        return sum(row[-1] == "already stored" for row in self.rows)
+        return sum(row[-1] == ALREADY for row in self.rows)
+
+    def fail(self, study: str, why: str) -> None:
+        if study not in {s for s, _ in self.failed}:
+            self.failed.append((study, why))
+
+    @contextmanager
+    def timed(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
 
 
-class _Clock:
-    def __init__(self, seconds: Counter) -> None:
-        self.seconds = seconds
+@dataclass
+class _Batch:
+    """Retrieved instances of one study: ``items`` are ``(headers, bytes)`` (2D: one header) or, for a 3D series,
+    ``(headers, folder)`` with ``folder`` a temporary directory the consumer deletes."""
 
-    def __call__(self, stage: str):
-        clock = self
+    study: str
+    held: set[str]
+    items: list[tuple[list[pydicom.Dataset], object]]
 
-        class _Stage:
-            def __enter__(self):
-                self.start = time.perf_counter()
 
-            def __exit__(self, *exc):
-                clock.seconds[stage] += time.perf_counter() - self.start
-
-        return _Stage()
+class _Stopped(Exception):
+    pass
 
 
 def _reason(error: Exception) -> str:
@@ -79,6 +98,85 @@ def _reason(error: Exception) -> str:
     if isinstance(error, ScanReadError):
         return f"unreadable: {error.summary}"
     return f"unreadable ({type(error).__name__})"  # the type only: messages may quote header values
+
+
+def _skip_row(header: pydicom.Dataset, why: str) -> list[str]:
+    return [str(header.get("StudyInstanceUID", "")), str(header.get("SeriesInstanceUID", "")),
+            str(header.get("SOPInstanceUID", "")), str(header.get("Modality", "") or ""), why]
+
+
+class _Retriever(threading.Thread):
+    """Walks ``studies`` of ``source`` and puts ``("skip", row)``, ``("batch", _Batch)``, ``("done", study, n)``,
+    ``("failed", study, n, ArchiveError)`` and finally ``("end",)`` on :attr:`out`."""
+
+    def __init__(self, source, destination, studies: list[str], selection: Selection, spatial_dims: int,
+                 batch_size: int, summary: PacsSummary) -> None:
+        super().__init__(daemon=True, name="wsr_med-retriever")
+        self.source, self.destination, self.studies = source, destination, studies
+        self.selection, self.spatial_dims, self.batch_size = selection, spatial_dims, batch_size
+        self.summary = summary
+        self.out: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
+        self.stop = threading.Event()
+
+    def put(self, message: tuple) -> None:
+        while not self.stop.is_set():
+            try:
+                self.out.put(message, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def run(self) -> None:
+        try:
+            for n, study in enumerate(self.studies, 1):
+                try:
+                    self._study(study)
+                except ArchiveError as e:
+                    self.put(("failed", study, n, e))
+                    if e.unreachable:
+                        return
+                else:
+                    self.put(("done", study, n))
+        except _Stopped:
+            return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it in the main thread
+            self.out.put(("error", e))
+            return
+        finally:
+            if not self.stop.is_set():
+                self.out.put(("end",))
+
+    def _study(self, study: str) -> None:
+        timed = self.summary.timed
+        with timed("query"):
+            series = list(self.source.study_headers(study))
+            # the archive the results go back to lists them among the study's own instances: no extra query
+            held = {str(h.SOPInstanceUID) for headers in series for h in headers} if self.destination is self.source \
+                else self.destination.holds(study) if self.destination is not None else set()
+        for headers in series:
+            chosen = []
+            for header in headers:
+                why = self.selection.reason(header)
+                if why:
+                    self.put(("skip", _skip_row(header, why)))
+                else:
+                    chosen.append(header)
+            if not chosen:
+                continue
+            if self.spatial_dims == 3:  # a series is one volume: its files in a folder the reader takes
+                folder = tempfile.mkdtemp(prefix="wsr_med_series_")
+                for k, header in enumerate(chosen):
+                    with timed("retrieve"):
+                        Path(folder, f"{k:05d}.dcm").write_bytes(self.source.instance_bytes(header))
+                self.put(("batch", _Batch(study, held, [(chosen, folder)])))
+                continue
+            for start in range(0, len(chosen), self.batch_size):
+                items = []
+                for header in chosen[start:start + self.batch_size]:
+                    with timed("retrieve"):
+                        items.append(([header], self.source.instance_bytes(header)))
+                self.put(("batch", _Batch(study, held, items)))
 
 
 def classify_studies(run_dir: str | Path, source, destination=None, studies: list[str] = (), query: dict | None = None,
@@ -98,9 +196,11 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
         select: a selection rules file (:mod:`wsr_med.pacs.selection`); None: the training profile's modalities.
         codes: a class codes file (:class:`wsr_med.pacs.results.ClassCodes`).
         predictions_file: default: the run folder's ``predictions.csv``; the skipped instances go beside it.
-        batch_size: instances retrieved and classified together (the memory bound).
+        batch_size: instances retrieved, classified and stored together (the memory bound).
         heatmaps: also store a Grad-CAM Secondary Capture per classified image (:mod:`wsr_med.pacs.heatmaps`; 2D).
     """
+    import shutil
+
     from wsr_med.settings import default
     from wsr_med.workflows.model import TrainedModel
 
@@ -108,141 +208,152 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
         logging.getLogger(noisy).setLevel(logging.WARNING)
     model = TrainedModel(run_dir)
     spatial_dims = int(model.settings["spatial_dims"])
-    selection = Selection.from_file(select, spatial_dims) if select else \
-        Selection.from_profile(model.run.training_profile(), spatial_dims)
+    if heatmaps and spatial_dims != 2:
+        raise WsrMedError("--heatmaps draws on 2D images; this model classifies volumes")
+    max_pixels = int(max_pixels or default("max_pixels"))
+    selection = Selection.from_file(select, spatial_dims, max_pixels) if select else \
+        Selection.from_profile(model.run.training_profile(), spatial_dims, max_pixels)
     identity = ModelIdentity.of_run(model.run)
     class_codes = ClassCodes(model.classes, codes)
     network = model.network(device)
-    if heatmaps and spatial_dims != 2:
-        raise WsrMedError("--heatmaps draws on 2D images; this model classifies volumes")
     overlay = GradCamOverlay(network) if heatmaps else None
-    transform = model.preprocessing(max_pixels or default("max_pixels"))
+    transform = model.preprocessing(max_pixels)
     decision = model.decision
     rule, thresholds = decision.rule(model.classes), decision.class_thresholds(model.classes)
     predictions_file = Path(predictions_file or model.run.predictions)
     summary = PacsSummary()
-    clock = _Clock(summary.seconds)
+    waiting: list[tuple[list[str], list[pydicom.Dataset]]] = []  # (row, its new DICOM objects) not yet stored
 
-    def classify(batch: list[tuple[list[pydicom.Dataset], torch.Tensor]], study: str, held: set[str]) -> None:
-        images = torch.stack([image for _, image in batch]).to(device)
-        with clock("network"), torch.no_grad():
-            logits = network(images)
-        calibrated = decision.probabilities(model.probabilities(logits))
-        decided = decision.classes(calibrated)
-        # the class a heat map explains: the decided one; multi-label, the most probable finding
-        explained = calibrated.argmax(1) if model.multilabel else decided
-        if overlay is not None:
-            with clock("heatmap"):
-                cams = overlay.maps(images, list(explained))
-        results = []
-        with clock("SR"), warnings.catch_warnings():
-            # a one-part PatientName ("PID-0002") is copied as the archive holds it
-            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-            for n, ((headers, image), probs, called) in enumerate(zip(batch, calibrated, decided)):
-                try:
-                    made = [classification_sr(headers, model.classes, probs, called, rule, thresholds,
-                                              model.multilabel, identity, class_codes)]
-                    if overlay is not None:
-                        made.append(overlay.secondary_capture(headers[0], image.cpu().numpy(), cams[n],
-                                                              model.classes[int(explained[n])], identity))
-                except Exception as e:  # noqa: BLE001 - a source header highdicom refuses: listed, the rest go on
-                    for header in headers:
-                        skip(header, f"no SR could be made from its header ({type(e).__name__})")
-                    continue
-                new = [d for d in made if destination is not None and d.SOPInstanceUID not in held]
-                results += new
-                answer = ("|".join(c for c, v in zip(model.classes, called) if v) or "none") if model.multilabel \
-                    else model.classes[int(called)]
-                first = headers[0]
-                status = "storing" if new else ("already stored" if destination is not None else "not stored")
-                summary.rows.append([str(first.StudyInstanceUID), str(first.SeriesInstanceUID),
-                                     str(first.SOPInstanceUID) if spatial_dims == 2 else f"{len(headers)} instances",
-                                     answer, *[f"{p:.9g}" for p in probs], rule, str(made[0].SOPInstanceUID),
-                                     str(made[1].SOPInstanceUID) if len(made) > 1 else "", status])
-        if results:
-            with clock("store"):
-                destination.store(results)  # after a failure here the caller marks the study's unstored rows
-            for row in summary.rows:
-                if row[-1] == "storing":
-                    row[-1] = "stored"
-
-    def skip(header: pydicom.Dataset, why: str) -> None:
-        summary.skipped.append([str(header.get("StudyInstanceUID", "")), str(header.get("SeriesInstanceUID", "")),
-                                str(header.get("SOPInstanceUID", "")), str(header.get("Modality", "") or ""), why])
-
-    def image(raw: bytes | str) -> torch.Tensor:
-        with clock("decode"):
+    def image(raw) -> torch.Tensor:
+        with summary.timed("decode"):
             out = torch.as_tensor(transform({"image": raw})["image"], dtype=torch.float32)
         if not torch.isfinite(out).all():
             raise ScanReadError("<instance>", "the scan holds non-finite values")
         return out
 
+    def classify(batch: _Batch) -> None:
+        decoded = []
+        for headers, raw in batch.items:
+            try:
+                decoded.append((headers, image(raw)))
+            except Exception as e:  # noqa: BLE001 - one bad instance (series) is listed, the rest go on
+                summary.skipped += [_skip_row(h, _reason(e)) for h in headers]
+            finally:
+                if isinstance(raw, str):
+                    shutil.rmtree(raw, ignore_errors=True)
+        if not decoded:
+            return
+        images = torch.stack([image for _, image in decoded]).to(device)
+        with summary.timed("network"), torch.no_grad():
+            logits = network(images)
+        calibrated = decision.probabilities(model.probabilities(logits))
+        decided = decision.classes(calibrated)
+        explained = calibrated.argmax(1) if model.multilabel else decided  # a heat map's class; multi-label: the likeliest
+        if overlay is not None:
+            with summary.timed("heatmap"):
+                cams = overlay.maps(images, list(explained))
+        with summary.timed("SR"), warnings.catch_warnings():
+            # a one-part PatientName ("PID-0002") is copied as the archive holds it
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+            for n, ((headers, pixels), probs, called) in enumerate(zip(decoded, calibrated, decided)):
+                try:
+                    made = [classification_sr(headers, model.classes, probs, called, rule, thresholds,
+                                              model.multilabel, identity, class_codes)]
+                    if overlay is not None:
+                        made.append(overlay.secondary_capture(headers[0], pixels.cpu().numpy(), cams[n],
+                                                              model.classes[int(explained[n])], identity))
+                except Exception as e:  # noqa: BLE001 - a source header highdicom refuses: listed, the rest go on
+                    summary.skipped += [_skip_row(h, f"no SR could be made from its header ({type(e).__name__})")
+                                        for h in headers]
+                    continue
+                new = [d for d in made if destination is not None and str(d.SOPInstanceUID) not in batch.held]
+                answer = ("|".join(c for c, v in zip(model.classes, called) if v) or "none") if model.multilabel \
+                    else model.classes[int(called)]
+                first = headers[0]
+                row = [str(first.StudyInstanceUID), str(first.SeriesInstanceUID),
+                       str(first.SOPInstanceUID) if spatial_dims == 2 else f"{len(headers)} instances", answer,
+                       *[f"{p:.9g}" for p in probs], rule, str(made[0].SOPInstanceUID),
+                       str(made[1].SOPInstanceUID) if len(made) > 1 else "",
+                       STORING if new else (ALREADY if destination is not None else "not stored")]
+                summary.rows.append(row)
+                if new:
+                    waiting.append((row, new))
+
+    def store() -> None:
+        """Store the waiting results (one request); an archive that refuses or is gone marks their studies failed."""
+        if not waiting:
+            return
+        try:
+            with summary.timed("store"):
+                destination.store([d for _, objects in waiting for d in objects])
+        except ArchiveError as e:
+            for row, _ in waiting:
+                row[-1] = "not stored (the archive failed)"
+                summary.fail(row[0], str(e))
+            if e.unreachable:
+                raise
+            logger.error("%s (the others go on)", e)
+        else:
+            for row, _ in waiting:
+                row[-1] = STORED
+            logger.info("results stored for %d instances (%d in all so far)", len(waiting), summary.stored)
+        finally:
+            waiting.clear()
+
     for name, why in getattr(source, "unreadable", []):  # a folder's files that are not DICOM
         summary.skipped.append(["", "", "", "", f"{why}: {name}"])
-    with clock("query"):
-        uids = list(studies) or source.find_studies(query or {})
+    with summary.timed("query"):
+        uids = list(dict.fromkeys(studies)) or source.find_studies(query or {})
     summary.n_studies = len(uids)
     if not uids:
         logger.warning("no study matches %s", "the query" if query else "the folder")
-    for n_study, study in enumerate(uids, 1):
-        first_row = len(summary.rows)
-        try:
-            with clock("query"):
-                held = destination.holds(study) if destination is not None else set()
-                series_headers = list(source.study_headers(study))
-            for headers in series_headers:
-                chosen = []
-                for header in headers:
-                    why = selection.reason(header)
-                    if why:
-                        skip(header, why)
-                    else:
-                        chosen.append(header)
-                if spatial_dims == 3:
-                    if chosen:
-                        _classify_series(chosen, source, image, classify, skip, study, held, clock)
-                    continue
-                for start in range(0, len(chosen), batch_size):
-                    batch = []
-                    for header in chosen[start:start + batch_size]:
-                        with clock("retrieve"):
-                            raw = source.instance_bytes(header)
-                        try:
-                            batch.append(([header], image(raw)))
-                        except Exception as e:  # noqa: BLE001 - one bad instance is listed, the rest go on
-                            skip(header, _reason(e))
-                    if batch:
-                        classify(batch, study, held)
-        except ArchiveError as e:
-            for row in summary.rows[first_row:]:
-                if row[-1] == "storing":
-                    row[-1] = "not stored (the study failed)"
-            summary.failed.append((study, str(e)))
-            if e.unreachable:  # every other study would wait for the same retries: stop here, the rerun goes on
-                summary.failed += [(other, "not tried (the archive was unreachable)") for other in uids[n_study:]]
-                logger.error("%s (study %d of %d); stopping: the results so far are stored, the same command run "
-                             "again completes the rest", e, n_study, len(uids))
+    retriever = _Retriever(source, destination, uids, selection, spatial_dims, batch_size, summary)
+    retriever.start()
+    finished: set[str] = set()
+    try:
+        while True:
+            message = retriever.out.get()
+            kind = message[0]
+            if kind == "end":
+                store()
                 break
-            logger.error("%s (study %d of %d; the others go on)", e, n_study, len(uids))
-        else:
-            logger.info("study %d of %d done", n_study, len(uids))
-    _write(predictions_file, model.classes, model.multilabel, summary)
+            if kind == "error":
+                raise message[1]
+            if kind == "skip":
+                summary.skipped.append(message[1])
+            elif kind == "batch":
+                classify(message[1])
+                if len(waiting) >= batch_size:
+                    store()
+            elif kind == "done":
+                finished.add(message[1])
+                logger.info("study %d of %d classified", message[2], len(uids))
+            elif kind == "failed":
+                _, study, n, error = message
+                summary.fail(study, str(error))
+                if error.unreachable:
+                    raise error
+                logger.error("%s (study %d of %d; the others go on)", error, n, len(uids))
+    except ArchiveError as e:  # unreachable: every other request would wait for the same retries
+        retriever.stop.set()
+        for row in summary.rows:
+            if row[-1] == STORING:
+                row[-1] = "not stored (the archive failed)"
+        unstored = {row[0] for row in summary.rows if row[-1] not in (STORED, ALREADY)}
+        for study in uids:
+            if study not in finished or study in unstored:
+                summary.fail(study, "not done (the archive was unreachable)")
+        logger.error("%s; stopping: the results so far are stored, the same command run again completes the rest", e)
+    finally:
+        retriever.stop.set()
+        while not retriever.out.empty():  # batches retrieved but not classified: a 3D series' folder is deleted
+            message = retriever.out.get_nowait()
+            if message[0] == "batch":
+                for _, raw in message[1].items:
+                    if isinstance(raw, str):
+                        shutil.rmtree(raw, ignore_errors=True)
+        _write(predictions_file, model.classes, model.multilabel, summary)
     return summary
-
-
-def _classify_series(headers, source, image, classify, skip, study, held, clock) -> None:
-    """A 3D model: the series' chosen instances written to a temporary folder, read as one volume, classified."""
-    with tempfile.TemporaryDirectory(prefix="wsr_med_series_") as folder:
-        for n, header in enumerate(headers):
-            with clock("retrieve"):
-                Path(folder, f"{n:05d}.dcm").write_bytes(source.instance_bytes(header))
-        try:
-            volume = image(folder)
-        except Exception as e:  # noqa: BLE001 - the series is listed, the rest go on
-            for header in headers:
-                skip(header, _reason(e))
-            return
-    classify([(headers, volume)], study, held)
 
 
 def _write(predictions_file: Path, classes: list[str], multilabel: bool, summary: PacsSummary) -> None:
@@ -253,8 +364,7 @@ def _write(predictions_file: Path, classes: list[str], multilabel: bool, summary
     failed = [[study, "", "", "", f"study failed: {why}"] for study, why in summary.failed]
     write_csv(skipped, ["study_uid", "series_uid", "sop_instance_uid", "modality", "reason"], summary.skipped + failed)
     reasons = Counter(row[-1].split(" (")[0] for row in summary.skipped)
-    logger.info("%d classified, %d SRs stored, %d already there, %d skipped%s -> %s, %s", len(summary.rows),
+    logger.info("%d classified, results stored for %d, already there for %d, %d skipped%s -> %s, %s", len(summary.rows),
                 summary.stored, summary.already, len(summary.skipped),
                 f" ({'; '.join(f'{n} {r}' for r, n in reasons.most_common(5))})" if reasons else "",
                 predictions_file, skipped.name)
-
