@@ -7,6 +7,7 @@
     wsr-med train --output-dir runs/a --set max_epochs=80          # continue a run with its own settings
     wsr-med evaluate --output-dir runs/a --dataset-dir data/other_hospital
     wsr-med predict --output-dir runs/a --dataset-dir data/unlabelled
+    wsr-med predict --output-dir runs/a --dicomweb URL --query Modality=CR   # studies of a PACS -> DICOM SRs back in them
     wsr-med ablate --dataset-dir data/hospital --heads gap wise --sizes 224 512 --folds 5 --seeds 0 1 2
     wsr-med ablate ... --workers 4 | --shard 2/8  # cells at once (one GPU each), or this machine's share of the grid
     wsr-med ablate-paper                           # DenseNet121 at 224/512 px, gap vs wise: the study for a GPU
