@@ -347,3 +347,12 @@ def test_an_sr_of_a_real_radiograph_is_valid_and_copies_identifiers_only(real_di
     assert written.StudyInstanceUID == source.StudyInstanceUID and written.PatientID == source.PatientID
     assert "PatientAge" not in written and "PixelData" not in written  # identifiers to file it, nothing else
     assert read_sr_probabilities(written) == {"normal": 0.25, "pneumonia": 0.75}
+
+
+def test_the_pacs_benchmark_prints_the_ratio_and_where_the_time_goes(tmp_path):
+    _require_tools()
+    out = ok(run(tmp_path, "bench", "pacs", "--n-instances", "20", "--image-size", "64", "--model-size", "64",
+                 "--repeats", "1")).stdout
+    assert "20 DICOM instances" in out and "(20 SRs stored)" in out and "ratio archive / disk:" in out
+    stages = out.split("where the archive run's time goes:")[1]
+    assert all(stage in stages for stage in ("retrieve", "decode", "network", "SR", "store"))
