@@ -356,3 +356,57 @@ def test_the_pacs_benchmark_prints_the_ratio_and_where_the_time_goes(tmp_path):
     assert "20 DICOM instances" in out and "(20 SRs stored)" in out and "ratio archive / disk:" in out
     stages = out.split("where the archive run's time goes:")[1]
     assert all(stage in stages for stage in ("retrieve", "decode", "network", "SR", "store"))
+
+
+def _ct_series(folder: Path, n_slices: int = 12, size: int = 24) -> list[Path]:
+    """A small CT series (one study, one series, ``n_slices`` axial slices with their geometry)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir()
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(n_slices):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.PatientID, ds.PatientName = "CT", "PID-3D", "Test^Volume"
+        ds.InstanceNumber, ds.ImageType = k + 1, ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 2.0 * k], [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 2.0
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelData = rng.integers(0, 200, (size, size), dtype=np.uint16).tobytes()
+        path = folder / f"slice{k:02d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def test_a_3d_model_classifies_a_series_into_one_sr(tmp_path):
+    _require_tools()
+    from test_walkthrough import _volumes
+
+    manifest = _volumes(tmp_path, 8)
+    ok(run(tmp_path, "train", "--dataset-dir", str(manifest), "--output-dir", "runs/v", "--set", "spatial_dims=3",
+           "image_size=32", "batch_size=3", SMALL, "max_epochs=1", *QUIET))
+    slices = _ct_series(tmp_path / "series")
+    ok(run(tmp_path, "predict", "--output-dir", "runs/v", "--dataset-dir", "series", "--sr-dir", "srs",
+           "--predictions-file", "volumes.csv"))
+    [row] = rows(tmp_path / "volumes.csv")
+    assert row["sop_instance_uid"] == f"{len(slices)} instances" and row["sr"] == "stored"
+    [path] = sorted((tmp_path / "srs").rglob("*.dcm"))
+    valid(path)
+    sr = pydicom.dcmread(path)
+    referenced = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert {str(r.ReferencedSOPInstanceUID) for r in referenced} == {uid_of(p) for p in slices}
+    assert sr.SOPInstanceUID == row["sr_uid"] and sorted(read_sr_probabilities(sr)) == ["absent", "present"]
+    refused(run(tmp_path, "predict", "--output-dir", "runs/v", "--dataset-dir", "series", "--sr-dir", "srs",
+                "--heatmaps"), "--heatmaps draws on 2D images")

@@ -173,7 +173,7 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
                                                      identifier="wsr_med classification"),
         algorithm_id=model.algorithm(rule),
         source_images=[hd.sr.SourceImageForMeasurementGroup(str(s.SOPClassUID), str(s.SOPInstanceUID))
-                       for s in sources[:1]] if len(sources) == 1 else None,
+                       for s in sources],  # the image, or every slice of the series
         measurements=measurements,
         qualitative_evaluations=evaluations,
     )
@@ -185,7 +185,6 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=_IMAGING_PROCEDURE,
         imaging_measurements=[group],
-        referenced_images=evidence if len(sources) > 1 else None,
     )
     series_uid = result_uid("sr-series", str(first.StudyInstanceUID), model=model)
     return hd.sr.ComprehensiveSR(
