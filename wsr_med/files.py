@@ -73,6 +73,20 @@ def atomic_write(path: str | Path, content: str | bytes, exclusive: bool = False
     return path
 
 
+def read_json_object(path: str | Path, what: str, shape: str) -> dict:
+    """A user's JSON file that must hold an object: its content, or one line naming the file, ``what`` it should hold
+    and its expected ``shape``."""
+    import json
+
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise WsrMedError(f"{path}: not a readable JSON file of {what} ({type(e).__name__})") from None
+    if not isinstance(content, dict):
+        raise WsrMedError(f"{path}: expected {shape}")
+    return content
+
+
 def storage_error(error: BaseException) -> DiskFull | None:
     """A :class:`DiskFull` for the full, over-quota or read-only disk behind ``error`` (its cause/context chain),
     naming the folder that could not be written; None when the error is something else."""

@@ -23,7 +23,6 @@ Class codes: ``--codes codes.json`` maps class names to codes, ``{"pneumonia": {
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pydicom.sr.codedict import codes
 
 from wsr_med import __version__
 from wsr_med.errors import WsrMedError
+from wsr_med.files import read_json_object
 
 __all__ = ["LOCAL_SCHEME", "ModelIdentity", "ClassCodes", "classification_sr", "result_uid", "SR_SERIES_NUMBER",
            "NOT_FOR_CLINICAL_USE", "read_sr_probabilities"]
@@ -89,12 +89,7 @@ class ClassCodes:
     def __init__(self, classes: list[str], path: str | Path | None = None) -> None:
         given = {}
         if path is not None:
-            try:
-                given = json.loads(Path(path).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise WsrMedError(f"{path}: not a readable JSON file of class codes ({type(e).__name__})") from None
-            if not isinstance(given, dict):
-                raise WsrMedError(f'{path}: expected {{"<class>": {{"value": ..., "scheme": ..., "meaning": ...}}}}')
+            given = read_json_object(path, "class codes", '{"<class>": {"value": ..., "scheme": ..., "meaning": ...}}')
             unknown = sorted(set(given) - set(classes))
             if unknown:
                 raise WsrMedError(f"{path}: {', '.join(map(repr, unknown))} is not a class of the model "

@@ -15,12 +15,12 @@ Every instance left out gets its reason, and the reasons are listed (``skipped.c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pydicom
 
 from wsr_med.errors import WsrMedError
+from wsr_med.files import read_json_object
 from wsr_med.settings import default
 
 __all__ = ["Selection", "RULE_KEYWORDS"]
@@ -48,12 +48,8 @@ class Selection:
 
     @classmethod
     def from_file(cls, path: str | Path, spatial_dims: int = 2, max_pixels: int = default("max_pixels")) -> "Selection":
-        try:
-            rules = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise WsrMedError(f"{path}: not a readable JSON file of selection rules ({type(e).__name__})") from None
-        if not isinstance(rules, dict):
-            raise WsrMedError(f'{path}: expected {{"<attribute>": ["<value>", ...]}}, e.g. {{"Modality": ["CR", "DX"]}}')
+        rules = read_json_object(path, "selection rules",
+                                 '{"<attribute>": ["<value>", ...]}, e.g. {"Modality": ["CR", "DX"]}')
         for key, values in rules.items():
             if key not in RULE_KEYWORDS:
                 raise WsrMedError(f"{path}: {key!r} is not an attribute rules can name ({', '.join(RULE_KEYWORDS)})")
