@@ -264,6 +264,9 @@ def test_wrong_credentials_and_no_archive_are_one_line_without_the_secret(traine
     refused(result, "unreachable", "after 3 attempts")
     assert "a-token-value" not in result.stdout + result.stderr
     refused(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb), "--study UID")
+    refused(run(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "hospital", "--sr-dir", "x", "--set",
+                "max_epochs=3"), "max_epochs: not a setting of predict from or to a PACS")
+    assert not (home / "x").exists()
 
 
 def test_a_multilabel_model_writes_present_or_absent_per_finding(trained, tmp_path):
@@ -410,3 +413,13 @@ def test_a_3d_model_classifies_a_series_into_one_sr(tmp_path):
     assert sr.SOPInstanceUID == row["sr_uid"] and sorted(read_sr_probabilities(sr)) == ["absent", "present"]
     refused(run(tmp_path, "predict", "--output-dir", "runs/v", "--dataset-dir", "series", "--sr-dir", "srs",
                 "--heatmaps"), "--heatmaps draws on 2D images")
+
+
+def test_results_can_go_to_another_archive(trained, pacs, tmp_path):
+    home = trained["home"]
+    pacs.upload(trained["files"][:3])
+    with LocalOrthanc(tmp_path / "other") as other:  # same test credentials: one WSR_MED_DICOMWEB_AUTH for both
+        ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--query", "Modality=DX",
+               "--store-to", other.dicomweb, "--predictions-file", "other.csv", env={AUTH_ENV: pacs.auth}))
+        assert sum(len(found) for found in _srs_by_study(other).values()) == 3
+    assert _srs_by_study(pacs) == {} and all(r["sr"] == "stored" for r in rows(home / "other.csv"))

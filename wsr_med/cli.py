@@ -33,7 +33,7 @@ from pathlib import Path
 from wsr_med.errors import find_user_error
 from wsr_med.log_format import EscapingFormatter, escape_control
 from wsr_med.runs import RunFolder
-from wsr_med.settings import SETTINGS, default
+from wsr_med.settings import PACS_SETTINGS, SETTINGS, check_known, default
 from wsr_med.workflows.bundle import BUNDLE, parse_overrides, run_workflow
 
 __all__ = ["main"]
@@ -157,11 +157,11 @@ def predict_pacs(args: argparse.Namespace) -> None:
         raise WsrMedError("nowhere to store the SRs of a DICOM folder: give --sr-dir DIR, --store-to URL or --c-store")
     settings = _overrides(args)
     output = settings.get("output_dir") or default("output_dir")
-    unknown = sorted(set(settings) - {"output_dir", "dataset_dir", "predictions_file", "tracking_uri", "batch_size",
-                                      "max_pixels", "device"})
+    check_known(settings)
+    unknown = sorted(set(settings) - set(PACS_SETTINGS))
     if unknown:
-        raise WsrMedError(f"--set {', '.join(unknown)}: not a setting of predict from or to a PACS (batch_size, "
-                          "max_pixels, device)")
+        raise WsrMedError(f"{', '.join(unknown)}: not a setting of predict from or to a PACS (it takes "
+                          f"{', '.join(PACS_SETTINGS)})")
     summary = classify_studies(output, source, destination, studies=args.study, query=query, select=args.select,
                                codes=args.codes, predictions_file=args.predictions_file, heatmaps=args.heatmaps,
                                batch_size=int(settings.get("batch_size") or default("batch_size")),

@@ -122,6 +122,8 @@ MACHINE_SETTINGS = tuple(k for k, s in SETTINGS.items() if s.kind == "machine" a
 CONTINUABLE_SETTINGS = tuple(k for k, s in SETTINGS.items() if s.continuable)
 RECIPE_SETTINGS = tuple(k for k, s in SETTINGS.items() if s.recipe)
 RECORDED_SETTINGS = tuple(k for k, s in SETTINGS.items() if s.recorded)
+# what ``wsr-med predict`` from or to a PACS takes (wsr_med.pacs); everything about the model comes from the run folder
+PACS_SETTINGS = ("output_dir", "dataset_dir", "predictions_file", "batch_size", "max_pixels", "device")
 CLASS_BALANCE = ("none", "weighted_loss", "sampler")  # the values of ``class_balance``
 TASKS = ("auto", "multiclass", "multilabel")  # the values of ``task``
 

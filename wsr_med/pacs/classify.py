@@ -16,6 +16,7 @@ run in one line. The command then exits 1, and the same command run again comple
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import tempfile
@@ -279,26 +280,42 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
                 if new:
                     waiting.append((row, new))
 
-    def store() -> None:
-        """Store the waiting results (one request); an archive that refuses or is gone marks their studies failed."""
-        if not waiting:
+    storing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsr_med-store")
+    in_flight: list = []  # the one store request under way: (future, its rows)
+
+    def settle() -> None:
+        """Wait for the store request under way; mark its rows; an archive that is gone is raised here."""
+        if not in_flight:
             return
+        future, sent = in_flight.pop()
         try:
-            with summary.timed("store"):
-                destination.store([d for _, objects in waiting for d in objects])
+            future.result()
         except ArchiveError as e:
-            for row, _ in waiting:
+            for row in sent:
                 row[-1] = "not stored (the archive failed)"
                 summary.fail(row[0], str(e))
             if e.unreachable:
                 raise
             logger.error("%s (the others go on)", e)
         else:
-            for row, _ in waiting:
+            for row in sent:
                 row[-1] = STORED
-            logger.info("results stored for %d instances (%d in all so far)", len(waiting), summary.stored)
-        finally:
-            waiting.clear()
+            logger.info("results stored for %d instances (%d in all so far)", len(sent), summary.stored)
+
+    def store() -> None:
+        """Send the waiting results in one request, in the background (the network goes on meanwhile): one request
+        under way at a time, so at most two batches of results are held."""
+        settle()
+        if not waiting:
+            return
+        objects = [d for _, made in waiting for d in made]
+
+        def send() -> None:
+            with summary.timed("store"):
+                destination.store(objects)
+
+        in_flight.append((storing.submit(send), [row for row, _ in waiting]))
+        waiting.clear()
 
     for name, why in getattr(source, "unreadable", []):  # a folder's files that are not DICOM
         summary.skipped.append(["", "", "", "", f"{why}: {name}"])
@@ -316,6 +333,7 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
             kind = message[0]
             if kind == "end":
                 store()
+                settle()
                 break
             if kind == "error":
                 raise message[1]
@@ -336,6 +354,10 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
                 logger.error("%s (study %d of %d; the others go on)", error, n, len(uids))
     except ArchiveError as e:  # unreachable: every other request would wait for the same retries
         retriever.stop.set()
+        try:
+            settle()  # the request under way, if any, ends stored or not: its rows say which
+        except ArchiveError:
+            pass
         for row in summary.rows:
             if row[-1] == STORING:
                 row[-1] = "not stored (the archive failed)"
@@ -346,6 +368,7 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
         logger.error("%s; stopping: the results so far are stored, the same command run again completes the rest", e)
     finally:
         retriever.stop.set()
+        storing.shutdown(wait=True)  # a request under way ends (whole or refused) before the files are written
         while not retriever.out.empty():  # batches retrieved but not classified: a 3D series' folder is deleted
             message = retriever.out.get_nowait()
             if message[0] == "batch":
