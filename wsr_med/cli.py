@@ -137,6 +137,13 @@ def predict_pacs(args: argparse.Namespace) -> None:
     from wsr_med.errors import WsrMedError
     from wsr_med.pacs import CStoreDestination, DicomFolder, DicomWebArchive, FolderDestination, classify_studies
 
+    settings = _overrides(args)
+    output = settings.get("output_dir") or default("output_dir")
+    check_known(settings)
+    unknown = sorted(set(settings) - set(PACS_SETTINGS))
+    if unknown:
+        raise WsrMedError(f"{', '.join(unknown)}: not a setting of predict from or to a PACS (it takes "
+                          f"{', '.join(PACS_SETTINGS)})")
     if bool(args.dicomweb) == bool(args.dataset_dir):
         raise WsrMedError("give the images with either --dicomweb URL (an archive) or --dataset-dir DIR (a DICOM folder)")
     if args.dicomweb and not (args.study or args.query):
@@ -155,13 +162,6 @@ def predict_pacs(args: argparse.Namespace) -> None:
                    if args.dicomweb else None)
     if destination is None:
         raise WsrMedError("nowhere to store the SRs of a DICOM folder: give --sr-dir DIR, --store-to URL or --c-store")
-    settings = _overrides(args)
-    output = settings.get("output_dir") or default("output_dir")
-    check_known(settings)
-    unknown = sorted(set(settings) - set(PACS_SETTINGS))
-    if unknown:
-        raise WsrMedError(f"{', '.join(unknown)}: not a setting of predict from or to a PACS (it takes "
-                          f"{', '.join(PACS_SETTINGS)})")
     summary = classify_studies(output, source, destination, studies=args.study, query=query, select=args.select,
                                codes=args.codes, predictions_file=args.predictions_file, heatmaps=args.heatmaps,
                                batch_size=int(settings.get("batch_size") or default("batch_size")),

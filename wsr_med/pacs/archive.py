@@ -244,15 +244,16 @@ class FolderDestination:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise WsrMedError(f"{root}: not a folder")
 
     def holds(self, study: str) -> set[str]:
         return {p.stem for p in (self.root / study).glob("*.dcm")}
 
     def store(self, datasets: list[pydicom.Dataset]) -> None:
-        for ds in datasets:
+        for ds in datasets:  # the folders are made by the first result: a refused command leaves nothing
             folder = self.root / str(ds.StudyInstanceUID)
-            folder.mkdir(exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             atomic_write(folder / f"{ds.SOPInstanceUID}.dcm", to_bytes(ds))
 
 
