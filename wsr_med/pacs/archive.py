@@ -154,6 +154,7 @@ class DicomWebArchive:
 
         self.retry = retry
         self.client = DICOMwebClient(url, session=http_session(auth_file, retry.timeout_s))
+        self.client.set_http_retry_params(retry=False)  # one retry policy, ours (its own waits up to 5 x 10 s per call)
         # dicomweb-client logs each request's URL at INFO/DEBUG; a URL may carry query values
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
