@@ -1,13 +1,15 @@
 """Classify the studies of an archive (or a DICOM folder) and store the results as DICOM SRs in those studies.
 
-Two threads, so that waiting for the archive overlaps with computing:
+Three threads, so that waiting for the archive overlaps with computing:
 
 * the retriever walks the studies: their headers (WADO-RS metadata, no pixels), the selection (every instance left
-  out is listed with its reason), then the chosen instances' bytes, a batch at a time, into a queue of at most
-  :data:`QUEUED_BATCHES` batches (memory: a few batches of scans; disk: nothing but a 3D series while it is read);
-* this thread decodes with the run's preprocessing, runs the network, applies the run's decision
-  (:class:`wsr_med.workflows.TrainedModel`, as ``wsr-med predict`` does), makes an SR per image (2D) or series (3D),
-  and stores the new ones, ``batch_size`` at a time; a result the destination already holds is not stored again.
+  out is listed with its reason), then the chosen instances' bytes, a batch at a time, decoded with the run's
+  preprocessing, into a queue of at most :data:`QUEUED_BATCHES` batches (memory: a few batches of scans; disk:
+  nothing but a 3D series while it is read);
+* this thread runs the network, applies the run's decision (:class:`wsr_med.workflows.TrainedModel`, as
+  ``wsr-med predict`` does) and makes an SR per image (2D) or series (3D);
+* the new results are stored ``batch_size`` at a time, one request under way while the network goes on; a result
+  the destination already holds is not stored again.
 
 One failed instance is listed (``<predictions>_skipped.csv``) and the rest go on; a study the archive refuses (HTTP
 4xx/5xx after the retries) is named in one line and the others go on; an archive that does not answer at all stops the
@@ -81,12 +83,12 @@ class PacsSummary:
 
 @dataclass
 class _Batch:
-    """Retrieved instances of one study: ``items`` are ``(headers, bytes)`` (2D: one header) or, for a 3D series,
-    ``(headers, folder)`` with ``folder`` a temporary directory the consumer deletes."""
+    """Retrieved and preprocessed instances of one study: ``items`` are ``(headers, image)``, one header for a 2D
+    image, a series' headers for a 3D volume; ``held``: the SOPInstanceUIDs the destination holds for the study."""
 
     study: str
     held: set[str]
-    items: list[tuple[list[pydicom.Dataset], object]]
+    items: list[tuple[list[pydicom.Dataset], torch.Tensor]]
 
 
 class _Stopped(Exception):
@@ -111,9 +113,9 @@ class _Retriever(threading.Thread):
     ``("failed", study, n, ArchiveError)`` and finally ``("end",)`` on :attr:`out`."""
 
     def __init__(self, source, destination, studies: list[str], selection: Selection, spatial_dims: int,
-                 batch_size: int, summary: PacsSummary) -> None:
+                 batch_size: int, summary: PacsSummary, decode) -> None:
         super().__init__(daemon=True, name="wsr_med-retriever")
-        self.source, self.destination, self.studies = source, destination, studies
+        self.source, self.destination, self.studies, self.decode = source, destination, studies, decode
         self.selection, self.spatial_dims, self.batch_size = selection, spatial_dims, batch_size
         self.summary = summary
         self.out: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
@@ -166,18 +168,33 @@ class _Retriever(threading.Thread):
             if not chosen:
                 continue
             if self.spatial_dims == 3:  # a series is one volume: its files in a folder the reader takes
-                folder = tempfile.mkdtemp(prefix="wsr_med_series_")
-                for k, header in enumerate(chosen):
-                    with timed("retrieve"):
-                        Path(folder, f"{k:05d}.dcm").write_bytes(self.source.instance_bytes(header))
-                self.put(("batch", _Batch(study, held, [(chosen, folder)])))
+                with tempfile.TemporaryDirectory(prefix="wsr_med_series_") as folder:
+                    for k, header in enumerate(chosen):
+                        with timed("retrieve"):
+                            Path(folder, f"{k:05d}.dcm").write_bytes(self.source.instance_bytes(header))
+                    items = self._decoded([(chosen, folder)])
+                if items:
+                    self.put(("batch", _Batch(study, held, items)))
                 continue
             for start in range(0, len(chosen), self.batch_size):
-                items = []
+                retrieved = []
                 for header in chosen[start:start + self.batch_size]:
                     with timed("retrieve"):
-                        items.append(([header], self.source.instance_bytes(header)))
-                self.put(("batch", _Batch(study, held, items)))
+                        retrieved.append(([header], self.source.instance_bytes(header)))
+                items = self._decoded(retrieved)
+                if items:
+                    self.put(("batch", _Batch(study, held, items)))
+
+    def _decoded(self, retrieved: list) -> list[tuple[list[pydicom.Dataset], torch.Tensor]]:
+        """The retrieved instances (or series folders) through the run's preprocessing; one that fails is listed."""
+        items = []
+        for headers, raw in retrieved:
+            try:
+                items.append((headers, self.decode(raw)))
+            except Exception as e:  # noqa: BLE001 - one bad instance (series) is listed, the rest go on
+                for header in headers:
+                    self.put(("skip", _skip_row(header, _reason(e))))
+        return items
 
 
 def classify_studies(run_dir: str | Path, source, destination=None, studies: list[str] = (), query: dict | None = None,
@@ -200,8 +217,6 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
         batch_size: instances retrieved, classified and stored together (the memory bound).
         heatmaps: also store a Grad-CAM Secondary Capture per classified image (:mod:`wsr_med.pacs.heatmaps`; 2D).
     """
-    import shutil
-
     from wsr_med.settings import default
     from wsr_med.workflows.model import TrainedModel
 
@@ -233,17 +248,7 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
         return out
 
     def classify(batch: _Batch) -> None:
-        decoded = []
-        for headers, raw in batch.items:
-            try:
-                decoded.append((headers, image(raw)))
-            except Exception as e:  # noqa: BLE001 - one bad instance (series) is listed, the rest go on
-                summary.skipped += [_skip_row(h, _reason(e)) for h in headers]
-            finally:
-                if isinstance(raw, str):
-                    shutil.rmtree(raw, ignore_errors=True)
-        if not decoded:
-            return
+        decoded = batch.items
         images = torch.stack([image for _, image in decoded]).to(device)
         with summary.timed("network"), torch.no_grad():
             logits = network(images)
@@ -324,7 +329,7 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
     summary.n_studies = len(uids)
     if not uids:
         logger.warning("no study matches %s", "the query" if query else "the folder")
-    retriever = _Retriever(source, destination, uids, selection, spatial_dims, batch_size, summary)
+    retriever = _Retriever(source, destination, uids, selection, spatial_dims, batch_size, summary, image)
     retriever.start()
     finished: set[str] = set()
     try:
@@ -369,12 +374,6 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
     finally:
         retriever.stop.set()
         storing.shutdown(wait=True)  # a request under way ends (whole or refused) before the files are written
-        while not retriever.out.empty():  # batches retrieved but not classified: a 3D series' folder is deleted
-            message = retriever.out.get_nowait()
-            if message[0] == "batch":
-                for _, raw in message[1].items:
-                    if isinstance(raw, str):
-                        shutil.rmtree(raw, ignore_errors=True)
         _write(predictions_file, model.classes, model.multilabel, summary)
     return summary
 
