@@ -43,8 +43,13 @@ class LocalOrthanc:
         self._tmp = None if folder else tempfile.TemporaryDirectory(prefix="wsr_med_orthanc_")
         self.folder = Path(folder or self._tmp.name)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.dicom_port = _free_port(), _free_port()
         self.process: subprocess.Popen | None = None
+        self.config = self.folder / "orthanc.json"
+        self._configure()
+
+    def _configure(self) -> None:
+        """A configuration on two free ports."""
+        self.http_port, self.dicom_port = _free_port(), _free_port()
         config = {
             "Name": "wsr_med-test", "StorageDirectory": str(self.folder / "storage"),
             "IndexDirectory": str(self.folder / "storage"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
@@ -53,7 +58,6 @@ class LocalOrthanc:
             "DicomAet": self.aet, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
             "UnknownSopClassAccepted": True, "StableAge": 1, "HttpTimeout": 30, "ConcurrentJobs": 2,
         }
-        self.config = self.folder / "orthanc.json"
         self.config.write_text(json.dumps(config))
 
     @property
@@ -112,7 +116,14 @@ class LocalOrthanc:
         return answer.json()
 
     def __enter__(self) -> "LocalOrthanc":
-        return self.start()
+        for attempt in range(3):  # a port found free may be taken by another process before Orthanc binds it
+            try:
+                return self.start()
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+                self._configure()
+        raise AssertionError("unreachable")
 
     def __exit__(self, *exc) -> None:
         self.stop()
