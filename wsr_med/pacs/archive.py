@@ -47,7 +47,8 @@ class ArchiveError(WsrMedError):
 @dataclass(frozen=True)
 class Retry:
     """Bounded retries: ``attempts`` tries at most, waiting ``backoff_s`` * 2^k between them, each request given up
-    after ``timeout_s``. Connection errors, timeouts, 429 and 5xx are retried; other 4xx are not (they will not change)."""
+    after ``timeout_s``. Connection errors, timeouts, 429 and 5xx are retried; other 4xx are not (they would not
+    change)."""
 
     attempts: int = 3
     backoff_s: float = 0.5
@@ -130,7 +131,8 @@ def header_of(json_dataset: dict) -> pydicom.Dataset:
     archive holds them (no warning for a value that breaks its VR: the SR copies only identifiers)."""
     import pydicom.config
 
-    kept = {tag: value for tag, value in json_dataset.items() if "BulkDataURI" not in value and "InlineBinary" not in value}
+    kept = {tag: value for tag, value in json_dataset.items()
+            if "BulkDataURI" not in value and "InlineBinary" not in value}
     mode = pydicom.config.settings.reading_validation_mode
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     try:
@@ -225,7 +227,8 @@ class DicomFolder:
                 study, series = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
                 header.SOPInstanceUID  # noqa: B018 - a file without it cannot be referenced
             except Exception as e:  # noqa: BLE001 - any unreadable file is listed, the rest go on
-                self.unreadable.append((str(path.relative_to(self.root)), f"not a readable DICOM file ({type(e).__name__})"))
+                self.unreadable.append((str(path.relative_to(self.root)),
+                                        f"not a readable DICOM file ({type(e).__name__})"))
                 continue
             header.filename = str(path)
             self.files.setdefault(study, {}).setdefault(series, []).append(header)

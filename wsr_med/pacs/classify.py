@@ -24,7 +24,6 @@ import queue
 import tempfile
 import threading
 import time
-import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -254,13 +253,12 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
             logits = network(images)
         calibrated = decision.probabilities(model.probabilities(logits))
         decided = decision.classes(calibrated)
-        explained = calibrated.argmax(1) if model.multilabel else decided  # a heat map's class; multi-label: the likeliest
+        # the class a heat map explains: the decided one; multi-label, the likeliest finding
+        explained = calibrated.argmax(1) if model.multilabel else decided
         if overlay is not None:
             with summary.timed("heatmap"):
                 cams = overlay.maps(images, list(explained))
-        with summary.timed("SR"), warnings.catch_warnings():
-            # a one-part PatientName ("PID-0002") is copied as the archive holds it
-            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        with summary.timed("SR"):
             for n, ((headers, pixels), probs, called) in enumerate(zip(decoded, calibrated, decided)):
                 try:
                     made = [classification_sr(headers, model.classes, probs, called, rule, thresholds,

@@ -16,7 +16,7 @@ import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from wsr_med.pacs.results import NOT_FOR_CLINICAL_USE, ModelIdentity, evidence_of, result_uid
+from wsr_med.pacs.results import NOT_FOR_CLINICAL_USE, ModelIdentity, copied_as_held, evidence_of, result_uid
 
 __all__ = ["GradCamOverlay", "MIN_SIDE", "LEGEND"]
 
@@ -26,7 +26,8 @@ SC_SERIES_NUMBER = 9902
 
 
 class GradCamOverlay:
-    """Grad-CAM maps of a network whose feature extractor is its ``backbone`` module (:class:`wsr_med.networks.WiseSrNet`)."""
+    """Grad-CAM maps of a network whose feature extractor is its ``backbone`` module
+    (:class:`wsr_med.networks.WiseSrNet`)."""
 
     def __init__(self, network: torch.nn.Module) -> None:
         from monai.visualize import GradCAM
@@ -63,14 +64,17 @@ class GradCamOverlay:
             draw.text((6, y), line, fill=(255, 255, 0), font=font)
             y = box[3] + 6
         header = evidence_of(source)
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=header, pixel_array=np.asarray(picture), photometric_interpretation="RGB", bits_allocated=8,
-            coordinate_system="PATIENT", series_instance_uid=result_uid("sc-series", str(source.StudyInstanceUID), model=model),
-            series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid("sc", str(source.SOPInstanceUID), model=model),
-            instance_number=int(source.get("InstanceNumber") or 1), manufacturer="wsr_med",
-            patient_orientation=("L", "F"), transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
-        # the preprocessing keeps the orientation (no flips): the source's, or empty (type 2C) when it has none; highdicom
-        # wants a value for a patient-based image, so it is given a placeholder and then the truth
+        with copied_as_held():
+            sc = hd.sc.SCImage.from_ref_dataset(
+                ref_dataset=header, pixel_array=np.asarray(picture), photometric_interpretation="RGB", bits_allocated=8,
+                coordinate_system="PATIENT",
+                series_instance_uid=result_uid("sc-series", str(source.StudyInstanceUID), model=model),
+                series_number=SC_SERIES_NUMBER,
+                sop_instance_uid=result_uid("sc", str(source.SOPInstanceUID), model=model),
+                instance_number=int(source.get("InstanceNumber") or 1), manufacturer="wsr_med",
+                patient_orientation=("L", "F"), transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
+        # the preprocessing keeps the orientation (no flips): the source's, or empty (type 2C) when it has none;
+        # highdicom wants a value for a patient-based image, so it is given a placeholder and then the truth
         sc.PatientOrientation = source.get("PatientOrientation") or ""
         sc.Laterality = source.get("Laterality") or ""  # type 2C: empty when the source does not say
         sc.SeriesDescription = f"{NOT_FOR_CLINICAL_USE} - wsr_med Grad-CAM {model.name} {model.version}"[:64]

@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +59,8 @@ _EVIDENCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Stud
 @dataclass(frozen=True)
 class ModelIdentity:
     """Who made a result: the registered model's name and version when the run was registered, else the run's name
-    and the first 12 hex digits of ``model.pt``'s SHA-256 (``version``). ``key`` (the weights' digest) seeds the UIDs."""
+    and the first 12 hex digits of ``model.pt``'s SHA-256 (``version``). ``key`` (the weights' digest) seeds the
+    UIDs."""
 
     name: str
     version: str
@@ -77,8 +80,8 @@ class ModelIdentity:
 
 
 def result_uid(kind: str, *sources: str, model: ModelIdentity) -> str:
-    """A UID (``2.25.<n>``) determined by ``kind`` (``sr``, ``sr-series``, ``sc``...), the source UIDs and the model: the
-    same inputs always give the same UID, different ones (practically) never do."""
+    """A UID (``2.25.<n>``) determined by ``kind`` (``sr``, ``sr-series``, ``sc``...), the source UIDs and the model:
+    the same inputs always give the same UID, different ones (practically) never do."""
     digest = hashlib.sha256("\n".join(["wsr_med", kind, *sources, model.key]).encode()).digest()
     return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"  # a UUID-derived UID (PS3.5 B.2), by name
 
@@ -133,6 +136,14 @@ def evidence_of(source: pydicom.Dataset) -> pydicom.Dataset:
     return header
 
 
+@contextmanager
+def copied_as_held():
+    """highdicom warns about a one-part PatientName ("PID-0002"): an SR copies the name as the archive holds it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        yield
+
+
 def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probabilities: np.ndarray, decided,
                       rule: str, thresholds: dict[str, float], multilabel: bool, model: ModelIdentity,
                       class_codes: ClassCodes) -> hd.sr.ComprehensiveSR:
@@ -182,17 +193,19 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
         imaging_measurements=[group],
     )
     series_uid = result_uid("sr-series", str(first.StudyInstanceUID), model=model)
-    return hd.sr.ComprehensiveSR(
-        evidence=evidence,
-        content=report,
-        series_instance_uid=series_uid,
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=result_uid("sr", *source_uids, model=model),
-        instance_number=int(first.get("InstanceNumber") or 1),
-        manufacturer="wsr_med",
-        series_description=f"{NOT_FOR_CLINICAL_USE} - wsr_med {model.name} {model.version}"[:64],  # the warning first: never cut
-        is_complete=True,
-    )
+    with copied_as_held():
+        return hd.sr.ComprehensiveSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=series_uid,
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=result_uid("sr", *source_uids, model=model),
+            instance_number=int(first.get("InstanceNumber") or 1),
+            manufacturer="wsr_med",
+            # the warning first: the 64 characters never cut it
+            series_description=f"{NOT_FOR_CLINICAL_USE} - wsr_med {model.name} {model.version}"[:64],
+            is_complete=True,
+        )
 
 
 def read_sr_probabilities(sr: pydicom.Dataset) -> dict[str, float]:

@@ -80,7 +80,8 @@ class Selection:
             if value is None or value == "":
                 return f"no {key} (rule from {self.source}: {', '.join(accepted)})"
             if key in _MULTI_VALUED:
-                values = [str(v) for v in (value if isinstance(value, (list, pydicom.multival.MultiValue)) else [value])]
+                many = isinstance(value, (list, pydicom.multival.MultiValue))
+                values = [str(v) for v in (value if many else [value])]
                 missing = [a for a in accepted if a not in values]
                 if missing:
                     shown = "\\".join(values)
