@@ -153,6 +153,8 @@ class _Retriever(threading.Thread):
         timed = self.summary.timed
         with timed("query"):
             series = list(self.source.study_headers(study))
+            if not series:  # a mistyped --study UID: said, not passed over as a study with nothing to classify
+                raise ArchiveError(f"study {study}: not found in the archive")
             # the archive the results go back to lists them among the study's own instances: no extra query
             held = {str(h.SOPInstanceUID) for headers in series for h in headers} if self.destination is self.source \
                 else self.destination.holds(study) if self.destination is not None else set()
