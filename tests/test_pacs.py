@@ -181,7 +181,8 @@ def test_selection_rules_codes_heatmaps_and_c_store(trained, pacs, real_dicom_di
     rules = home / "rules.json"
     rules.write_text(json.dumps({"Modality": ["CR", "DX"], "BodyPartExamined": ["CHEST"]}))
     codes = home / "codes.json"
-    codes.write_text(json.dumps({"right": {"value": "24028007", "scheme": "SCT", "meaning": "Right"}}))
+    sct = {"left": ("7771000", "Left"), "right": ("24028007", "Right")}  # both coded: the decided class's code is there
+    codes.write_text(json.dumps({c: {"value": v, "scheme": "SCT", "meaning": m} for c, (v, m) in sct.items()}))
     missing = "1.2.826.0.1.3680043.8.498.1"  # a mistyped study: named, and the other study goes on
     refused(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--study", study, "--study",
                 missing, "--select", str(rules), "--codes", str(codes), "--heatmaps", "--predictions-file",
@@ -202,7 +203,8 @@ def test_selection_rules_codes_heatmaps_and_c_store(trained, pacs, real_dicom_di
             assert ds.SOPInstanceUID == row["heatmap_uid"] and ds.pixel_array.shape[-1] == 3
         else:
             dumped = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True).stdout
-            assert "(24028007,SCT,\"Right\")" in dumped or row["predicted_class"] == "left"
+            value, meaning = sct[row["predicted_class"]]
+            assert f'CODE:(,,"Finding")=({value},SCT,"{meaning}")' in dumped
     # a rule the synthetic DX lacks (BodyPartExamined) skips it, naming the rule
     synthetic_study = str(pydicom.dcmread(trained["files"][0], stop_before_pixels=True).StudyInstanceUID)
     ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--study", synthetic_study,

@@ -25,7 +25,8 @@ def orthanc_available() -> bool:
     return Path(ORTHANC).is_file() and Path(DICOMWEB_PLUGIN).is_file()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -49,7 +50,7 @@ class LocalOrthanc:
 
     def _configure(self) -> None:
         """A configuration on two free ports."""
-        self.http_port, self.dicom_port = _free_port(), _free_port()
+        self.http_port, self.dicom_port = free_port(), free_port()
         config = {
             "Name": "wsr_med-test", "StorageDirectory": str(self.folder / "storage"),
             "IndexDirectory": str(self.folder / "storage"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,13 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from wsr_med.pacs.orthanc import free_port
+
 SMALL = {"init_features": 16, "growth_rate": 8, "block_config": [2, 2, 2, 2]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, records: list[dict]) -> list[dict]:
@@ -84,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.set_tracking_uri(uri)
         os.environ[PATH_ROOTS_ENV] = str(data)  # in-process, paths under the data folder, as the server allows them
         model = mlflow.pyfunc.load_model(model_uri)
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         server = subprocess.Popen([sys.executable, "-m", "wsr_med.cli", "serve", "-m", model_uri, "--port", str(port),
                                    "--path-root", str(data)], env=env, stdout=subprocess.DEVNULL,
