@@ -17,6 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from wsr_med.data import make_synthetic_folder
+from wsr_med.errors import WsrMedError
 from wsr_med.metrics import roc_auc
 from wsr_med.workflows import BUNDLE, run_workflow
 
@@ -289,6 +290,17 @@ def test_exported_bundle_passes_the_model_zoo_checks_and_runs_from_its_folder(tr
     assert (bundle / "docs" / "data_license.txt").read_text() == licence.read_text()
     with pytest.raises(Exception, match="never overwrites"):
         export_bundle(trained["out"], bundle)
+    # another process fills the claimed folder while the bundle is written: one line, and its file is kept
+    import wsr_med.workflows.export as export
+
+    raced = tmp_path / "zoo" / "raced"
+    write_source = export._write_source
+    monkeypatch.setattr(export, "_write_source", lambda folder: (write_source(folder), (raced / "theirs").write_text("x")))
+    with pytest.raises(WsrMedError, match="another process put files in it") as refused:
+        export_bundle(trained["out"], raced)
+    assert "\n" not in str(refused.value) and [p.name for p in raced.iterdir()] == ["theirs"]
+    assert not [p for p in raced.parent.iterdir() if p.name.startswith(".raced-")]  # no temporary folder left
+    monkeypatch.setattr(export, "_write_source", write_source)
     assert zoo_checks.verify(str(bundle), str(schema)) == ["directory", "version and changelog", "metadata format",
                                                              "properties", "data shape", "torchscript"]
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())

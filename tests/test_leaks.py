@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow.artifacts
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -139,6 +140,49 @@ def test_strict_json_one_row_per_input_in_every_shape(trained, server):
         assert len(rows) == 3, (list(body), rows)
         assert rows[0]["error"] == "" and rows[1]["error"] and rows[2]["error"], (list(body), rows)
         assert rows[1]["prob_left"] is None and rows[1]["predicted_class"] == ""
+
+
+def test_every_shape_of_row_answers_one_row_and_a_malformed_body_a_short_400(trained, server):
+    for body, n in (({"inputs": ["/etc/passwd"]}, 1), ({"dataframe_records": [{}]}, 1), ({"inputs": [[1, 2]]}, 1),
+                    ({"instances": [None, "x"]}, 2), ({"dataframe_split": {"columns": [], "data": [[], []]}}, 2)):
+        rows = server.answer(body)
+        assert len(rows) == n, (body, rows)
+        assert all(r["error"].endswith("give 'bytes' (base64 of the scan file)") for r in rows), (body, rows)
+    malformed = b'{"dataframe_records": [{"bytes": "' + b"A" * 2**20 + b'"'  # cut short: no closing brackets
+    status, text = server.post(malformed)
+    assert status == 400 and len(text) < 300 and "AAAA" not in text and "not JSON" in text, text[:300]
+
+
+def _server_peak_mib(pid: int, reset: bool = False) -> float:
+    """The server process's peak resident memory (VmHWM); ``reset`` starts a new peak from now."""
+    if reset:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+
+def test_concurrent_large_requests_peak_about_as_one(trained):
+    """Three requests at the body limit at once: the server's peak grows about as much as for one of them alone (the
+    bodies wait for their share of one budget), and every request is answered."""
+    import concurrent.futures
+
+    server = Server(trained["home"], "--max-request-mib", "24")
+    try:
+        blob = base64.b64encode(np.random.default_rng(0).bytes(5 * 2**20)).decode()  # not a scan: answered quickly
+        body = json.dumps({"dataframe_records": [{"bytes": blob}] * 4}).encode()
+        server.answer({"dataframe_records": [{"bytes": blob}]})  # warm: the first request's allocations are not counted
+        base = _server_peak_mib(server.process.pid, reset=True)
+        status, _ = server.post(body)
+        one = _server_peak_mib(server.process.pid) - base
+        base = _server_peak_mib(server.process.pid, reset=True)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            statuses = [status for status, _ in pool.map(server.post, [body] * 3)]
+        three = _server_peak_mib(server.process.pid) - base
+    finally:
+        server.stop()
+    print(f"server peak growth: one request {one:.0f} MiB, three at once {three:.0f} MiB")
+    assert status == 200 and statuses == [200] * 3
+    assert three < 1.25 * one, (one, three)  # without the budget: about 1.7 x one
 
 
 def test_errors_quote_no_header_value(trained, server, tmp_path):

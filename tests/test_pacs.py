@@ -11,12 +11,16 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
+from hostile_archive import MODES, HostileArchive
+from hostile_files import deflated_bomb_dicom
 from test_cli import SMALL, WSR_MED, ok, refused
 from wsr_med.pacs import ClassCodes, ModelIdentity, Selection, classification_sr, read_sr_probabilities
 from wsr_med.pacs.archive import AUTH_ENV
@@ -41,6 +45,25 @@ def run(home: Path, *args: str, env: dict | None = None, timeout: float = 600) -
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WSR_MED_DICOMWEB"))}
     return subprocess.run([str(WSR_MED), *args], cwd=home, capture_output=True, text=True, timeout=timeout,
                           env={**base, **(env or {})})
+
+
+# Forks wsr-med from a small process and reports its peak resident memory: a child forked from the test process itself
+# would inherit the test's own high-water mark (Linux keeps it across exec).
+_MEASURED = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execv(sys.argv[1], sys.argv[1:])\n"
+             "_, status, usage = os.wait4(pid, 0)\nprint(f'PEAK_KIB {usage.ru_maxrss}', file=sys.stderr)\n"
+             "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
+def run_measured(home: Path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float, float]:
+    """``run``, and the wsr-med process's own peak resident memory (MiB) and its wall time (s)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WSR_MED_DICOMWEB"))}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", _MEASURED, str(WSR_MED), *args], cwd=home, capture_output=True,
+                            text=True, timeout=600, env={**base, **(env or {})})
+    seconds = time.monotonic() - started
+    stderr, _, peak = result.stderr.rstrip().rpartition("PEAK_KIB ")
+    result.stderr = stderr
+    return result, int(peak) / 1024, seconds
 
 
 def valid(path: Path) -> None:
@@ -146,11 +169,17 @@ def test_an_archive_gets_an_sr_in_each_original_study_and_a_rerun_adds_nothing(t
     out = ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--query",
                  "StudyDate=19000101-21001231", "--predictions-file", "archive.csv", env=env))
     table = rows(home / "archive.csv")
-    assert len(table) == 9 and all(r["sr"] == "stored" for r in table)  # 8 synthetic DX + the real DX; CR/US/MR skipped
+    # 8 synthetic DX + the real DX; CR/US/MR skipped by modality; the real DX (211 px) is unlike the 64 px training
+    # scans: classified, listed, and no result stored
+    assert len(table) == 9 and sum(r["sr"] == "stored" for r in table) == 8
+    [unlike] = [r for r in table if r["sr"] != "stored"]
+    assert unlike["sr"] == "not stored (unlike the training data)" and "training had 64-64 px" in unlike["unlike_training"]
+    assert "9 classified (1 unlike the training data), 8 results stored" in out.stdout
     srs = _srs_by_study(pacs)
     by_source = {r["sop_instance_uid"]: r for r in table}
+    assert unlike["study_uid"] not in srs
     for row in table:
-        assert len(srs[row["study_uid"]]) == 1  # one SR, in the source's own study
+        assert len(srs.get(row["study_uid"], [])) == (row["sr"] == "stored")  # one SR, in the source's own study
     for study, found in srs.items():
         path = _download(pacs, found[0]["id"], tmp_path / "got")
         valid(path)
@@ -163,14 +192,16 @@ def test_an_archive_gets_an_sr_in_each_original_study_and_a_rerun_adds_nothing(t
     skipped = rows(home / "archive_skipped.csv")
     reasons = {r["modality"]: r["reason"] for r in skipped}
     assert {"CR", "US", "MR"} <= set(reasons) and all("not in DX" in reasons[m] for m in ("CR", "US", "MR"))
+    assert any(r["sop_instance_uid"] == unlike["sop_instance_uid"] and "unlike the training data" in r["reason"]
+               for r in skipped)
     assert pacs.auth not in out.stdout + out.stderr and pacs.password not in out.stdout + out.stderr
-    assert len(pacs.get("/instances")) == before + 9
+    assert len(pacs.get("/instances")) == before + 8
 
     again = ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--query",
                    "StudyDate=19000101-21001231", "--predictions-file", "archive.csv", env=env))
-    assert len(pacs.get("/instances")) == before + 9 and "0 results stored, 9 already there" in again.stdout
-    # the SRs are in the studies now: listed as skipped ("not an image"), not classified
-    assert sum(r["reason"].startswith("not an image") for r in rows(home / "archive_skipped.csv")) == 9
+    assert len(pacs.get("/instances")) == before + 8 and "0 results stored, 8 already there" in again.stdout
+    # the SRs are in the studies now: listed as the tool's own results, never classified
+    assert sum(r["reason"].startswith("wsr_med's own result") for r in rows(home / "archive_skipped.csv")) == 8
 
 
 def test_selection_rules_codes_heatmaps_and_c_store(trained, pacs, real_dicom_dir, tmp_path):
@@ -184,10 +215,11 @@ def test_selection_rules_codes_heatmaps_and_c_store(trained, pacs, real_dicom_di
     sct = {"left": ("7771000", "Left"), "right": ("24028007", "Right")}  # both coded: the decided class's code is there
     codes.write_text(json.dumps({c: {"value": v, "scheme": "SCT", "meaning": m} for c, (v, m) in sct.items()}))
     missing = "1.2.826.0.1.3680043.8.498.1"  # a mistyped study: named, and the other study goes on
+    # the real CR is unlike the synthetic DX training scans: stored only when asked, and its SR says why
     refused(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--study", study, "--study",
                 missing, "--select", str(rules), "--codes", str(codes), "--heatmaps", "--predictions-file",
-                "selected.csv", env={AUTH_ENV: pacs.auth}),
-            f"1 of 2 studies not done (study {missing}: not found in the archive)")
+                "selected.csv", "--store-unlike-training", env={AUTH_ENV: pacs.auth}),
+            f"1 of 2 studies not done (study {missing}: not found in the archive): listed in selected_skipped.csv")
     [row] = rows(home / "selected.csv")
     assert row["heatmap_uid"] and row["sr"] == "stored"
     found = _srs_by_study(pacs)[study]
@@ -202,9 +234,10 @@ def test_selection_rules_codes_heatmaps_and_c_store(trained, pacs, real_dicom_di
             assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == row["sop_instance_uid"]
             assert ds.SOPInstanceUID == row["heatmap_uid"] and ds.pixel_array.shape[-1] == 3
         else:
-            dumped = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True).stdout
+            dumped = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True).stdout
             value, meaning = sct[row["predicted_class"]]
             assert f'CODE:(,,"Finding")=({value},SCT,"{meaning}")' in dumped
+            assert "unlike the training data: modality CR never seen in training" in dumped
     # a rule the synthetic DX lacks (BodyPartExamined) skips it, naming the rule
     synthetic_study = str(pydicom.dcmread(trained["files"][0], stop_before_pixels=True).StudyInstanceUID)
     ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--study", synthetic_study,
@@ -259,7 +292,7 @@ def test_wrong_credentials_and_no_archive_are_one_line_without_the_secret(traine
     wrong = f"{pacs.user}:not-the-password"
     result = run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--query", "Modality=DX",
                  env={AUTH_ENV: wrong})
-    refused(result, "HTTP 401")
+    refused(result, "HTTP 401", "the archive refused the credentials", AUTH_ENV, "--auth-file")
     assert "not-the-password" not in result.stdout + result.stderr
     secret_file = home / "token.txt"
     secret_file.write_text("Bearer a-token-value\n")
@@ -428,3 +461,118 @@ def test_results_can_go_to_another_archive(trained, pacs, tmp_path):
                "--store-to", other.dicomweb, "--predictions-file", "other.csv", env={AUTH_ENV: pacs.auth}))
         assert sum(len(found) for found in _srs_by_study(other).values()) == 3
     assert _srs_by_study(pacs) == {} and all(r["sr"] == "stored" for r in rows(home / "other.csv"))
+
+
+# --- an archive that misbehaves; names kept exactly ------------------------------------------------------------
+PEAK_MIB = 1536  # "no answer from any archive takes wsr-med past about 1.5 GiB"
+
+
+def test_a_hostile_archive_fails_each_study_in_one_line_within_memory_and_time(trained, tmp_path):
+    """Every misbehaviour of hostile_archive.py at once: each bad study named in one line with its reason, the good
+    ones classified, memory and time bounded, credentials not sent on to another host."""
+    home = trained["home"]
+    bomb = deflated_bomb_dicom(tmp_path / "bomb.dcm", inflated_gib=0.5)
+    with HostileArchive(trained["files"][0], bomb) as archive:
+        studies = [arg for mode in MODES for arg in ("--study", archive.study(mode))]
+        result, peak, seconds = run_measured(
+            home, "predict", "--output-dir", "runs/a", "--dicomweb", archive.url, *studies, "--sr-dir", "hostile_srs",
+            "--predictions-file", "hostile.csv", "--archive-timeout", "3", env={AUTH_ENV: "user:secret-pw"})
+    failing = ("big_json", "big_multipart", "trickle", "endless", "html", "wrong_media", "cut_multipart")
+    refused(result, f"{len(failing)} of {len(MODES)} studies not done", "listed in hostile_skipped.csv")
+    assert peak < PEAK_MIB and seconds < 120, (peak, seconds)
+    done = rows(home / "hostile.csv")
+    assert sorted(r["study_uid"] for r in done) == sorted(archive.study(m) for m in ("good", "redirect"))
+    assert all(r["sr"] == "stored" for r in done) and len(list((home / "hostile_srs").rglob("*.dcm"))) == 2
+    reasons = {r["study_uid"]: r["reason"] for r in rows(home / "hostile_skipped.csv")}
+    expected = {"bomb": "Deflated DICOM inflating past 255 MiB", "big_json": "the answer passed the 32 MiB allowed",
+                "big_multipart": "the answer declares 10240 MiB", "trickle": "no complete answer within 3 s",
+                "endless": "more than 1000 series in the study", "html": "answered text/html, not DICOM JSON",
+                "wrong_media": "came as application/octet-stream", "cut_multipart": "cut short"}
+    for mode, reason in expected.items():
+        assert reason in reasons[archive.study(mode)], (mode, reasons[archive.study(mode)])
+    logged = [line for line in result.stderr.splitlines() if "the others go on" in line]
+    assert len(logged) == len(failing) and all(any(archive.study(m) in line for line in logged) for m in failing)
+    assert "secret-pw" not in result.stdout + result.stderr
+    sent = dict.fromkeys(host for host, _ in archive.authorized)
+    assert {"127.0.0.1", "localhost"} <= set(sent)  # the redirect was followed...
+    assert not any(carried for host, carried in archive.authorized if host == "localhost")  # ...without the credentials
+    assert all(carried for host, carried in archive.authorized if host == "127.0.0.1")
+
+
+def test_a_deflated_bomb_in_a_dicom_folder_is_listed_within_memory(trained, tmp_path):
+    _require_tools()
+    home = trained["home"]
+    folder = home / "with_bomb"
+    folder.mkdir()
+    shutil.copy(trained["files"][0], folder)
+    deflated_bomb_dicom(folder / "bomb.dcm", inflated_gib=0.5)
+    result, peak, _ = run_measured(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "with_bomb", "--sr-dir",
+                                   "bomb_srs", "--predictions-file", "bomb.csv")
+    ok(result)
+    assert peak < PEAK_MIB, peak
+    assert len(rows(home / "bomb.csv")) == 1 and len(list((home / "bomb_srs").rglob("*.dcm"))) == 1
+    [listed] = rows(home / "bomb_skipped.csv")
+    assert "bomb.dcm" in listed["reason"] and "not a readable DICOM file" in listed["reason"]
+
+
+def _named(source: Path, target: Path, charset, name: str, patient_id: str) -> Path:
+    """A copy of ``source`` whose patient name and ID are written in ``charset``, in a study of its own."""
+    ds = pydicom.dcmread(source)
+    ds.SpecificCharacterSet = list(charset) if isinstance(charset, tuple) else charset
+    ds.PatientName, ds.PatientID = name, patient_id
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+NAMES = {  # SpecificCharacterSet -> (PatientName, PatientID)
+    "ISO_IR 192": ("Müller^Zoë=山田^太郎", "PID-ÄÖÜ-1"),
+    "ISO_IR 100": ("Ågård^Søren", "PID-ÆØ-2"),
+    ("", "ISO 2022 IR 87"): ("Yamada^Tarou=山田^太郎=やまだ^たろう", "PID-3"),
+}
+
+
+def test_names_are_copied_exactly_into_every_object_written(trained, pacs, tmp_path):
+    """UTF-8, Latin-1 and ideographic / phonetic names, through an archive and through a folder: the SR and the Grad-CAM
+    image hold the source's patient attributes equal after decoding, in a character set that holds them (dciodvfy)."""
+    home = trained["home"]
+    folder = home / "names"
+    folder.mkdir()
+    sources = [_named(trained["files"][k], folder / f"named{k}.dcm", charset, name, pid)
+               for k, (charset, (name, pid)) in enumerate(NAMES.items())]
+    by_study = {str(pydicom.dcmread(p).StudyInstanceUID): pydicom.dcmread(p) for p in sources}
+    pacs.upload(sources)
+    ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, *[a for s in by_study for a in
+           ("--study", s)], "--heatmaps", "--predictions-file", "names.csv", env={AUTH_ENV: pacs.auth}))
+    ok(run(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "names", "--sr-dir", "names_srs",
+           "--predictions-file", "names_folder.csv"))
+    written = [_download(pacs, item["id"], tmp_path / "named") for found in _srs_by_study(pacs).values()
+               for item in found] + sorted((home / "names_srs").rglob("*.dcm"))
+    assert len(written) == 3 * 2 + 3  # an SR and a Grad-CAM image per source in the archive, an SR per file
+    for path in written:
+        valid(path)
+        ds = pydicom.dcmread(path)
+        source = by_study[str(ds.StudyInstanceUID)]
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+        assert str(ds.PatientName) == str(source.PatientName) and ds.PatientID == source.PatientID
+        assert ds.PatientName.components == source.PatientName.components
+
+
+def test_a_model_that_knows_no_modality_needs_rules_before_it_writes_into_an_archive(tmp_path):
+    _require_tools()
+    ok(run(tmp_path, "synth", "pictures", "--n-per-class", "10", "--image-size", "64", "--formats", "png"))
+    ok(run(tmp_path, "train", "--dataset-dir", "pictures", "--output-dir", "runs/png", "--set", "image_size=64", SMALL,
+           "max_epochs=1", "batch_size=8", *QUIET))
+    with LocalOrthanc(tmp_path / "orthanc") as archive:
+        refused(run(tmp_path, "predict", "--output-dir", "runs/png", "--dicomweb", archive.dicomweb, "--query",
+                    "Modality=CR", env={AUTH_ENV: archive.auth}), "trained on files without a DICOM modality",
+                "--select RULES.json")
+        assert len(archive.get("/instances")) == 0
+
+
+def test_credentials_in_the_address_are_refused_pointing_to_the_environment(trained):
+    home = trained["home"]
+    message = refused(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", "http://user:pw@127.0.0.1:9/dicom-web",
+                          "--study", "1.2.3"), "credentials do not go in the address", AUTH_ENV)
+    assert "pw" not in message.replace(AUTH_ENV, "")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from wsr_med.errors import find_user_error
 from wsr_med.log_format import EscapingFormatter, escape_control
+from wsr_med.pacs.archive import Bounds
 from wsr_med.runs import RunFolder
 from wsr_med.settings import PACS_SETTINGS, SETTINGS, check_known, default
 from wsr_med.workflows.bundle import BUNDLE, parse_overrides, run_workflow
@@ -156,8 +157,15 @@ def predict_pacs(args: argparse.Namespace) -> None:
         if not sep or not key or not value:
             raise WsrMedError(f"--query expects KEY=VALUE, got {item!r}")
         query[key] = value
-    source = DicomWebArchive(args.dicomweb, args.auth_file) if args.dicomweb else DicomFolder(args.dataset_dir)
-    destination = (FolderDestination(args.sr_dir) if args.sr_dir else DicomWebArchive(args.store_to, args.auth_file)
+    if not args.archive_timeout > 0:
+        raise WsrMedError("--archive-timeout must be a positive number of seconds")
+    bounds = Bounds(deadline_s=args.archive_timeout)
+    if args.dicomweb:
+        source = DicomWebArchive(args.dicomweb, args.auth_file, bounds=bounds)
+    else:
+        source = DicomFolder(args.dataset_dir, bounds)
+    destination = (FolderDestination(args.sr_dir) if args.sr_dir
+                   else DicomWebArchive(args.store_to, args.auth_file, bounds=bounds, option="--store-to")
                    if args.store_to else CStoreDestination(args.c_store) if args.c_store else source
                    if args.dicomweb else None)
     if destination is None:
@@ -166,12 +174,17 @@ def predict_pacs(args: argparse.Namespace) -> None:
                                codes=args.codes, predictions_file=args.predictions_file, heatmaps=args.heatmaps,
                                batch_size=int(settings.get("batch_size") or default("batch_size")),
                                device=settings.get("device") or ("cuda" if _cuda() else "cpu"),
-                               max_pixels=settings.get("max_pixels"))
-    print(f"{len(summary.rows)} classified, {summary.stored} results stored, {summary.already} already there, "
-          f"{len(summary.skipped)} skipped (see {RunFolder(output).predictions if not args.predictions_file else args.predictions_file})")
+                               max_pixels=settings.get("max_pixels"),
+                               store_unlike_training=args.store_unlike_training, bounds=bounds)
+    predictions, skipped = summary.files
+    unlike = f" ({summary.unlike} unlike the training data)" if summary.unlike else ""
+    print(f"{len(summary.rows)} classified{unlike}, {summary.stored} results stored, {summary.already} already there, "
+          f"{len(summary.skipped)} skipped -> {predictions}, {skipped}")
     if summary.failed:
-        raise WsrMedError(f"{len(summary.failed)} of {summary.n_studies} studies not done ({summary.failed[0][1]}): "
-                          "run the same command again to complete them")
+        study, why, _ = summary.failed[0]
+        again = "run the same command again to complete them" if any(t for _, _, t in summary.failed) \
+            else f"listed in {skipped.name}"
+        raise WsrMedError(f"{len(summary.failed)} of {summary.n_studies} studies not done ({why}): {again}")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -193,7 +206,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ev = workflow_parser("evaluate", "evaluate a trained model on labelled scans")
     ev.add_argument("--eval-split", choices=["all", "test", "validation"], help="'all' of --dataset-dir (default) or a split of the run")
     pr = workflow_parser("predict", "predict unlabelled scans: a CSV with one probability per class")
-    pr.add_argument("--predictions-file", help="default: <output-dir>/predictions.csv")
+    pr.add_argument("--predictions-file", help="default: <output-dir>/predictions.csv (from or to a PACS: "
+                    "<output-dir>/pacs_predictions.csv)")
     pacs = pr.add_argument_group("from and to a PACS (README 'From and to a PACS')")
     pacs.add_argument("--dicomweb", metavar="URL", help="classify studies of this DICOMweb archive (QIDO-RS, WADO-RS); "
                       "results go back into each study with STOW-RS. Credentials: $WSR_MED_DICOMWEB_AUTH or --auth-file")
@@ -211,6 +225,10 @@ def _build_parser() -> argparse.ArgumentParser:
                       "Capture marked NOT FOR DIAGNOSTIC USE)")
     pacs.add_argument("--auth-file", metavar="FILE", help="a file holding the archive's 'user:password' or "
                       "'Bearer <token>' (never on the command line)")
+    pacs.add_argument("--store-unlike-training", action="store_true", help="also store results for images that look "
+                      "unlike the training data (default: classified and listed, not stored; their SRs then say so)")
+    pacs.add_argument("--archive-timeout", type=float, default=Bounds.deadline_s, metavar="SECONDS",
+                      help=f"each archive request's whole answer within this time (default {Bounds.deadline_s:g})")
     workflow_parser("demo", "the main job on generated data: train, evaluate, predict, log to MLflow")
     sy = sub.add_parser("synth", help="write a synthetic hospital folder (class = lesion position)")
     sy.add_argument("root")

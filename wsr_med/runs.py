@@ -144,6 +144,7 @@ class RunFolder:
     CHECKPOINTS = "checkpoints"
     EVAL = "eval"
     PREDICTIONS = "predictions.csv"
+    PACS_PREDICTIONS = "pacs_predictions.csv"  # predict from or to a PACS: its own file, a folder's predictions kept
     CACHE = "cache"
     MLFLOW_RUN_ID = "mlflow_run_id"
     MLFLOW_MODEL_URI = "mlflow_model_uri"
@@ -179,6 +180,10 @@ class RunFolder:
     @property
     def predictions(self) -> Path:
         return self.path / self.PREDICTIONS
+
+    @property
+    def pacs_predictions(self) -> Path:
+        return self.path / self.PACS_PREDICTIONS
 
     @property
     def eval_dir(self) -> Path:

@@ -32,8 +32,10 @@ def scan_profile(image: np.ndarray, meta: dict, intensity_percentiles=default("i
     sample = values[:, ::stride].astype(np.float32)
     low, high = np.percentile(sample, list(intensity_percentiles))
     scaled = np.clip((sample - low) / max(float(high - low), 1e-12), 0, 1)
+    # the stored size, not the decoded one: JPEG 2000 may decode at a reduced scale (LoadScan's min_size)
+    shape = meta.get("original_shape") or image.shape[1:]
     return {"modality": str(meta.get("modality") or ""), "channels": int(image.shape[0]),
-            "longest_side": int(max(image.shape[1:])), "mean": float(scaled.mean()), "std": float(scaled.std())}
+            "longest_side": int(max(shape)), "mean": float(scaled.mean()), "std": float(scaled.std())}
 
 
 def training_profile(profiles: list[dict]) -> dict:

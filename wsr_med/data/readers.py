@@ -47,6 +47,8 @@ __all__ = [
     "read_volume",
     "dicom_patient_id",
     "deflated_limit",
+    "read_header",
+    "HEADER_BYTES",
     "scan_format",
     "ScanSource",
 ]
@@ -145,14 +147,18 @@ def scan_format(source: ScanSource) -> str | None:
     return None
 
 
+HEADER_BYTES = 64 * 2**20  # what a DICOM file may hold besides its pixel data
+
+
 def deflated_limit(max_pixels: int = MAX_PIXELS) -> int:
     """The largest inflated size of a Deflated DICOM data set: 2 bytes for each of ``max_pixels`` (a 16-bit
-    grayscale image of the largest size accepted) and 64 MiB for everything else in the header."""
-    return 2 * int(max_pixels) + 64 * 2**20
+    grayscale image of the largest size accepted) and :data:`HEADER_BYTES` for everything else in the header."""
+    return 2 * int(max_pixels) + HEADER_BYTES
 
 
-def _inflate(f: BinaryIO, limit: int, name) -> bytes:
-    """The raw deflate stream from ``f``'s position to its end, inflated; refused past ``limit`` bytes.
+def _inflate(f: BinaryIO, limit: int, name, header_only: bool = False) -> bytes:
+    """The raw deflate stream from ``f``'s position to its end, inflated; refused past ``limit`` bytes
+    (``header_only``: its first ``limit`` bytes, the rest never inflated).
 
     The size is measured first, holding one chunk at a time, so that a bomb (1 MB inflating to GiBs) costs
     milliseconds and no memory; only a stream within the limit is inflated again and kept.
@@ -160,6 +166,13 @@ def _inflate(f: BinaryIO, limit: int, name) -> bytes:
     start, chunk = f.tell(), 1 << 22
     inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
     try:
+        if header_only:
+            out = bytearray()
+            while len(out) < limit and (data := f.read(chunk)):
+                while data and len(out) < limit:
+                    out += inflater.decompress(data, min(chunk, limit - len(out)))
+                    data = inflater.unconsumed_tail
+            return bytes(out)
         while data := f.read(chunk):
             while data:
                 total += len(inflater.decompress(data, chunk))
@@ -173,24 +186,26 @@ def _inflate(f: BinaryIO, limit: int, name) -> bytes:
         raise ScanReadError(name, "damaged Deflated DICOM data set", str(e)) from None
 
 
-def _read_dataset(f: BinaryIO, name, max_pixels: int) -> pydicom.Dataset:
+def _read_dataset(f: BinaryIO, name, max_pixels: int, header_only: bool = False) -> pydicom.Dataset:
     """pydicom's data set from ``f`` (a Part 10 file, or a data set without preamble that looks like DICOM);
-    a Deflated data set is inflated here, within :func:`deflated_limit`, never by pydicom (which has no limit)."""
+    a Deflated data set is inflated here, within :func:`deflated_limit`, never by pydicom (which has no limit).
+    ``header_only``: no pixel data, values over 1 MiB left unread, at most :data:`HEADER_BYTES` inflated."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
     from pydicom.filewriter import write_file_meta_info
 
+    options = {"stop_before_pixels": True, "defer_size": "1 MB"} if header_only else {}
     head = f.read(132)
     if head[128:132] != b"DICM":
         force = _is_dicom_content(f, head)
         f.seek(0)
-        return pydicom.dcmread(f, force=force)
+        return pydicom.dcmread(f, force=force, **options)
     f.seek(0)
     read_preamble(f, False)
     meta = _read_file_meta_info(f)
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         f.seek(0)
-        return pydicom.dcmread(f)
-    inflated = _inflate(f, deflated_limit(max_pixels), name)
+        return pydicom.dcmread(f, **options)
+    inflated = _inflate(f, HEADER_BYTES if header_only else deflated_limit(max_pixels), name, header_only)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian  # the data set as it was before deflating
     rebuilt = pydicom.filebase.DicomBytesIO()
     rebuilt.write(b"\0" * 128 + b"DICM")
@@ -198,7 +213,25 @@ def _read_dataset(f: BinaryIO, name, max_pixels: int) -> pydicom.Dataset:
     rebuilt.write(inflated)
     del inflated
     rebuilt.seek(0)
-    return pydicom.dcmread(rebuilt)
+    options.pop("defer_size", None)  # in memory already
+    return pydicom.dcmread(rebuilt, **options)
+
+
+def read_header(source: ScanSource, max_pixels: int = MAX_PIXELS) -> pydicom.Dataset:
+    """The header of a DICOM file (or its bytes) without its pixel data, read within bounds: a Deflated data set
+    inflated no further than :data:`HEADER_BYTES` (pydicom alone inflates it whole), values over 1 MiB unread.
+
+    Raises:
+        ScanReadError: not a readable DICOM file.
+    """
+    name = _name(source)
+    try:
+        with _open(source) as f:
+            return _read_dataset(f, name, max_pixels, header_only=True)
+    except ScanReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for damaged files; all mean the same
+        raise ScanReadError(name, "not a readable DICOM file", type(e).__name__) from None
 
 
 _JPEG_FRAME_MARKERS = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # SOF0-15 (not DHT/JPG/DAC), JPEG-LS SOF55
@@ -552,8 +585,8 @@ def read_scan(path: ScanSource, channels: int | None = 1, voi_lut: bool | None =
 def dicom_patient_id(path: str | Path) -> str | None:
     """The PatientID of a DICOM file (header only), or None. The caller must hash it before storing it."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-    except Exception:
+        ds = read_header(path)
+    except ScanReadError:
         return None
     value = str(ds.get("PatientID", "") or "").strip()
     return value or None

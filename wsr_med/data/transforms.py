@@ -58,9 +58,12 @@ class LoadScan(Transform):
         self.min_size = min_size
         self.max_pixels = max_pixels
 
-    def __call__(self, path: str | Path) -> torch.Tensor:
-        array, _ = read_scan(path, self.channels, self.voi_lut, self.spatial_dims, self.min_size, self.max_pixels)
-        return torch.from_numpy(array)
+    def read(self, path: str | Path | bytes):
+        """``(array, meta)`` of the scan (:func:`wsr_med.data.readers.read_scan`): the meta for those who profile it."""
+        return read_scan(path, self.channels, self.voi_lut, self.spatial_dims, self.min_size, self.max_pixels)
+
+    def __call__(self, path: str | Path | bytes) -> torch.Tensor:
+        return torch.from_numpy(self.read(path)[0])
 
 
 class LoadScand(MapTransform):

@@ -2,7 +2,7 @@
 
 Code map:
 
-* :mod:`wsr_med.pacs.archive` - DICOMweb (``dicomweb-client``), C-STORE (``pynetdicom``) and folders; credentials,
+* :mod:`wsr_med.pacs.archive` - DICOMweb (``requests``, every answer bounded), C-STORE (``pynetdicom``) and folders; credentials,
   bounded retries, one-line errors.
 * :mod:`wsr_med.pacs.selection` - which instances a model classifies, and why the others are skipped.
 * :mod:`wsr_med.pacs.results` - the Comprehensive SR of a classification (``highdicom``, TID 1500), deterministic UIDs.

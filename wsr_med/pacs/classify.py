@@ -11,9 +11,17 @@ Three threads, so that waiting for the archive overlaps with computing:
 * the new results are stored ``batch_size`` at a time, one request under way while the network goes on; a result
   the destination already holds is not stored again.
 
+Nothing goes into a patient's record that the model was not made for: instances are chosen by the selection rules
+(default: the training profile's modalities; a model trained on files without a modality, PNG or JPEG, needs the
+user's ``--select`` before it writes into an archive), wsr_med's own results are never classified
+(:func:`wsr_med.pacs.results.own_result`), and an image that looks unlike the training data
+(:func:`wsr_med.data.profile.unlike_training`, as ``wsr-med predict`` flags it) is classified and listed but gets no
+result unless the user asks for it (``store_unlike_training``; its SR then says why).
+
 One failed instance is listed (``<predictions>_skipped.csv``) and the rest go on; a study the archive refuses (HTTP
-4xx/5xx after the retries) is named in one line and the others go on; an archive that does not answer at all stops the
-run in one line. The command then exits 1, and the same command run again completes the rest.
+4xx/5xx after the retries) or answers past a bound (:class:`wsr_med.pacs.archive.Bounds`) is named in one line and the
+others go on; an archive that does not answer at all stops the run in one line. The command then exits 1, and the same
+command run again completes the rest.
 """
 
 from __future__ import annotations
@@ -31,13 +39,15 @@ from pathlib import Path
 
 import pydicom
 import torch
+from monai.transforms import Compose
 
 from wsr_med.data.csv_files import write_csv
+from wsr_med.data.profile import scan_profile, unlike_training
 from wsr_med.data.readers import ScanReadError
 from wsr_med.errors import WsrMedError
-from wsr_med.pacs.archive import ArchiveError
+from wsr_med.pacs.archive import ArchiveError, Bounds, CStoreDestination, DicomWebArchive
 from wsr_med.pacs.heatmaps import GradCamOverlay
-from wsr_med.pacs.results import ClassCodes, ModelIdentity, classification_sr
+from wsr_med.pacs.results import UNLIKE_TRAINING, ClassCodes, ModelIdentity, classification_sr, own_result
 from wsr_med.pacs.selection import Selection
 
 __all__ = ["PacsSummary", "classify_studies", "SKIPPED_SUFFIX"]
@@ -46,6 +56,7 @@ logger = logging.getLogger(__name__)
 SKIPPED_SUFFIX = "_skipped.csv"  # beside predictions.csv: every instance not classified, with its reason
 QUEUED_BATCHES = 2  # retrieved batches waiting for the network at most
 STORING, STORED, ALREADY = "storing", "stored", "already stored"
+NOT_STORED_UNLIKE = f"not stored ({UNLIKE_TRAINING})"
 
 
 @dataclass
@@ -55,9 +66,10 @@ class PacsSummary:
 
     rows: list[list[str]] = field(default_factory=list)
     skipped: list[list[str]] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str, bool]] = field(default_factory=list)  # (study, why, whether a rerun may complete it)
     n_studies: int = 0
     seconds: Counter = field(default_factory=Counter)
+    files: tuple[Path, ...] = ()  # what the run wrote: the predictions and the skipped list
 
     @property
     def stored(self) -> int:
@@ -67,9 +79,13 @@ class PacsSummary:
     def already(self) -> int:
         return sum(row[-1] == ALREADY for row in self.rows)
 
-    def fail(self, study: str, why: str) -> None:
-        if study not in {s for s, _ in self.failed}:
-            self.failed.append((study, why))
+    @property
+    def unlike(self) -> int:
+        return sum(bool(row[-2]) for row in self.rows)
+
+    def fail(self, study: str, why: str, transient: bool = True) -> None:
+        if study not in {s for s, _, _ in self.failed}:
+            self.failed.append((study, why, transient))
 
     @contextmanager
     def timed(self, stage: str):
@@ -82,12 +98,13 @@ class PacsSummary:
 
 @dataclass
 class _Batch:
-    """Retrieved and preprocessed instances of one study: ``items`` are ``(headers, image)``, one header for a 2D
-    image, a series' headers for a 3D volume; ``held``: the SOPInstanceUIDs the destination holds for the study."""
+    """Retrieved and preprocessed instances of one study: ``items`` are ``(headers, image, unlike_training)``, one
+    header for a 2D image, a series' headers for a 3D volume; ``held``: the SOPInstanceUIDs the destination holds for
+    the study."""
 
     study: str
     held: set[str]
-    items: list[tuple[list[pydicom.Dataset], torch.Tensor]]
+    items: list[tuple[list[pydicom.Dataset], torch.Tensor, str]]
 
 
 class _Stopped(Exception):
@@ -111,12 +128,12 @@ class _Retriever(threading.Thread):
     """Walks ``studies`` of ``source`` and puts ``("skip", row)``, ``("batch", _Batch)``, ``("done", study, n)``,
     ``("failed", study, n, ArchiveError)`` and finally ``("end",)`` on :attr:`out`."""
 
-    def __init__(self, source, destination, studies: list[str], selection: Selection, spatial_dims: int,
-                 batch_size: int, summary: PacsSummary, decode) -> None:
+    def __init__(self, source, destination, studies: list[str], selection: Selection, model: ModelIdentity,
+                 spatial_dims: int, batch_size: int, summary: PacsSummary, decode, bounds: Bounds) -> None:
         super().__init__(daemon=True, name="wsr_med-retriever")
         self.source, self.destination, self.studies, self.decode = source, destination, studies, decode
-        self.selection, self.spatial_dims, self.batch_size = selection, spatial_dims, batch_size
-        self.summary = summary
+        self.selection, self.model, self.spatial_dims, self.batch_size = selection, model, spatial_dims, batch_size
+        self.summary, self.bounds = summary, bounds
         self.out: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
         self.stop = threading.Event()
 
@@ -155,13 +172,17 @@ class _Retriever(threading.Thread):
             series = list(self.source.study_headers(study))
             if not series:  # a mistyped --study UID: said, not passed over as a study with nothing to classify
                 raise ArchiveError(f"study {study}: not found in the archive")
+            n_instances = sum(len(headers) for headers in series)
+            if len(series) > self.bounds.series or n_instances > self.bounds.instances:
+                raise ArchiveError(f"study {study}: {len(series)} series, {n_instances} instances: more than the "
+                                   f"{self.bounds.series} series or {self.bounds.instances} instances wsr_med reads")
             # the archive the results go back to lists them among the study's own instances: no extra query
             held = {str(h.SOPInstanceUID) for headers in series for h in headers} if self.destination is self.source \
                 else self.destination.holds(study) if self.destination is not None else set()
         for headers in series:
             chosen = []
             for header in headers:
-                why = self.selection.reason(header)
+                why = own_result(header, self.model) or self.selection.reason(header)
                 if why:
                     self.put(("skip", _skip_row(header, why)))
                 else:
@@ -186,12 +207,12 @@ class _Retriever(threading.Thread):
                 if items:
                     self.put(("batch", _Batch(study, held, items)))
 
-    def _decoded(self, retrieved: list) -> list[tuple[list[pydicom.Dataset], torch.Tensor]]:
+    def _decoded(self, retrieved: list) -> list[tuple[list[pydicom.Dataset], torch.Tensor, str]]:
         """The retrieved instances (or series folders) through the run's preprocessing; one that fails is listed."""
         items = []
         for headers, raw in retrieved:
             try:
-                items.append((headers, self.decode(raw)))
+                items.append((headers, *self.decode(raw)))
             except Exception as e:  # noqa: BLE001 - one bad instance (series) is listed, the rest go on
                 for header in headers:
                     self.put(("skip", _skip_row(header, _reason(e))))
@@ -202,9 +223,10 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
                      select: str | Path | None = None, codes: str | Path | None = None,
                      predictions_file: str | Path | None = None, batch_size: int = 16,
                      device: str | torch.device = "cpu", max_pixels: int | None = None,
-                     heatmaps: bool = False) -> PacsSummary:
+                     heatmaps: bool = False, store_unlike_training: bool = False,
+                     bounds: Bounds = Bounds()) -> PacsSummary:
     """Classify ``studies`` (or those ``query`` finds; a folder source: all) of ``source`` with the run's model and
-    store an SR per result in ``destination`` (None: only ``predictions.csv``).
+    store an SR per result in ``destination`` (None: only the predictions file).
 
     Args:
         run_dir: the trained run folder.
@@ -214,9 +236,15 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
         studies, query: StudyInstanceUIDs, or QIDO-RS filters; neither: every study of a folder source.
         select: a selection rules file (:mod:`wsr_med.pacs.selection`); None: the training profile's modalities.
         codes: a class codes file (:class:`wsr_med.pacs.results.ClassCodes`).
-        predictions_file: default: the run folder's ``predictions.csv``; the skipped instances go beside it.
+        predictions_file: default: the run folder's ``pacs_predictions.csv``; the skipped instances go beside it.
         batch_size: instances retrieved, classified and stored together (the memory bound).
         heatmaps: also store a Grad-CAM Secondary Capture per classified image (:mod:`wsr_med.pacs.heatmaps`; 2D).
+        store_unlike_training: store results for images unlike the training data too (their SRs say so).
+        bounds: what the source's answers may cost (a folder's headers and files are read within the same).
+
+    Raises:
+        WsrMedError: before anything is written, for a model that knows no modality going into an archive without
+            ``select``, or settings that do not fit the model.
     """
     from wsr_med.settings import default
     from wsr_med.workflows.model import TrainedModel
@@ -227,30 +255,41 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
     spatial_dims = int(model.settings["spatial_dims"])
     if heatmaps and spatial_dims != 2:
         raise WsrMedError("--heatmaps draws on 2D images; this model classifies volumes")
+    trained = model.run.training_profile()
+    into_archive = isinstance(destination, (DicomWebArchive, CStoreDestination))
+    if into_archive and not select and not (trained or {}).get("modalities"):
+        raise WsrMedError("this model was trained on files without a DICOM modality (PNG, JPEG...): say which images "
+                          "it is made for with --select RULES.json (e.g. {\"Modality\": [\"US\"]}) before its results "
+                          "go into an archive")
     max_pixels = int(max_pixels or default("max_pixels"))
     selection = Selection.from_file(select, spatial_dims, max_pixels) if select else \
-        Selection.from_profile(model.run.training_profile(), spatial_dims, max_pixels)
+        Selection.from_profile(trained, spatial_dims, max_pixels)
     identity = ModelIdentity.of_run(model.run)
     class_codes = ClassCodes(model.classes, codes)
     network = model.network(device)
     overlay = GradCamOverlay(network) if heatmaps else None
     transform = model.preprocessing(max_pixels)
+    reader, rest = transform.transforms[0].loader, Compose(transform.transforms[1:])  # read, then the rest
+    percentiles = model.settings["intensity_percentiles"]
     decision = model.decision
     rule, thresholds = decision.rule(model.classes), decision.class_thresholds(model.classes)
-    predictions_file = Path(predictions_file or model.run.predictions)
+    predictions_file = Path(predictions_file or model.run.pacs_predictions)
     summary = PacsSummary()
     waiting: list[tuple[list[str], list[pydicom.Dataset]]] = []  # (row, its new DICOM objects) not yet stored
 
-    def image(raw) -> torch.Tensor:
+    def image(raw) -> tuple[torch.Tensor, str]:
+        """The preprocessed image and why it looks unlike the training data ("" when it does not), as predict says."""
         with summary.timed("decode"):
-            out = torch.as_tensor(transform({"image": raw})["image"], dtype=torch.float32)
+            array, meta = reader.read(raw)
+            unlike = unlike_training(scan_profile(array, meta, percentiles), trained) if trained else ""
+            out = torch.as_tensor(rest({"image": torch.from_numpy(array)})["image"], dtype=torch.float32)
         if not torch.isfinite(out).all():
             raise ScanReadError("<instance>", "the scan holds non-finite values")
-        return out
+        return out, unlike
 
     def classify(batch: _Batch) -> None:
         decoded = batch.items
-        images = torch.stack([image for _, image in decoded]).to(device)
+        images = torch.stack([image for _, image, _ in decoded]).to(device)
         with summary.timed("network"), torch.no_grad():
             logits = network(images)
         calibrated = decision.probabilities(model.probabilities(logits))
@@ -261,10 +300,11 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
             with summary.timed("heatmap"):
                 cams = overlay.maps(images, list(explained))
         with summary.timed("SR"):
-            for n, ((headers, pixels), probs, called) in enumerate(zip(decoded, calibrated, decided)):
+            for n, ((headers, pixels, unlike), probs, called) in enumerate(zip(decoded, calibrated, decided)):
+                kept = not unlike or store_unlike_training
                 try:
                     made = [classification_sr(headers, model.classes, probs, called, rule, thresholds,
-                                              model.multilabel, identity, class_codes)]
+                                              model.multilabel, identity, class_codes, unlike)]
                     if overlay is not None:
                         made.append(overlay.secondary_capture(headers[0], pixels.cpu().numpy(), cams[n],
                                                               model.classes[int(explained[n])], identity))
@@ -272,16 +312,20 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
                     summary.skipped += [_skip_row(h, f"no SR could be made from its header ({type(e).__name__})")
                                         for h in headers]
                     continue
-                new = [d for d in made if destination is not None and str(d.SOPInstanceUID) not in batch.held]
+                new = [d for d in made if destination is not None and kept and str(d.SOPInstanceUID) not in batch.held]
                 answer = ("|".join(c for c, v in zip(model.classes, called) if v) or "none") if model.multilabel \
                     else model.classes[int(called)]
                 first = headers[0]
+                status = STORING if new else NOT_STORED_UNLIKE if not kept else \
+                    ALREADY if destination is not None else "not stored"
                 row = [str(first.StudyInstanceUID), str(first.SeriesInstanceUID),
                        str(first.SOPInstanceUID) if spatial_dims == 2 else f"{len(headers)} instances", answer,
-                       *[f"{p:.9g}" for p in probs], rule, str(made[0].SOPInstanceUID),
-                       str(made[1].SOPInstanceUID) if len(made) > 1 else "",
-                       STORING if new else (ALREADY if destination is not None else "not stored")]
+                       *[f"{p:.9g}" for p in probs], rule, str(made[0].SOPInstanceUID) if kept else "",
+                       str(made[1].SOPInstanceUID) if kept and len(made) > 1 else "", unlike, status]
                 summary.rows.append(row)
+                if not kept:
+                    summary.skipped += [_skip_row(h, f"{UNLIKE_TRAINING} ({unlike}): classified, no result stored "
+                                                     "(--store-unlike-training stores it)") for h in headers]
                 if new:
                     waiting.append((row, new))
 
@@ -298,7 +342,7 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
         except ArchiveError as e:
             for row in sent:
                 row[-1] = "not stored (the archive failed)"
-                summary.fail(row[0], str(e))
+                summary.fail(row[0], str(e), e.transient)
             if e.unreachable:
                 raise
             logger.error("%s (the others go on)", e)
@@ -329,7 +373,8 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
     summary.n_studies = len(uids)
     if not uids:
         logger.warning("no study matches %s", "the query" if query else "the folder")
-    retriever = _Retriever(source, destination, uids, selection, spatial_dims, batch_size, summary, image)
+    retriever = _Retriever(source, destination, uids, selection, identity, spatial_dims, batch_size, summary, image,
+                           bounds)
     retriever.start()
     finished: set[str] = set()
     try:
@@ -353,7 +398,7 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
                 logger.info("study %d of %d classified", message[2], len(uids))
             elif kind == "failed":
                 _, study, n, error = message
-                summary.fail(study, str(error))
+                summary.fail(study, str(error), error.transient)
                 if error.unreachable:
                     raise error
                 logger.error("%s (study %d of %d; the others go on)", error, n, len(uids))
@@ -374,19 +419,20 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
     finally:
         retriever.stop.set()
         storing.shutdown(wait=True)  # a request under way ends (whole or refused) before the files are written
-        _write(predictions_file, model.classes, model.multilabel, summary)
+        summary.files = _write(predictions_file, model.classes, model.multilabel, summary)
     return summary
 
 
-def _write(predictions_file: Path, classes: list[str], multilabel: bool, summary: PacsSummary) -> None:
+def _write(predictions_file: Path, classes: list[str], multilabel: bool, summary: PacsSummary) -> tuple[Path, Path]:
+    """The predictions file and the skipped list beside it; returns both."""
     answer = "findings" if multilabel else "predicted_class"
     write_csv(predictions_file, ["study_uid", "series_uid", "sop_instance_uid", answer, *[f"prob_{c}" for c in classes],
-                                 "decision_rule", "sr_uid", "heatmap_uid", "sr"], summary.rows)
+                                 "decision_rule", "sr_uid", "heatmap_uid", "unlike_training", "sr"], summary.rows)
     skipped = predictions_file.with_name(predictions_file.stem + SKIPPED_SUFFIX)
-    failed = [[study, "", "", "", f"study failed: {why}"] for study, why in summary.failed]
+    failed = [[study, "", "", "", f"study failed: {why}"] for study, why, _ in summary.failed]
     write_csv(skipped, ["study_uid", "series_uid", "sop_instance_uid", "modality", "reason"], summary.skipped + failed)
     reasons = Counter(row[-1].split(" (")[0] for row in summary.skipped)
-    logger.info("%d classified, results stored for %d, already there for %d, %d skipped%s -> %s, %s", len(summary.rows),
-                summary.stored, summary.already, len(summary.skipped),
-                f" ({'; '.join(f'{n} {r}' for r, n in reasons.most_common(5))})" if reasons else "",
-                predictions_file, skipped.name)
+    logger.info("%d classified (%d unlike the training data), results stored for %d, already there for %d, %d skipped%s",
+                len(summary.rows), summary.unlike, summary.stored, summary.already, len(summary.skipped),
+                f" ({'; '.join(f'{n} {r}' for r, n in reasons.most_common(5))})" if reasons else "")
+    return predictions_file, skipped

@@ -16,13 +16,13 @@ import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from wsr_med.pacs.results import NOT_FOR_CLINICAL_USE, ModelIdentity, copied_as_held, evidence_of, result_uid
+from wsr_med.pacs.results import (MANUFACTURER, NOT_FOR_CLINICAL_USE, SC_SERIES_NUMBER, ModelIdentity, character_set,
+                                  copied_as_held, evidence_of, result_uid)
 
 __all__ = ["GradCamOverlay", "MIN_SIDE", "LEGEND"]
 
 MIN_SIDE = 512
 LEGEND = "NOT FOR DIAGNOSTIC USE"
-SC_SERIES_NUMBER = 9902
 
 
 class GradCamOverlay:
@@ -71,7 +71,8 @@ class GradCamOverlay:
                 series_instance_uid=result_uid("sc-series", str(source.StudyInstanceUID), model=model),
                 series_number=SC_SERIES_NUMBER,
                 sop_instance_uid=result_uid("sc", str(source.SOPInstanceUID), model=model),
-                instance_number=int(source.get("InstanceNumber") or 1), manufacturer="wsr_med",
+                instance_number=int(source.get("InstanceNumber") or 1), manufacturer=MANUFACTURER,
+                specific_character_set=character_set([header]),
                 patient_orientation=("L", "F"), transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
         # the preprocessing keeps the orientation (no flips): the source's, or empty (type 2C) when it has none;
         # highdicom wants a value for a patient-based image, so it is given a placeholder and then the truth

@@ -9,8 +9,11 @@ What one SR holds (``dsrdump`` shows it; README "From and to a PACS"):
 * the decision as qualitative evaluations: single-label, ``Finding = <decided class>``; multi-label, one
   ``<finding> = Present / Absent`` per finding, with each finding's threshold as a measurement; binary, the threshold
   on the positive class's probability;
-* the source's patient and study attributes (so it files into the same study), in a series of its own whose
-  SeriesDescription says ``NOT FOR CLINICAL USE``.
+* the source's patient and study attributes (so it files into the same study), exactly as the source holds them
+  (``SpecificCharacterSet`` ISO_IR 192, UTF-8, whenever a copied value is not plain ASCII: :func:`character_set`), in a
+  series of its own whose SeriesDescription says ``NOT FOR CLINICAL USE``;
+* for a source that looks unlike the training data, stored only on the user's request, the reason (an algorithm
+  parameter ``unlike the training data: ...``).
 
 UIDs are derived from the source's UIDs and the model's identity (:func:`result_uid`): the same model on the same
 source gives the same SR UID, so storing it again adds nothing to an archive.
@@ -40,11 +43,16 @@ from wsr_med.errors import WsrMedError
 from wsr_med.files import read_json_object
 
 __all__ = ["LOCAL_SCHEME", "ModelIdentity", "ClassCodes", "classification_sr", "result_uid", "SR_SERIES_NUMBER",
-           "NOT_FOR_CLINICAL_USE", "read_sr_probabilities"]
+           "SC_SERIES_NUMBER", "NOT_FOR_CLINICAL_USE", "MANUFACTURER", "read_sr_probabilities", "own_result",
+           "character_set", "UNLIKE_TRAINING"]
 
 LOCAL_SCHEME = "99WSRMED"  # a private coding scheme ("99" prefix, PS3.16 8.2): wsr_med's class and measurement names
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 SR_SERIES_NUMBER = 9901  # high, so the AI result series sorts after the acquired ones in a viewer
+SC_SERIES_NUMBER = 9902  # the Grad-CAM Secondary Captures (wsr_med.pacs.heatmaps)
+MANUFACTURER = "wsr_med"  # every object wsr_med writes names itself so
+UNLIKE_TRAINING = "unlike the training data"
+UTF8 = "ISO_IR 192"
 PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
 _PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
 _ABSENT = hd.sr.CodedConcept("2667000", "SCT", "Absent")
@@ -74,9 +82,10 @@ class ModelIdentity:
             return cls(registered["name"], str(registered["version"]), digest)
         return cls(str(run.settings().get("run_name") or run.path.name), f"sha256:{digest[:12]}", digest)
 
-    def algorithm(self, rule: str) -> hd.sr.AlgorithmIdentification:
+    def algorithm(self, rule: str, unlike_training: str = "") -> hd.sr.AlgorithmIdentification:
+        notes = [f"{UNLIKE_TRAINING}: {unlike_training}"[:1024]] if unlike_training else []
         return hd.sr.AlgorithmIdentification(name=self.name[:64], version=self.version[:64],
-                                             parameters=[f"wsr_med {__version__}", rule[:1024]])
+                                             parameters=[f"wsr_med {__version__}", rule[:1024], *notes])
 
 
 def result_uid(kind: str, *sources: str, model: ModelIdentity) -> str:
@@ -84,6 +93,35 @@ def result_uid(kind: str, *sources: str, model: ModelIdentity) -> str:
     the same inputs always give the same UID, different ones (practically) never do."""
     digest = hashlib.sha256("\n".join(["wsr_med", kind, *sources, model.key]).encode()).digest()
     return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"  # a UUID-derived UID (PS3.5 B.2), by name
+
+
+def own_result(header: pydicom.Dataset, model: ModelIdentity) -> str:
+    """Why ``header``'s instance is one of wsr_med's own results (an SR or a Grad-CAM image, of this model or of any
+    other), never to be classified, whatever the selection rules; "" when it is not. Recognised by the series UIDs this
+    model derives for the study, the manufacturer wsr_med writes, and its series numbers with its description."""
+    study, series = str(header.get("StudyInstanceUID", "")), str(header.get("SeriesInstanceUID", ""))
+    if series in {result_uid(kind, study, model=model) for kind in ("sr-series", "sc-series")}:
+        return "wsr_med's own result (a series this model derives)"
+    if str(header.get("Manufacturer", "")) == MANUFACTURER:
+        return f"wsr_med's own result (Manufacturer {MANUFACTURER})"
+    number, description = header.get("SeriesNumber"), str(header.get("SeriesDescription", ""))
+    if number is not None and str(number) in (str(SR_SERIES_NUMBER), str(SC_SERIES_NUMBER)) \
+            and MANUFACTURER in description:
+        return f"wsr_med's own result (series {number}, {description[:64]})"
+    return ""
+
+
+def character_set(datasets) -> str | None:
+    """The SpecificCharacterSet an object holding the text values of ``datasets`` needs: None while every value is
+    plain ASCII (the default repertoire), else ISO_IR 192 (UTF-8), which holds every name exactly as decoded from any
+    source character set (Latin-1, ideographic and phonetic components...)."""
+    for ds in datasets:
+        for element in ds:
+            if element.VR in ("PN", "LO", "SH", "ST", "LT", "UT", "UC") and element.value is not None:
+                values = element.value if element.VM > 1 else [element.value]
+                if any(not str(v).isascii() for v in values):
+                    return UTF8
+    return None
 
 
 class ClassCodes:
@@ -146,7 +184,7 @@ def copied_as_held():
 
 def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probabilities: np.ndarray, decided,
                       rule: str, thresholds: dict[str, float], multilabel: bool, model: ModelIdentity,
-                      class_codes: ClassCodes) -> hd.sr.ComprehensiveSR:
+                      class_codes: ClassCodes, unlike_training: str = "") -> hd.sr.ComprehensiveSR:
     """The SR of one classified image (``sources`` = [its header]) or series (its slices' headers).
 
     Args:
@@ -159,6 +197,7 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
         multilabel: the model's task.
         model: the result's author and the seed of its UIDs.
         class_codes: the code of each class.
+        unlike_training: why the source looks unlike the training data ("" when it does not), recorded in the SR.
     """
     first = sources[0]
     source_uids = sorted(str(s.SOPInstanceUID) for s in sources)
@@ -177,7 +216,7 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid("tracking", *source_uids, model=model),
                                                      identifier="wsr_med classification"),
-        algorithm_id=model.algorithm(rule),
+        algorithm_id=model.algorithm(rule, unlike_training),
         source_images=[hd.sr.SourceImageForMeasurementGroup(str(s.SOPClassUID), str(s.SOPInstanceUID))
                        for s in sources],  # the image, or every slice of the series
         measurements=measurements,
@@ -201,7 +240,8 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
             series_number=SR_SERIES_NUMBER,
             sop_instance_uid=result_uid("sr", *source_uids, model=model),
             instance_number=int(first.get("InstanceNumber") or 1),
-            manufacturer="wsr_med",
+            manufacturer=MANUFACTURER,
+            specific_character_set=character_set(evidence),
             # the warning first: the 64 characters never cut it
             series_description=f"{NOT_FOR_CLINICAL_USE} - wsr_med {model.name} {model.version}"[:64],
             is_complete=True,

@@ -10,6 +10,7 @@ for the format it is written into.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -115,7 +116,13 @@ def export_bundle(run_dir: str | Path, bundle_dir: str | Path, version: str = "1
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-        os.replace(tmp, bundle_dir)  # over the empty folder claimed above; fails if anything was put in it since
+        try:
+            os.replace(tmp, bundle_dir)  # over the empty folder claimed above; fails if anything was put in it since
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise WsrMedError(f"{bundle_dir}: another process put files in it while the bundle was written; nothing "
+                              "was replaced (export to a new folder)") from None
         written = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 
@@ -13,23 +15,53 @@ from wsr_med.workflows.serving import BODY_LIMIT_ENV
 __all__ = ["RequestGuard", "app"]
 
 
+class _ByteBudget:
+    """Bytes of request bodies the server holds at once: a request waits for its share, and gives it back when its
+    answer is sent."""
+
+    def __init__(self, total: int) -> None:
+        self.total = self.free = total
+        self.changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def held(self, n: int):
+        n = min(n, self.total)
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            async with self.changed:
+                self.free += n
+                self.changed.notify_all()
+
+
 class RequestGuard:
     """ASGI middleware in front of MLflow's scoring server.
 
     * A request body above ``max_bytes`` answers 413 before it is parsed: by its ``Content-Length``, or by counting a
       chunked body as it arrives; no one can make the server hold a body of any size.
-    * ``inputs`` / ``instances`` given as a list of rows become ``dataframe_records``: MLflow turns such rows into
-      columns and refuses the whole request when one row lacks a key (or answers no rows), where the served model
-      answers one row per input row, an error for a row without ``bytes``.
+    * Bodies share one budget of ``max_bytes`` (:class:`_ByteBudget`): a request's body is read once its declared size
+      (a chunked one: ``max_bytes``) is free, and its share is held until its answer is sent. Concurrent large requests
+      are therefore answered one after another, and the peak memory of N at the limit is about that of one; small
+      requests pass beside them.
+    * A body that is not JSON answers a short 400 naming where it breaks, never echoing it (MLflow's own answer quotes
+      the whole body).
+    * ``inputs`` / ``instances`` given as a list of rows become ``dataframe_records``, each row that is no object
+      ``{}``: MLflow turns such rows into columns and refuses the whole request when one row lacks a key (or answers no
+      rows), where the served model answers one row per input row, an error for a row without ``bytes``.
     """
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.budget = _ByteBudget(max_bytes)
 
-    async def _refuse(self, send) -> None:
-        body = f"request body over {self.max_bytes} bytes: send fewer or smaller scans per request".encode()
-        await send({"type": "http.response.start", "status": 413,
+    @staticmethod
+    async def _answer(send, status: int, text: str) -> None:
+        body = text.encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
@@ -37,47 +69,69 @@ class RequestGuard:
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = f"request body over {self.max_bytes} bytes: send fewer or smaller scans per request"
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(send)
-        chunks, received = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                return await self._refuse(send)
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = _rows_as_records(b"".join(chunks))
-        sent = False
+            return await self._answer(send, 413, too_large)
+        async with self.budget.held(int(length) if length is not None else self.max_bytes):
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                body += message.get("body", b"")
+                if len(body) > self.max_bytes:
+                    return await self._answer(send, 413, too_large)
+                if not message.get("more_body"):
+                    break
+            try:
+                body = _rows_as_records(bytes(body))
+            except ValueError as e:
+                return await self._answer(send, 400, f"the request body is not JSON: {e}")
+            sent = False
 
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            async def replay():
+                nonlocal sent
+                if sent:
+                    return await receive()
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
 
-        headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
-        await self.app({**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}, replay, send)
+            headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
+            await self.app({**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}, replay, send)
 
 
 def _rows_as_records(body: bytes) -> bytes:
-    """``{"inputs"|"instances": [row, ...]}`` -> ``{"dataframe_records": [row, ...]}`` (a row that is no object: ``{}``);
-    anything else as it came."""
-    if not body.lstrip().startswith(b"{") or (b'"inputs"' not in body[:64] and b'"instances"' not in body[:64]):
-        return body
+    """The rows of any request shape (``dataframe_records``, ``dataframe_split``, ``inputs``, ``instances``) as
+    ``{"dataframe_records": [row, ...]}`` whenever MLflow would otherwise answer fewer rows than were sent: a row that is
+    no object becomes ``{}``, and a row naming neither ``bytes`` nor ``path`` gets ``"bytes": null`` (MLflow's schema
+    enforcement drops the rows of a frame with no column). Anything else, and bodies that need none of this, as they
+    came.
+
+    Raises:
+        ValueError: the body is not JSON (the message says where it breaks, without quoting it).
+    """
     try:
         doc = json.loads(body)
-    except ValueError:
+    except ValueError as e:
+        message = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"{message}{where}") from None
+    if not isinstance(doc, dict) or len(doc) != 1:
         return body
-    key = "inputs" if "inputs" in doc else "instances"
-    rows = doc.get(key)
-    if len(doc) != 1 or not isinstance(rows, list) or not any(isinstance(r, dict) for r in rows):
+    (shape, value), = doc.items()
+    if shape in ("inputs", "instances", "dataframe_records") and isinstance(value, list):
+        rows = value
+    elif shape == "dataframe_split" and isinstance(value, dict) and isinstance(value.get("data"), list):
+        columns = value.get("columns") if isinstance(value.get("columns"), list) else []
+        rows = [dict(zip(columns, r)) if isinstance(r, list) else r for r in value["data"]]
+    else:
         return body
-    return json.dumps({"dataframe_records": [r if isinstance(r, dict) else {} for r in rows]}).encode()
+    rows = [r if isinstance(r, dict) else {} for r in rows]
+    if shape != "dataframe_records" or any("bytes" not in r and "path" not in r for r in rows) \
+            or any(not isinstance(r, dict) for r in value):
+        rows = [r if "bytes" in r or "path" in r else {**r, "bytes": None} for r in rows]
+        return json.dumps({"dataframe_records": rows}).encode()
+    return body
 
 
 app = RequestGuard(scoring_server.init(scoring_server.load_model_with_mlflow_config(os.environ[scoring_server._SERVER_MODEL_PATH])),
