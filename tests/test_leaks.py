@@ -322,8 +322,9 @@ def test_a_full_disk_is_one_line_and_a_rerun_completes(trained, tiny_disk, tmp_p
     filler.write_bytes(b"\0" * (free - 64 * 2**10))
     args = ("train", "--dataset-dir", "hospital", "--output-dir", str(tiny_disk / "run"), "--set", "image_size=64", SMALL,
             "max_epochs=1", "batch_size=8", "num_workers=0", "progress_bar=false", "registered_model_name=disk")
-    error = refused(wsr_med(home, *args), "no space left", str(tiny_disk))
-    print(error)
+    result = wsr_med(home, *args)
+    error = refused(result, "no space left", str(tiny_disk))
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout[result.stdout.find("Traceback") - 600:][:900]
     assert not list(tiny_disk.rglob("*.tmp")) and not list(tiny_disk.rglob(".*.tmp"))
     for path in (tiny_disk / "run").rglob("*.json"):
         assert path.stat().st_size > 0, path

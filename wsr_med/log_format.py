@@ -72,9 +72,31 @@ def quiet_stop() -> None:
             handler.addFilter(_NoInterruptTraceback())
 
 
+def _without_user_error_traceback(make_record):
+    """A log record factory around ``make_record`` that drops the traceback of a user error (a full disk, a
+    :class:`~wsr_med.errors.WsrMedError`): ignite and MONAI log the exception that ends a run with its traceback
+    (``logger.exception``, on handlers of their own), where ``wsr-med`` says it in one line (``--debug`` still shows
+    it)."""
+
+    def record(*args, **kwargs) -> logging.LogRecord:
+        made = make_record(*args, **kwargs)
+        if made.levelno > logging.DEBUG and made.exc_info and made.exc_info[1] is not None:
+            from wsr_med.errors import find_user_error
+
+            if find_user_error(made.exc_info[1]) is not None:
+                made.exc_info, made.exc_text = None, None
+        return made
+
+    record.wsr_med = True
+    return record
+
+
 def escape_log_records() -> None:
     """wsr_med's log policy for a workflow: every handler of the root logger formats with an
-    :class:`EscapingFormatter` (its own format kept), and the trainer does not announce a "best" training loss."""
+    :class:`EscapingFormatter` (its own format kept), the trainer does not announce a "best" training loss, and no
+    logger prints the traceback of a user error (:func:`_without_user_error_traceback`)."""
+    if not getattr(logging.getLogRecordFactory(), "wsr_med", False):
+        logging.setLogRecordFactory(_without_user_error_traceback(logging.getLogRecordFactory()))
     for handler in logging.getLogger().handlers:
         if not isinstance(handler.formatter, EscapingFormatter):
             old = handler.formatter or logging.Formatter()
