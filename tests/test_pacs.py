@@ -238,6 +238,14 @@ def test_selection_rules_codes_heatmaps_and_c_store(trained, pacs, real_dicom_di
             value, meaning = sct[row["predicted_class"]]
             assert f'CODE:(,,"Finding")=({value},SCT,"{meaning}")' in dumped
             assert "unlike the training data: modality CR never seen in training" in dumped
+    # run again: the SR and the Grad-CAM image now in the study are the tool's own, never classified; nothing is added
+    before = len(pacs.get("/instances"))
+    again = ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--study", study, "--select",
+                   str(rules), "--codes", str(codes), "--heatmaps", "--predictions-file", "selected.csv",
+                   "--store-unlike-training", env={AUTH_ENV: pacs.auth}))
+    assert "1 classified (1 unlike the training data), 0 results stored, 1 already there" in again.stdout
+    own = [r for r in rows(home / "selected_skipped.csv") if r["reason"].startswith("wsr_med's own result")]
+    assert sorted(r["modality"] for r in own) == ["OT", "SR"] and len(pacs.get("/instances")) == before
     # a rule the synthetic DX lacks (BodyPartExamined) skips it, naming the rule
     synthetic_study = str(pydicom.dcmread(trained["files"][0], stop_before_pixels=True).StudyInstanceUID)
     ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, "--study", synthetic_study,
@@ -249,9 +257,14 @@ def test_selection_rules_codes_heatmaps_and_c_store(trained, pacs, real_dicom_di
     folder = home / "one_study"
     folder.mkdir()
     shutil.copy(trained["files"][1], folder)
-    ok(run(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "one_study", "--c-store",
-           f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}", "--predictions-file", "cstore.csv"))
-    sent = rows(home / "cstore.csv")[0]
+    folder_predictions = trained["run"] / "predictions.csv"
+    folder_predictions.write_text("a folder's predictions\n")
+    sent = ok(run(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "one_study", "--c-store",
+                  f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}"))
+    # its own predictions file, named in the summary; a folder prediction's file is left alone
+    assert "-> runs/a/pacs_predictions.csv, runs/a/pacs_predictions_skipped.csv" in sent.stdout
+    assert folder_predictions.read_text() == "a folder's predictions\n"
+    sent = rows(trained["run"] / "pacs_predictions.csv")[0]
     assert sent["sr"] == "stored" and len(_srs_by_study(pacs)[sent["study_uid"]]) == 1
 
 

@@ -267,7 +267,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--path-root", action="append", default=[], metavar="DIR",
                     help="a folder whose scans clients may name by path (repeatable); without it, bytes only")
     sv.add_argument("--max-rows", type=int, help="rows per request (default 64)")
-    sv.add_argument("--max-request-mib", type=float, help="MiB of scans per request, all rows together (default 256); "
+    sv.add_argument("--max-request-mib", type=float, help="MiB of scans per request, all rows together (default 64); "
                     "a larger body is refused before it is read")
     sv.add_argument("--timeout", type=int, help="seconds per request (default 60); rows still waiting at 0.8 of it "
                     "answer 'timeout'")

@@ -9,6 +9,14 @@ the same 64 scans in requests of 1 and of 16 scans, both ways: as base64 bytes (
 about 0.7 MB of JSON per 512 px 16-bit scan) and as paths (a client on the server's machine).
 Prints images/s per way and batch size, their ratio (target: REST >= 0.7x in-process at batch 16), and the
 p50 / p95 latency of one-scan requests.
+
+    wsr-med bench serve --memory                       # the server's peak memory at 64, 96 and 256 MiB per request
+    wsr-med bench serve --memory --max-request-mib 64
+
+With ``--memory``: for each ``--max-request-mib``, a server started with it gets one request at its limit (random bytes
+that are no scan: the body, not the decoding, is measured), then three such requests at once; prints the server's
+idle resident memory, its peak for one and for three (VmHWM, reset between), and the ratio of the growths (target:
+three at once grow about as one, ratio <= 1.25).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -50,11 +59,87 @@ def _timed(call, batches: list[list[dict]]) -> tuple[float, list[float]]:
     return time.perf_counter() - start, latencies
 
 
+def _start_server(model_uri: str, uri: str, *options: str) -> tuple[subprocess.Popen, str]:
+    """``wsr-med serve`` of ``model_uri`` on a free port, once it answers ``/ping``; returns it and its base URL."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    server = subprocess.Popen([sys.executable, "-m", "wsr_med.cli", "serve", "-m", model_uri, "--port", str(port),
+                               *options], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                _stop(server)
+                raise RuntimeError("wsr-med serve did not start")
+            time.sleep(0.5)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def process_memory_mib(pid: int, reset: bool = False) -> tuple[float, float]:
+    """(peak, current) resident memory of process ``pid`` in MiB; ``reset`` starts a new peak from now."""
+    if reset:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(status["VmHWM"].split()[0]) / 1024, int(status["VmRSS"].split()[0]) / 1024
+
+
+def _post_body(url: str, body: bytes) -> int:
+    request = urllib.request.Request(f"{url}/invocations", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _memory(model_uri: str, uri: str, limits: list[float]) -> None:
+    """The ``--memory`` measurement (see the module docstring)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    print("| --max-request-mib | body (MiB) | idle (MiB) | one request: peak (MiB) | three at once: peak (MiB) | "
+          "growth three / one |")
+    print("|---|---|---|---|---|---|")
+    for mib in limits:
+        server, url = _start_server(model_uri, uri, "--max-request-mib", f"{mib:g}")
+        try:
+            rows = 16
+            blob = base64.b64encode(np.random.default_rng(0).bytes(int(mib * 0.97 * 2**20 / rows))).decode()
+            body = json.dumps({"dataframe_records": [{"bytes": blob}] * rows}).encode()
+            _post_body(url, json.dumps({"dataframe_records": [{"bytes": blob}]}).encode())  # warm-up
+            _, idle = process_memory_mib(server.pid, reset=True)
+            statuses = [_post_body(url, body)]
+            one, _ = process_memory_mib(server.pid)
+            _, before = process_memory_mib(server.pid, reset=True)
+            with ThreadPoolExecutor(3) as pool:
+                statuses += list(pool.map(lambda b: _post_body(url, b), [body] * 3))
+            three, _ = process_memory_mib(server.pid)
+        finally:
+            _stop(server)
+        if statuses != [200] * 4:
+            raise RuntimeError(f"the server answered {statuses}")
+        print(f"| {mib:g} | {len(body) / 2**20:.0f} | {idle:.0f} | {one:.0f} | {three:.0f} | "
+              f"{(three - before) / max(one - idle, 1):.2f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-scans", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=128, help="the network's input size")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the scans per measurement (best kept)")
+    parser.add_argument("--memory", action="store_true", help="measure the server's peak memory instead of its speed")
+    parser.add_argument("--max-request-mib", type=float, nargs="+", default=[64, 96, 256],
+                        help="with --memory: the limits measured")
     args = parser.parse_args(argv)
     import mlflow
     import pandas as pd
@@ -76,24 +161,13 @@ def main(argv: list[str] | None = None) -> None:
                    "path": [{"path": str(p)} for p in scans]}
         records = by_kind["bytes"]
         model_uri = "models:/bench_serve/1"
+        if args.memory:
+            return _memory(model_uri, uri, args.max_request_mib)
         mlflow.set_tracking_uri(uri)
         os.environ[PATH_ROOTS_ENV] = str(data)  # in-process, paths under the data folder, as the server allows them
         model = mlflow.pyfunc.load_model(model_uri)
-        port = free_port()
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-        server = subprocess.Popen([sys.executable, "-m", "wsr_med.cli", "serve", "-m", model_uri, "--port", str(port),
-                                   "--path-root", str(data)], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
-        url = f"http://127.0.0.1:{port}/invocations"
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("wsr-med serve did not start")
-                time.sleep(0.5)
+        server, base = _start_server(model_uri, uri, "--path-root", str(data))
+        url = f"{base}/invocations"
         _post(url, records[:2])  # warm-up: first request loads lazily
         model.predict(pd.DataFrame(records[:2]))
         print(f"{len(records)} scans (512 px, DICOM and PNG); network: small DenseNet at {args.image_size} px; "
@@ -110,8 +184,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{p50:.0f} / {p95:.0f} |", flush=True)
     finally:
         if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            _stop(server)
         shutil.rmtree(work, ignore_errors=True)
 
 

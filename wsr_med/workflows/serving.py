@@ -17,7 +17,8 @@ Threat model (docs/data.md, "The served model"): whoever reaches the port may se
   gets one and the same answer, so that the answers tell nothing about the server's files.
 * Bounds (:class:`ServeLimits`): rows per request, bytes per request (over all rows), a deadline after which the
   remaining rows answer ``timeout``; ``wsr-med serve`` also refuses an oversized body before it is parsed. One
-  scan is decoded at a time per server process, so concurrent requests do not multiply the peak memory.
+  scan is decoded at a time per server process, and ``wsr-med serve`` reads request bodies within one byte budget
+  (``serving_app.RequestGuard``), so concurrent requests do not multiply the peak memory.
 * One answer row per input row, errors in wsr_med's own words (never a header value or a path), ``null`` for a
   probability that was not computed: strict JSON.
 """
@@ -70,7 +71,7 @@ class ServeLimits:
 
     path_roots: tuple[Path, ...] = ()
     max_rows: int = 64
-    max_request_mib: float = 256
+    max_request_mib: float = 64  # at the limit the server peaks at ~1.3 GiB, whatever the concurrency (docs/data.md)
     timeout_s: int = 60  # MLflow's default request timeout (whole seconds, as MLflow reads it)
 
     @property

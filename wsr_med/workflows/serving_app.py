@@ -73,18 +73,21 @@ class RequestGuard:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._answer(send, 413, too_large)
         async with self.budget.held(int(length) if length is not None else self.max_bytes):
-            body = bytearray()
+            chunks, received = [], 0
             while True:
                 message = await receive()
                 if message["type"] != "http.request":
                     return
-                body += message.get("body", b"")
-                if len(body) > self.max_bytes:
+                chunks.append(message.get("body", b""))
+                received += len(chunks[-1])
+                if received > self.max_bytes:
                     return await self._answer(send, 413, too_large)
                 if not message.get("more_body"):
                     break
+            body = b"".join(chunks)
+            chunks.clear()  # the body is held once from here on
             try:
-                body = _rows_as_records(bytes(body))
+                body = _rows_as_records(body)
             except ValueError as e:
                 return await self._answer(send, 400, f"the request body is not JSON: {e}")
             sent = False
