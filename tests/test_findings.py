@@ -4,6 +4,7 @@ download, and patient-level splits over findings."""
 import csv
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -348,3 +349,74 @@ def test_a_chexpert_style_file_over_real_radiographs(tmp_path):
     splits = split_items(scan.items, val_fraction=0.25, test_fraction=0.25, seed=0)
     patients = [{i["patient"] for i in items} for items in splits.values()]
     assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+
+
+# --- which epoch a multi-label run keeps ------------------------------------------------------------------------
+def _validation(labels):
+    return SimpleNamespace(multilabel=True, classes=["effusion", "nodule", "rare"],
+                           validation=[{"label": list(row)} for row in labels])
+
+
+def test_a_finding_with_two_validation_positives_does_not_choose_the_model():
+    """Epoch A ranks the two frequent findings well and the rare one (2 positives) badly; epoch B the reverse. The
+    macro AUC over every finding keeps B; the selection keeps A, and says which findings chose."""
+    import numpy as np
+
+    from wsr_med.metrics.multilabel import macro_auc, selection_auc
+    from wsr_med.workflows import ModelSelection
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((40, 3))
+    labels[:20, 0] = labels[10:30, 1] = 1.0
+    labels[[3, 17], 2] = 1.0
+
+    def epoch(frequent_signal: float, rare_right: bool) -> np.ndarray:
+        probs = rng.random((40, 3)) * (1 - frequent_signal) + labels * frequent_signal
+        probs[:, 2] = rng.random(40) * 0.5 + (0.5 if rare_right else -0.5) * labels[:, 2] + 0.25
+        return probs
+
+    a, b = epoch(0.3, rare_right=False), epoch(0.05, rare_right=True)
+    assert macro_auc(labels, b) > macro_auc(labels, a)  # today's rule keeps B
+    selection = ModelSelection.of(_validation(labels))
+    assert selection.findings == ("effusion", "nodule") and selection.left_out == {"rare": "2 positive and 38 negative cases"}
+    for average in ("macro", "micro", "weighted"):
+        assert selection_auc(labels, a, list(selection.indices), average) > \
+            selection_auc(labels, b, list(selection.indices), average), average
+    assert "chosen on the macro validation AUC" in selection.describe() and "rare: 2 positive" in selection.describe()
+    loss = ModelSelection.of(_validation(labels), min_cases=25)
+    assert loss.metric == "val_neg_loss" and loss.findings == () and "validation loss" in loss.describe()
+    single = ModelSelection.of(SimpleNamespace(multilabel=False))
+    assert single.metric == "val_auc" and single.to_dict() == {}
+
+
+def test_the_findings_that_chose_the_model_are_said_and_recorded(tmp_path):
+    """Through wsr-med: the scan-time line, best.json, MLflow (run tag, registered version tag) and the report name the
+    selecting findings; the rare finding (a handful of positives in all) is monitored, not selecting."""
+    import json
+
+    import numpy as np
+    from mlflow import MlflowClient
+
+    ok(wsr_med(tmp_path, "synth", "chest", "--multilabel", "--n-per-class", "150", "--image-size", "48"))
+    rows = _rows(tmp_path / "chest" / "chexpert.csv")
+    rare = set(np.random.default_rng(1).choice(len(rows), 6, replace=False).tolist())
+    with open(tmp_path / "chest" / "rare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, [*rows[0], "rare"])
+        writer.writeheader()
+        writer.writerows({**row, "rare": "1" if k in rare else "0"} for k, row in enumerate(rows))
+    result = ok(wsr_med(tmp_path, "train", "--dataset-dir", "chest/rare.csv", "--output-dir", "runs/rare", "--set",
+                        "image_size=48", SMALL, "max_epochs=2", "batch_size=16", "num_workers=0", "progress_bar=false",
+                        "registered_model_name=rare"))
+    output = result.stdout + result.stderr
+    said = [line for line in output.splitlines() if "the best epoch is chosen on" in line]
+    assert len(said) == 1 and "rare: " in said[0] and "monitored, not selecting" in said[0], output[-3000:]
+    best = json.loads((tmp_path / "runs/rare/best.json").read_text())
+    assert best["metric"] == "val_auc" and "rare" in best["selection"]["left_out"]
+    assert best["selection"]["findings"] and "rare" not in best["selection"]["findings"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("wsr_med").experiment_id])
+    assert run.data.tags["model_selection"] == best["selection"]["rule"] and "val_auc_rare" in run.data.metrics
+    version = client.get_model_version("rare", "1")
+    assert version.tags["selected_on"].startswith("macro AUC of ") and "rare" not in version.tags["selected_on"]
+    ok(wsr_med(tmp_path, "evaluate", "--output-dir", "runs/rare", "--eval-split", "test"))
+    assert "model selection" in (tmp_path / "runs/rare/eval/report.html").read_text()

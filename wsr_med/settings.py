@@ -16,7 +16,8 @@ from typing import Any
 from wsr_med.errors import WsrMedError
 
 __all__ = ["SETTINGS", "Setting", "COMPUTED", "KINDS", "TRAINED_SETTINGS", "PATH_SETTINGS", "MACHINE_SETTINGS",
-           "CONTINUABLE_SETTINGS", "RECIPE_SETTINGS", "RECORDED_SETTINGS", "CLASS_BALANCE", "TASKS", "UnknownSetting",
+           "CONTINUABLE_SETTINGS", "RECIPE_SETTINGS", "RECORDED_SETTINGS", "CLASS_BALANCE", "TASKS", "SELECTION_AVERAGES",
+           "UnknownSetting",
            "check_known", "default"]
 
 KINDS = ("network", "preprocessing", "data", "optimisation", "machine", "tracking")
@@ -94,6 +95,9 @@ SETTINGS: dict[str, Setting] = {
     "weight_decay": Setting("optimisation", 0.0001, recipe=True),
     "seed": Setting("optimisation", 0, recipe=True),
     "operating_point": Setting("optimisation", "youden"),
+    # multi-label: the findings with this many validation positives and negatives choose the best epoch (ModelSelection)
+    "selection_min_cases": Setting("optimisation", 10, recipe=True),
+    "selection_average": Setting("optimisation", "macro", recipe=True),  # macro | micro | weighted
     # this machine
     "output_dir": Setting("machine", "runs/wise_srnet", path=True, continuable=True),
     "cache_dir": Setting("machine", COMPUTED, path=True, continuable=True),
@@ -126,6 +130,7 @@ RECORDED_SETTINGS = tuple(k for k, s in SETTINGS.items() if s.recorded)
 PACS_SETTINGS = ("output_dir", "dataset_dir", "predictions_file", "batch_size", "max_pixels", "device")
 CLASS_BALANCE = ("none", "weighted_loss", "sampler")  # the values of ``class_balance``
 TASKS = ("auto", "multiclass", "multilabel")  # the values of ``task``
+SELECTION_AVERAGES = ("macro", "micro", "weighted")  # the values of ``selection_average``
 
 
 def default(key: str) -> Any:

@@ -39,12 +39,15 @@ class BestModelSaver:
         network: the trained network (a DDP wrapper is unwrapped).
         save_dir: the run's folder.
         metric: the evaluator metric to maximise (e.g. ``val_auc``).
+        selection: how that metric was chosen (:meth:`wsr_med.workflows.ModelSelection.to_dict`), kept in ``best.json``.
     """
 
-    def __init__(self, network: torch.nn.Module, save_dir: str | Path, metric: str = "val_auc") -> None:
+    def __init__(self, network: torch.nn.Module, save_dir: str | Path, metric: str = "val_auc",
+                 selection: dict | None = None) -> None:
         self.network = network
         self.save_dir = Path(save_dir)
         self.metric = metric
+        self.selection = selection
         self.best_file = self.save_dir / RunFolder.BEST
         self.best = json.loads(self.best_file.read_text()) if self.best_file.is_file() else None  # NaN is read as NaN
 
@@ -69,6 +72,7 @@ class BestModelSaver:
             return
         self.save_dir.mkdir(parents=True, exist_ok=True)
         atomic_save(state, self.save_dir / RunFolder.MODEL)
-        self.best = {"metric": self.metric, "value": value, "epoch": int(engine.state.epoch)}
+        self.best = {"metric": self.metric, "value": value, "epoch": int(engine.state.epoch),
+                     **({"selection": self.selection} if self.selection else {})}
         atomic_write(self.best_file, json.dumps(self.best))
         logger.info("epoch %d: best %s %.4f, saved %s", self.best["epoch"], self.metric, value, self.save_dir / RunFolder.MODEL)

@@ -274,6 +274,9 @@ class MLflowTracker(MLFlowHandler):
             return
         model = copy.deepcopy(getattr(engine.network, "module", engine.network)).cpu().eval()
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        selection = RunFolder(self.output_dir).best().get("selection")
+        if selection:  # how the kept epoch was chosen: the findings that chose it, and those that did not
+            self.client.set_tag(self.cur_run.info.run_id, "model_selection", selection["rule"][:5000])
         with tracking.tracking_uri_context(self.tracking_uri), mlflow.start_run(run_id=self.cur_run.info.run_id):
             with tempfile.TemporaryDirectory() as tmp:
                 self._log_network(model, Path(tmp))
@@ -293,13 +296,21 @@ class MLflowTracker(MLFlowHandler):
         run = RunFolder(self.output_dir)
         best, calibration = run.best(), run.calibration() or {}
         collapsed = calibration.get("collapsed") or ""
-        tags = {"best_val_auc": f"{best.get('value', float('nan')):.4f}", "best_epoch": str(best.get("epoch", "")),
+        metric = best.get("metric", "val_auc")
+        tags = {f"best_{metric}": f"{best.get('value', float('nan')):.4f}", "best_epoch": str(best.get("epoch", "")),
                 "collapsed": "yes" if collapsed else "no", "network": self.run_name or ""}
+        selection = best.get("selection") or {}
+        if selection.get("findings"):
+            tags["selected_on"] = f"{selection['average']} AUC of {', '.join(selection['findings'])}"[:5000]
+        elif selection:
+            tags["selected_on"] = "validation loss (no finding had enough validation cases)"
         for key, value in tags.items():
             self.client.set_model_version_tag(self.registered_model_name, version, key, value)
+        what = "validation AUC" if metric == "val_auc" else "validation loss (negated)"
         self.client.update_model_version(
             self.registered_model_name, version,
-            description=f"{tags['network']}: best validation AUC {tags['best_val_auc']} at epoch {tags['best_epoch']}"
+            description=f"{tags['network']}: best {what} {tags[f'best_{metric}']} at epoch {tags['best_epoch']}"
+                        + (f" ({tags['selected_on']})" if "selected_on" in tags else "")
                         + (f"; COLLAPSED: the model's {collapsed}" if collapsed else ""))
 
     def _log_network(self, model: torch.nn.Module, tmp: Path):

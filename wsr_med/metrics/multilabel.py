@@ -14,7 +14,8 @@ from sklearn.metrics import average_precision_score
 from wsr_med.metrics.classification import SMALL_CLASS, binary_auc, bootstrap_ci, collapse_warning, reliability_bins
 from wsr_med.metrics.operating_point import apply_temperature, choose_threshold, fit_temperature, operating_point_metrics
 
-__all__ = ["FindingDecision", "collapsed_findings", "finding_aucs", "macro_auc", "finding_calibration", "fit_finding_decisions", "multilabel_metrics", "sigmoid_temperature"]
+__all__ = ["FindingDecision", "collapsed_findings", "finding_aucs", "macro_auc", "finding_calibration", "fit_finding_decisions",
+           "multilabel_metrics", "selection_auc", "sigmoid_temperature"]
 
 
 def _finding(labels: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +46,21 @@ def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     """The mean of :func:`finding_aucs` over the findings that have both outcomes here (NaN when none has)."""
     values = [v for v in finding_aucs(labels, probs) if v == v]
     return float(np.mean(values)) if values else float("nan")
+
+
+def selection_auc(labels: np.ndarray, probs: np.ndarray, findings: list[int], average: str = "macro") -> float:
+    """The AUC of the findings at the column indices ``findings``, averaged as ``average`` says: ``macro`` (the mean of
+    their AUCs), ``micro`` (their labelled finding-case pairs pooled) or ``weighted`` (their AUCs weighted by positive
+    cases). NaN when none of them has both outcomes."""
+    labels, probs = np.asarray(labels, dtype=float)[:, findings], np.asarray(probs, dtype=float)[:, findings]
+    if average == "micro":
+        known = ~np.isnan(labels)
+        positive = labels[known] == 1.0
+        return binary_auc(positive, probs[known]) if 0 < positive.sum() < len(positive) else float("nan")
+    aucs = np.array(finding_aucs(labels, probs))
+    weights = np.nansum(labels == 1.0, axis=0) if average == "weighted" else np.ones(len(findings))
+    scored = ~np.isnan(aucs)
+    return float(np.average(aucs[scored], weights=weights[scored])) if scored.any() else float("nan")
 
 
 def sigmoid_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
