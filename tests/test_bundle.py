@@ -443,7 +443,9 @@ def test_real_mlflow_server(mlflow_server, tmp_path, hospital):
                 "max_epochs": 1, "experiment_name": "served", "registered_model_name": "served_model"}
     run_workflow("train", **settings)
     client, run = only_run(mlflow_server.url, "served")
-    assert run.data.metrics["val_auc"] >= 0
+    # the epoch's metrics reached the server (val_auc itself is NaN when the 5 validation scans, split by this
+    # installation's patient key, miss a class)
+    assert "val_auc" in run.data.metrics and run.data.metrics["val_loss"] >= 0
     assert {a.path for a in client.list_artifacts(run.info.run_id, "run")} >= {"run/config.json", "run/datalist.json"}
     assert client.get_latest_versions("served_model")[0].version == "1"
 
