@@ -412,6 +412,7 @@ def test_the_findings_that_chose_the_model_are_said_and_recorded(tmp_path):
     assert len(said) == 1 and "rare: " in said[0] and "monitored, not selecting" in said[0], output[-3000:]
     best = json.loads((tmp_path / "runs/rare/best.json").read_text())
     assert best["metric"] == "val_auc" and "rare" in best["selection"]["left_out"]
+    assert json.loads((tmp_path / "runs/rare/config.json").read_text())["model_selection"] == best["selection"]
     assert best["selection"]["findings"] and "rare" not in best["selection"]["findings"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("wsr_med").experiment_id])

@@ -347,9 +347,10 @@ class RunFolder:
                        self.eval_dir, target)
 
     def save_run_info(self, classes: list[str], settings: dict, config_files: list[str] | None = None,
-                      multilabel: bool = False) -> Path:
+                      multilabel: bool = False, selection: dict | None = None) -> Path:
         """Write ``classes.json`` and ``config.json`` (settings with paths resolved, the config files as run, the task:
-        ``multilabel`` when ``classes`` are findings, several per scan).
+        ``multilabel`` when ``classes`` are findings, several per scan; multi-label, ``model_selection``: the findings
+        that choose the best epoch, :meth:`wsr_med.workflows.ModelSelection.to_dict`).
 
         A continued run keeps its class map (a different one is refused) and records the continuation
         (date, new ``max_epochs``) in ``config.json``.
@@ -359,7 +360,7 @@ class RunFolder:
         resolved = {k: _resolved(k, v) for k, v in settings.items()}
         doc = {"settings": resolved, "task": MULTILABEL if multilabel else MULTICLASS,
                "config_files": {str(f): json.loads(Path(f).read_text()) for f in config_files or [] if Path(f).is_file()},
-               "continued": []}
+               "continued": [], **({"model_selection": selection} if selection else {})}
         config = self.path / self.CONFIG
         if config.is_file():
             if self.classes() != classes:
