@@ -8,12 +8,15 @@ from monai.networks.nets import DenseNet121
 
 from wsr_med.networks import (
     HEADS,
+    HeadEvidence,
     WiseSrNet,
     WiseSrNetHead,
     attach_constraints,
     default_pre_pool,
     load_pretrained_weights,
     project_constraints_,
+    strongest_point,
+    to_source_pixels,
     warm_start_batchnorm,
 )
 from wsr_med.errors import WsrMedError
@@ -335,3 +338,33 @@ def test_checkpointing_keeps_less_for_backward_and_inference_is_plain():
     scripted = torch.jit.script(checkpointed.eval())  # the export path: no checkpoint in the scripted graph
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), checkpointed(x))
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_the_evidence_map_is_the_heads_exact_decomposition_of_the_logit(head):
+    """Summed over positions, each class's contribution map equals its logit minus what the head adds with no feature
+    at all (its bias terms): every head is positively homogeneous in the feature map, so the map is exact."""
+    torch.manual_seed(0)
+    net = WiseSrNet("densenet121", spatial_dims=2, in_channels=1, out_channels=3, img_size=64, head=head,
+                    backbone_kwargs=TINY_DENSENET).eval()
+    torch.nn.init.normal_(net.head.fc.weight)  # far from the near-zero start, so the check is not trivially small
+    images = torch.rand(2, 1, 64, 64)
+    evidence = HeadEvidence(net, images)
+    with torch.no_grad():
+        features = net.backbone(images)
+        baseline = net.head(torch.zeros_like(features))
+        torch.testing.assert_close(evidence.logits, net(images))
+    for k in range(3):
+        maps = evidence.maps([k, k])
+        assert maps.shape == (2, *features.shape[2:])
+        torch.testing.assert_close(maps.flatten(1).sum(1), evidence.logits[:, k] - baseline[:, k], atol=1e-5, rtol=1e-4)
+
+
+def test_the_strongest_point_maps_back_to_the_source_pixels():
+    """A 300 x 600 image at 64 px: resized to 32 x 64, padded 16 rows above; a point goes back through both."""
+    contribution = torch.zeros(4, 4)
+    contribution[1, 0] = 1.0  # the cell of rows 16-32, columns 0-16 of the network's input
+    assert strongest_point(contribution, 64) == (24.0, 8.0)
+    row, column = to_source_pixels((24.0, 8.0), (300, 600), 64)
+    assert (row, column) == pytest.approx((75.0, 75.0))
+    assert to_source_pixels((2.0, 70.0), (300, 600), 64) == (0.0, 600.0)  # in the padding or past the edge: clipped

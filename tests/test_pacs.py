@@ -26,6 +26,7 @@ from wsr_med.pacs import ClassCodes, ModelIdentity, Selection, classification_sr
 from wsr_med.pacs.archive import AUTH_ENV
 from wsr_med.pacs.orthanc import LocalOrthanc, orthanc_available
 from wsr_med.pacs.results import NOT_FOR_CLINICAL_USE, result_uid
+from wsr_med.runs import RunFolder
 
 QUIET = ["num_workers=0", "progress_bar=false"]
 NEEDED = {"Orthanc (orthanc, orthanc-dicomweb)": orthanc_available(), "dciodvfy (dicom3tools)": bool(shutil.which("dciodvfy")),
@@ -75,6 +76,16 @@ def valid(path: Path) -> None:
         dumped = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True)
         assert dumped.returncode == 0 and "Imaging Measurement Report" in dumped.stdout, dumped.stderr
         assert NOT_FOR_CLINICAL_USE in dumped.stdout
+
+
+def _content(ds: pydicom.Dataset, value_type: str) -> list[pydicom.Dataset]:
+    """Every SR content item of ``value_type`` (SCOORD, TEXT, ...) in ``ds``, at any depth."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == value_type:
+            found.append(item)
+        found += _content(item, value_type)
+    return found
 
 
 def uid_of(path: Path) -> str:
@@ -140,6 +151,7 @@ def test_a_dicom_folder_gets_an_sr_per_image_with_predicts_probabilities(trained
     srs = sorted((home / "srs").rglob("*.dcm"))
     assert len(srs) == len(trained["files"]) == len(plain_predictions)
     classes = json.loads((trained["run"] / "classes.json").read_text())
+    identity = ModelIdentity.of_run(RunFolder(trained["run"]))
     for path in srs:
         valid(path)
         sr = pydicom.dcmread(path)
@@ -151,8 +163,22 @@ def test_a_dicom_folder_gets_an_sr_per_image_with_predicts_probabilities(trained
             assert abs(got[name] - float(expected[f"prob_{name}"])) < 1e-5
         assert NOT_FOR_CLINICAL_USE in sr.SeriesDescription and sr.Modality == "SR"
         assert path.parent.name == sr.StudyInstanceUID  # filed by study
+        # what a viewer draws: a point on the source image where the evidence is, and a line to read
+        [point] = _content(sr, "SCOORD")
+        column, row = point.GraphicData
+        assert point.GraphicType == "POINT" and 0 <= column <= 64 and 0 <= row <= 64
+        assert point.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.ReferencedSOPInstanceUID
+        [comment] = [item.TextValue for item in _content(sr, "TEXT") if item.ConceptNameCodeSequence[0].CodeValue == "121106"]
+        called = expected["predicted_class"]
+        assert comment.startswith(f"AI finding: {called} (probability {float(expected[f'prob_{called}']):.2f}) - "
+                                  f"{NOT_FOR_CLINICAL_USE}")
+        # IHE AI Results: who made it, which weights (highdicom adds an item of its own)
+        [equipment] = [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == "wsr_med"]
+        assert equipment.DeviceUID == result_uid("device", model=identity) and equipment.SoftwareVersions
+        assert equipment.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Equipment"
     table = rows(home / "folder.csv")
     assert {r["sop_instance_uid"] for r in table} == set(plain_predictions)
+    assert all(r["evidence_region"].startswith(f"{r['predicted_class']}: ") for r in table)
     assert all(r["predicted_class"] == plain_predictions[r["sop_instance_uid"]]["predicted_class"] for r in table)
     assert "path" not in table[0] and not any(str(home) in v for r in table for v in r.values())  # UIDs, no paths
     again = ok(run(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "hospital", "--sr-dir", "srs",
@@ -342,9 +368,15 @@ def test_a_multilabel_model_writes_present_or_absent_per_finding(trained, tmp_pa
         valid(path)
         got = read_sr_probabilities(pydicom.dcmread(path))
         assert all(abs(got[f] - float(plain[row["sop_instance_uid"]][f"prob_{f}"])) < 1e-5 for f in findings)
-        dumped = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True).stdout
-        assert sum(('"Present"' in line or '"Absent"' in line) for line in dumped.splitlines()) == len(findings)
+        dumped = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True).stdout
+        present = [f for f in row["findings"].split("|") if f != "none"]
+        groups = max(1, len(present))  # a region per present finding (the likeliest when none is)
+        # the first group codes every finding Present / Absent; each further one its own finding
+        assert sum(('"Present"' in line or '"Absent"' in line) for line in dumped.splitlines()) == len(findings) + groups - 1
         assert dumped.count("Decision threshold for") == len(findings)
+        assert dumped.count("SCOORD") == groups and dumped.count('"Comment")="AI finding: ') == groups
+        assert all(f"AI finding: {f} present" in dumped for f in present)
+        assert len(row["evidence_region"].split("; ")) == groups
 
 
 # --- units ---------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 from wsr_med.networks.backbones import BACKBONES, backbone_label, DenseNetFeatures, EfficientNetFeatures, build_backbone
 from wsr_med.networks.batchnorm import warm_start_batchnorm
 from wsr_med.networks.constraints import attach_constraints, project_constraints_
-from wsr_med.networks.diagnostics import gradcam, gradcam_layer, logits_with_shuffled_positions, shuffle_positions
+from wsr_med.networks.diagnostics import (HeadEvidence, gradcam, gradcam_layer, logits_with_shuffled_positions,
+                                         shuffle_positions, strongest_point, to_source_pixels)
 from wsr_med.networks.heads import (
     HEADS,
     AvgMaxPool,

@@ -6,7 +6,7 @@ Code map:
   bounded retries, one-line errors.
 * :mod:`wsr_med.pacs.selection` - which instances a model classifies, and why the others are skipped.
 * :mod:`wsr_med.pacs.results` - the Comprehensive SR of a classification (``highdicom``, TID 1500), deterministic UIDs.
-* :mod:`wsr_med.pacs.heatmaps` - the optional Grad-CAM Secondary Capture.
+* :mod:`wsr_med.pacs.heatmaps` - the optional evidence-map Secondary Capture.
 * :mod:`wsr_med.pacs.classify` - the loop: studies -> selection -> batches -> model -> SRs -> destination.
 * :mod:`wsr_med.pacs.orthanc` - a throw-away local Orthanc archive, for the tests and ``wsr-med bench pacs``.
 

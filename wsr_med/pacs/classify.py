@@ -46,7 +46,8 @@ from wsr_med.data.profile import scan_profile, unlike_training
 from wsr_med.data.readers import ScanReadError
 from wsr_med.errors import WsrMedError
 from wsr_med.pacs.archive import ArchiveError, Bounds, CStoreDestination, DicomWebArchive
-from wsr_med.pacs.heatmaps import GradCamOverlay
+from wsr_med.networks import HeadEvidence, strongest_point, to_source_pixels
+from wsr_med.pacs.heatmaps import EvidenceOverlay
 from wsr_med.pacs.results import UNLIKE_TRAINING, ClassCodes, ModelIdentity, classification_sr, own_result
 from wsr_med.pacs.selection import Selection
 
@@ -238,7 +239,7 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
         codes: a class codes file (:class:`wsr_med.pacs.results.ClassCodes`).
         predictions_file: default: the run folder's ``pacs_predictions.csv``; the skipped instances go beside it.
         batch_size: instances retrieved, classified and stored together (the memory bound).
-        heatmaps: also store a Grad-CAM Secondary Capture per classified image (:mod:`wsr_med.pacs.heatmaps`; 2D).
+        heatmaps: also store an evidence-map Secondary Capture per classified image (:mod:`wsr_med.pacs.heatmaps`; 2D).
         store_unlike_training: store results for images unlike the training data too (their SRs say so).
         bounds: what the source's answers may cost (a folder's headers and files are read within the same).
 
@@ -267,7 +268,7 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
     identity = ModelIdentity.of_run(model.run)
     class_codes = ClassCodes(model.classes, codes)
     network = model.network(device)
-    overlay = GradCamOverlay(network) if heatmaps else None
+    image_size = int(model.settings["image_size"])
     transform = model.preprocessing(max_pixels)
     reader, rest = transform.transforms[0].loader, Compose(transform.transforms[1:])  # read, then the rest
     percentiles = model.settings["intensity_percentiles"]
@@ -290,24 +291,26 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
     def classify(batch: _Batch) -> None:
         decoded = batch.items
         images = torch.stack([image for _, image, _ in decoded]).to(device)
-        with summary.timed("network"), torch.no_grad():
-            logits = network(images)
-        calibrated = decision.probabilities(model.probabilities(logits))
+        with summary.timed("network"):
+            evidence = HeadEvidence(network, images)
+        calibrated = decision.probabilities(model.probabilities(evidence.logits))
         decided = decision.classes(calibrated)
-        # the class a heat map explains: the decided one; multi-label, the likeliest finding
-        explained = calibrated.argmax(1) if model.multilabel else decided
-        if overlay is not None:
-            with summary.timed("heatmap"):
-                cams = overlay.maps(images, list(explained))
+        with summary.timed("evidence"):
+            found = _evidence(evidence, calibrated, decided, model.classes, model.multilabel) if spatial_dims == 2 \
+                else [{} for _ in decoded]
         with summary.timed("SR"):
-            for n, ((headers, pixels, unlike), probs, called) in enumerate(zip(decoded, calibrated, decided)):
+            for (headers, pixels, unlike), probs, called, maps in zip(decoded, calibrated, decided, found):
                 kept = not unlike or store_unlike_training
+                first = headers[0]
+                regions = {name: to_source_pixels(strongest_point(m, image_size), (int(first.Rows), int(first.Columns)),
+                                                  image_size)[::-1] for name, m in maps.items()}  # (column, row)
                 try:
                     made = [classification_sr(headers, model.classes, probs, called, rule, thresholds,
-                                              model.multilabel, identity, class_codes, unlike)]
-                    if overlay is not None:
-                        made.append(overlay.secondary_capture(headers[0], pixels.cpu().numpy(), cams[n],
-                                                              model.classes[int(explained[n])], identity))
+                                              model.multilabel, identity, class_codes, unlike, regions or None)]
+                    if heatmaps:
+                        name, strongest = next(iter(maps.items()))
+                        made.append(EvidenceOverlay.secondary_capture(
+                            first, pixels.cpu().numpy(), EvidenceOverlay.heat(strongest, image_size), name, identity))
                 except Exception as e:  # noqa: BLE001 - a source header highdicom refuses: listed, the rest go on
                     summary.skipped += [_skip_row(h, f"no SR could be made from its header ({type(e).__name__})")
                                         for h in headers]
@@ -315,12 +318,12 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
                 new = [d for d in made if destination is not None and kept and str(d.SOPInstanceUID) not in batch.held]
                 answer = ("|".join(c for c, v in zip(model.classes, called) if v) or "none") if model.multilabel \
                     else model.classes[int(called)]
-                first = headers[0]
                 status = STORING if new else NOT_STORED_UNLIKE if not kept else \
                     ALREADY if destination is not None else "not stored"
+                where = "; ".join(f"{name}: {column:.0f},{row:.0f}" for name, (column, row) in regions.items())
                 row = [str(first.StudyInstanceUID), str(first.SeriesInstanceUID),
                        str(first.SOPInstanceUID) if spatial_dims == 2 else f"{len(headers)} instances", answer,
-                       *[f"{p:.9g}" for p in probs], rule, str(made[0].SOPInstanceUID) if kept else "",
+                       *[f"{p:.9g}" for p in probs], rule, where, str(made[0].SOPInstanceUID) if kept else "",
                        str(made[1].SOPInstanceUID) if kept and len(made) > 1 else "", unlike, status]
                 summary.rows.append(row)
                 if not kept:
@@ -423,11 +426,25 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
     return summary
 
 
+def _evidence(evidence: HeadEvidence, calibrated, decided, classes: list[str], multilabel: bool) -> list[dict]:
+    """Per image, class name -> its contribution map: the decided class; multi-label, each present finding (the
+    likeliest one when none is), the likeliest first (it is the one a heat map shows)."""
+    n = len(calibrated)
+    if not multilabel:
+        maps = evidence.maps([int(k) for k in decided], against_mean=True)  # a softmax decides on differences
+        return [{classes[int(k)]: maps[i]} for i, k in enumerate(decided)]
+    wanted = [sorted((k for k in range(len(classes)) if decided[i][k]), key=lambda k: -calibrated[i][k])
+              or [int(calibrated[i].argmax())] for i in range(n)]
+    by_finding = {k: evidence.maps([k] * n) for k in sorted({k for ks in wanted for k in ks})}
+    return [{classes[k]: by_finding[k][i] for k in ks} for i, ks in enumerate(wanted)]
+
+
 def _write(predictions_file: Path, classes: list[str], multilabel: bool, summary: PacsSummary) -> tuple[Path, Path]:
     """The predictions file and the skipped list beside it; returns both."""
     answer = "findings" if multilabel else "predicted_class"
     write_csv(predictions_file, ["study_uid", "series_uid", "sop_instance_uid", answer, *[f"prob_{c}" for c in classes],
-                                 "decision_rule", "sr_uid", "heatmap_uid", "unlike_training", "sr"], summary.rows)
+                                 "decision_rule", "evidence_region", "sr_uid", "heatmap_uid", "unlike_training", "sr"],
+              summary.rows)
     skipped = predictions_file.with_name(predictions_file.stem + SKIPPED_SUFFIX)
     failed = [[study, "", "", "", f"study failed: {why}"] for study, why, _ in summary.failed]
     write_csv(skipped, ["study_uid", "series_uid", "sop_instance_uid", "modality", "reason"], summary.skipped + failed)

@@ -1,10 +1,11 @@
-"""``--heatmaps``: where the model looked, as a derived DICOM Secondary Capture in the source's study.
+"""``--heatmaps``: where the model found its evidence, as a derived DICOM Secondary Capture in the source's study.
 
-MONAI's Grad-CAM on the backbone's last feature map (the layer every head reads) for the decided class (multi-label:
-the most probable finding), over the image as the model saw it (resized, padded), scaled up to at least
-:data:`MIN_SIDE` pixels so that the burned-in legend reads: "NOT FOR DIAGNOSTIC USE", the model, the class. The
-image is RGB, ``BurnedInAnnotation`` YES, ``ImageType`` DERIVED\\SECONDARY, references its source image, and lives
-in a series of its own whose description says NOT FOR CLINICAL USE. 2D models only.
+The head's own contribution map (:class:`wsr_med.networks.HeadEvidence`, the same map that places the SR's region)
+for the decided class (multi-label: the most probable finding), its positive part, over the image as the model saw it
+(resized, padded), scaled up to at least :data:`MIN_SIDE` pixels so that the burned-in legend reads: "NOT FOR
+DIAGNOSTIC USE", the model, the class. The image is RGB, ``BurnedInAnnotation`` YES, ``ImageType``
+DERIVED\\SECONDARY, references its source image, carries wsr_med's Contributing Equipment item, and lives in a series of
+its own whose description says NOT FOR CLINICAL USE. 2D models only.
 """
 
 from __future__ import annotations
@@ -17,31 +18,26 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 from wsr_med.pacs.results import (MANUFACTURER, NOT_FOR_CLINICAL_USE, SC_SERIES_NUMBER, ModelIdentity, character_set,
-                                  copied_as_held, evidence_of, result_uid)
+                                  contributing_equipment, copied_as_held, evidence_of, result_uid)
 
-__all__ = ["GradCamOverlay", "MIN_SIDE", "LEGEND"]
+__all__ = ["EvidenceOverlay", "MIN_SIDE", "LEGEND"]
 
 MIN_SIDE = 512
 LEGEND = "NOT FOR DIAGNOSTIC USE"
 
 
-class GradCamOverlay:
-    """Grad-CAM maps of a network whose feature extractor is its ``backbone`` module
-    (:class:`wsr_med.networks.WiseSrNet`)."""
+class EvidenceOverlay:
+    """The evidence map drawn over the image as a Secondary Capture."""
 
-    def __init__(self, network: torch.nn.Module) -> None:
-        from monai.visualize import GradCAM
-
-        self.cam = GradCAM(nn_module=network, target_layers="backbone")
-
-    def maps(self, images: torch.Tensor, class_idx: list[int]) -> np.ndarray:
-        """``(N, H, W)`` maps in [0, 1] for ``images`` ``(N, C, H, W)``, each for its class."""
-        out = []
-        for image, k in zip(images, class_idx):
-            with torch.enable_grad():
-                cam = self.cam(image[None].detach().clone().requires_grad_(True), class_idx=int(k))
-            out.append(cam[0, 0].detach().cpu().numpy())
-        return np.stack(out)
+    @staticmethod
+    def heat(contribution: torch.Tensor, image_size: int) -> np.ndarray:
+        """A contribution map ``(h, w)`` as ``(image_size, image_size)`` in [0, 1]: its positive part (evidence for the
+        class), scaled to its maximum, interpolated to the network's input."""
+        positive = contribution.clamp_min(0).float()
+        positive = positive / positive.max().clamp_min(1e-12)
+        up = torch.nn.functional.interpolate(positive[None, None], size=(image_size, image_size), mode="bilinear",
+                                             align_corners=False)
+        return up[0, 0].cpu().numpy()
 
     @staticmethod
     def secondary_capture(source: pydicom.Dataset, image: np.ndarray, cam: np.ndarray, label: str,
@@ -56,7 +52,7 @@ class GradCamOverlay:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.BILINEAR)
         draw = ImageDraw.Draw(picture)
         font = ImageFont.load_default(size=max(12, picture.width // 28))
-        lines = [LEGEND, f"{model.name} {model.version}"[:48], f"Grad-CAM: {label}"[:48]]
+        lines = [LEGEND, f"{model.name} {model.version}"[:48], f"evidence for: {label}"[:48]]
         y = 4
         for line in lines:
             box = draw.textbbox((6, y), line, font=font)
@@ -72,16 +68,16 @@ class GradCamOverlay:
                 series_number=SC_SERIES_NUMBER,
                 sop_instance_uid=result_uid("sc", str(source.SOPInstanceUID), model=model),
                 instance_number=int(source.get("InstanceNumber") or 1), manufacturer=MANUFACTURER,
-                specific_character_set=character_set([header]),
+                specific_character_set=character_set([header]), contributing_equipment=[contributing_equipment(model)],
                 patient_orientation=("L", "F"), transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
         # the preprocessing keeps the orientation (no flips): the source's, or empty (type 2C) when it has none;
         # highdicom wants a value for a patient-based image, so it is given a placeholder and then the truth
         sc.PatientOrientation = source.get("PatientOrientation") or ""
         sc.Laterality = source.get("Laterality") or ""  # type 2C: empty when the source does not say
-        sc.SeriesDescription = f"{NOT_FOR_CLINICAL_USE} - wsr_med Grad-CAM {model.name} {model.version}"[:64]
+        sc.SeriesDescription = f"{NOT_FOR_CLINICAL_USE} - wsr_med evidence {model.name} {model.version}"[:64]
         sc.BurnedInAnnotation = "YES"
         sc.ImageType = ["DERIVED", "SECONDARY"]
-        sc.DerivationDescription = f"Grad-CAM of {model.name} {model.version} for {label}"[:1024]
+        sc.DerivationDescription = f"Evidence map (the head's contribution by position) of {model.name} {model.version} for {label}"[:1024]
         reference = pydicom.Dataset()
         reference.ReferencedSOPClassUID = source.SOPClassUID
         reference.ReferencedSOPInstanceUID = source.SOPInstanceUID

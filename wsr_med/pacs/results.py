@@ -2,13 +2,18 @@
 
 What one SR holds (``dsrdump`` shows it; README "From and to a PACS"):
 
-* an Imaging Measurement Report (TID 1500) with one measurement group (TID 1501) for the source, which references
-  the source image(s) by SOP Class / Instance UID and names the algorithm (TID 4019: the registered model's name and
-  version, wsr_med's version, the decision rule; no path);
+* an Imaging Measurement Report (TID 1500) with a measurement group for the source that names the algorithm (TID
+  4019: the registered model's name and version, wsr_med's version, the decision rule; no path). For a 2D image it is
+  a planar ROI group (TID 1410) whose region is a point (SCOORD, selected from the source image) where the decided
+  class's evidence is strongest (:class:`wsr_med.networks.HeadEvidence`), with a comment a person reads (the finding,
+  its probability, NOT FOR CLINICAL USE): what a viewer such as OHIF draws on the image; a multi-label model adds one
+  such group per further present finding. A 3D model's series: a TID 1501 group referencing every slice;
 * one numeric measurement per class: its calibrated probability (unit ``{probability}``, UCUM);
 * the decision as qualitative evaluations: single-label, ``Finding = <decided class>``; multi-label, one
   ``<finding> = Present / Absent`` per finding, with each finding's threshold as a measurement; binary, the threshold
   on the positive class's probability;
+* a Contributing Equipment item (purpose: Processing Equipment) naming wsr_med, the model and its version, with a
+  Device UID derived from the weights (it changes when they change), as IHE AI Results asks;
 * the source's patient and study attributes (so it files into the same study), exactly as the source holds them
   (``SpecificCharacterSet`` ISO_IR 192, UTF-8, whenever a copied value is not plain ASCII: :func:`character_set`), in a
   series of its own whose SeriesDescription says ``NOT FOR CLINICAL USE``;
@@ -49,7 +54,7 @@ __all__ = ["LOCAL_SCHEME", "ModelIdentity", "ClassCodes", "classification_sr", "
 LOCAL_SCHEME = "99WSRMED"  # a private coding scheme ("99" prefix, PS3.16 8.2): wsr_med's class and measurement names
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 SR_SERIES_NUMBER = 9901  # high, so the AI result series sorts after the acquired ones in a viewer
-SC_SERIES_NUMBER = 9902  # the Grad-CAM Secondary Captures (wsr_med.pacs.heatmaps)
+SC_SERIES_NUMBER = 9902  # the evidence-map Secondary Captures (wsr_med.pacs.heatmaps)
 MANUFACTURER = "wsr_med"  # every object wsr_med writes names itself so
 UNLIKE_TRAINING = "unlike the training data"
 UTF8 = "ISO_IR 192"
@@ -58,6 +63,7 @@ _PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
 _ABSENT = hd.sr.CodedConcept("2667000", "SCT", "Absent")
 _FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
 _IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+_COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 # the source attributes an SR carries (evidence, patient, study); pixel data never goes into the SR
 _EVIDENCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
              "StudyID", "AccessionNumber", "ReferringPhysicianName", "SeriesInstanceUID", "SOPClassUID",
@@ -95,8 +101,27 @@ def result_uid(kind: str, *sources: str, model: ModelIdentity) -> str:
     return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"  # a UUID-derived UID (PS3.5 B.2), by name
 
 
+def contributing_equipment(model: ModelIdentity) -> hd.ContributingEquipment:
+    """The Contributing Equipment item of every object wsr_med writes: wsr_med, the model, their versions, and a Device
+    UID derived from the weights."""
+    item = hd.ContributingEquipment(MANUFACTURER, codes.DCM.ProcessingEquipment, manufacturer_model_name=model.name[:64],
+                                    software_versions=[f"wsr_med {__version__}", model.version[:64]])
+    item.DeviceUID = result_uid("device", model=model)
+    return item
+
+
+def finding_comment(name: str, probability: float, present: bool | None, model: ModelIdentity,
+                    unlike_training: str = "") -> str:
+    """The line a radiologist reads beside the region: ``AI finding: pneumonia (probability 0.87) - NOT FOR CLINICAL
+    USE - model 3``; multi-label ``present`` says so."""
+    state = "" if present is None else " present"
+    text = (f"AI finding: {name}{state} (probability {probability:.2f}) - {NOT_FOR_CLINICAL_USE} - "
+            f"{model.name} {model.version}")
+    return (text + (f" - {UNLIKE_TRAINING}" if unlike_training else ""))[:1024]
+
+
 def own_result(header: pydicom.Dataset, model: ModelIdentity) -> str:
-    """Why ``header``'s instance is one of wsr_med's own results (an SR or a Grad-CAM image, of this model or of any
+    """Why ``header``'s instance is one of wsr_med's own results (an SR or an evidence image, of this model or of any
     other), never to be classified, whatever the selection rules; "" when it is not. Recognised by the series UIDs this
     model derives for the study, the manufacturer wsr_med writes, and its series numbers with its description."""
     study, series = str(header.get("StudyInstanceUID", "")), str(header.get("SeriesInstanceUID", ""))
@@ -184,7 +209,8 @@ def copied_as_held():
 
 def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probabilities: np.ndarray, decided,
                       rule: str, thresholds: dict[str, float], multilabel: bool, model: ModelIdentity,
-                      class_codes: ClassCodes, unlike_training: str = "") -> hd.sr.ComprehensiveSR:
+                      class_codes: ClassCodes, unlike_training: str = "",
+                      regions: dict[str, tuple[float, float]] | None = None) -> hd.sr.ComprehensiveSR:
     """The SR of one classified image (``sources`` = [its header]) or series (its slices' headers).
 
     Args:
@@ -198,14 +224,19 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
         model: the result's author and the seed of its UIDs.
         class_codes: the code of each class.
         unlike_training: why the source looks unlike the training data ("" when it does not), recorded in the SR.
+        regions: class (finding) name -> (column, row) in the source image's pixels where its evidence is strongest:
+            the decided class, or each present finding (the first one's group carries everything above); None for a
+            3D series (no region).
     """
     first = sources[0]
     source_uids = sorted(str(s.SOPInstanceUID) for s in sources)
     evidence = [evidence_of(s) for s in sources]
     # measurement names are numbered (class names may differ only in what a code value cannot hold)
-    measurements = [hd.sr.Measurement(name=_local(f"PROB-{k}", f"Probability of {c}"), value=float(p),
-                                      unit=PROBABILITY_UNIT)
-                    for k, (c, p) in enumerate(zip(classes, probabilities))]
+    def probability(k: int) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=_local(f"PROB-{k}", f"Probability of {classes[k]}"), value=float(probabilities[k]),
+                                 unit=PROBABILITY_UNIT)
+
+    measurements = [probability(k) for k in range(len(classes))]
     measurements += [hd.sr.Measurement(name=_local(f"THRESHOLD-{classes.index(c)}", f"Decision threshold for {c}"),
                                        value=float(t), unit=PROBABILITY_UNIT) for c, t in thresholds.items()]
     if multilabel:
@@ -213,15 +244,33 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
                        for c, v in zip(classes, decided)]
     else:
         evaluations = [hd.sr.QualitativeEvaluation(_FINDING, class_codes[classes[int(decided)]])]
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid("tracking", *source_uids, model=model),
-                                                     identifier="wsr_med classification"),
-        algorithm_id=model.algorithm(rule, unlike_training),
-        source_images=[hd.sr.SourceImageForMeasurementGroup(str(s.SOPClassUID), str(s.SOPInstanceUID))
-                       for s in sources],  # the image, or every slice of the series
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
-    )
+    tracking = hd.sr.TrackingIdentifier(uid=result_uid("tracking", *source_uids, model=model),
+                                        identifier="wsr_med classification")
+    if not regions:  # a series: the group references every slice
+        groups = [hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking, algorithm_id=model.algorithm(rule, unlike_training),
+            source_images=[hd.sr.SourceImageForMeasurementGroup(str(s.SOPClassUID), str(s.SOPInstanceUID))
+                           for s in sources],
+            measurements=measurements, qualitative_evaluations=evaluations)]
+    else:
+        groups = []
+        for n, (name, (column, row)) in enumerate(regions.items()):
+            k = classes.index(name)
+            group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking if n == 0 else hd.sr.TrackingIdentifier(
+                    uid=result_uid("tracking", *source_uids, name, model=model), identifier=f"wsr_med {name}"[:64]),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=np.array([[column, row]], dtype=float),
+                    source_image=hd.sr.SourceImageForRegion(str(first.SOPClassUID), str(first.SOPInstanceUID))),
+                algorithm_id=model.algorithm(rule, unlike_training),
+                # the first group holds every probability and decision; a further present finding's, its own
+                measurements=measurements if n == 0 else [probability(k)],
+                qualitative_evaluations=evaluations if n == 0 else [
+                    hd.sr.QualitativeEvaluation(class_codes[name], _PRESENT)])
+            group[0].ContentSequence.append(hd.sr.TextContentItem(
+                _COMMENT, finding_comment(name, float(probabilities[k]), True if multilabel else None, model,
+                                          unlike_training), hd.sr.RelationshipTypeValues.CONTAINS))
+            groups.append(group)
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -229,7 +278,7 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=_IMAGING_PROCEDURE,
-        imaging_measurements=[group],
+        imaging_measurements=groups,
     )
     series_uid = result_uid("sr-series", str(first.StudyInstanceUID), model=model)
     with copied_as_held():
@@ -242,6 +291,7 @@ def classification_sr(sources: list[pydicom.Dataset], classes: list[str], probab
             instance_number=int(first.get("InstanceNumber") or 1),
             manufacturer=MANUFACTURER,
             specific_character_set=character_set(evidence),
+            contributing_equipment=[contributing_equipment(model)],
             # the warning first: the 64 characters never cut it
             series_description=f"{NOT_FOR_CLINICAL_USE} - wsr_med {model.name} {model.version}"[:64],
             is_complete=True,
@@ -252,9 +302,9 @@ def read_sr_probabilities(sr: pydicom.Dataset) -> dict[str, float]:
     """The class probabilities an SR made by :func:`classification_sr` holds, by class name, read with highdicom."""
     report = (sr if isinstance(sr, hd.sr.ComprehensiveSR) else hd.sr.ComprehensiveSR.from_dataset(sr)).content
     out = {}
-    for group in report.get_image_measurement_groups():
+    for group in [*report.get_image_measurement_groups(), *report.get_planar_roi_measurement_groups()]:
         for measurement in group.get_measurements():
             meaning = measurement.name.meaning
             if meaning.startswith("Probability of "):
-                out[meaning[len("Probability of "):]] = float(measurement.value)
+                out.setdefault(meaning[len("Probability of "):], float(measurement.value))
     return out
