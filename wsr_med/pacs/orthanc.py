@@ -91,9 +91,11 @@ class LocalOrthanc:
             time.sleep(0.2)
         raise RuntimeError(f"Orthanc did not answer within {timeout_s} s (see {self.folder / 'orthanc.log'})")
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
+        """Stop the archive: as an administrator would (it finishes what it is doing), or at once (``graceful=False``:
+        an archive that vanishes mid-answer, as on a power cut)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            (self.process.terminate if graceful else self.process.kill)()
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
