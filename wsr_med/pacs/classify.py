@@ -45,8 +45,8 @@ from wsr_med.data.csv_files import write_csv
 from wsr_med.data.profile import scan_profile, unlike_training
 from wsr_med.data.readers import ScanReadError
 from wsr_med.errors import WsrMedError
-from wsr_med.pacs.archive import ArchiveError, Bounds, CStoreDestination, DicomWebArchive
 from wsr_med.networks import HeadEvidence, strongest_point, to_source_pixels
+from wsr_med.pacs.archive import ArchiveError, Bounds, CStoreDestination, DicomWebArchive
 from wsr_med.pacs.heatmaps import EvidenceOverlay
 from wsr_med.pacs.results import UNLIKE_TRAINING, ClassCodes, ModelIdentity, classification_sr, own_result
 from wsr_med.pacs.selection import Selection
