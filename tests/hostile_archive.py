@@ -12,6 +12,7 @@ Modes (``HostileArchive.study(mode)`` gives the study UID of each):
 * ``html``: the series search answers an HTML page.
 * ``wrong_media``: the instance comes as ``application/octet-stream``.
 * ``cut_multipart``: the instance's multipart answer has no closing boundary.
+* ``steering``: the series search answers a series "UID" that is a path (``../../system``).
 * ``redirect``: every request is redirected to the same server under another host name (``localhost``); the server
   records which requests carried an ``Authorization`` header.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 import pydicom
 
 MODES = ("good", "bomb", "big_json", "big_multipart", "trickle", "endless", "html", "wrong_media", "cut_multipart",
-         "redirect")
+         "steering", "redirect")
 ROOT = "1.2.826.0.1.3680043.10.543"
 BOUNDARY = "hostile-boundary"
 
@@ -48,6 +49,7 @@ class HostileArchive:
         self.files = {"good": Path(good).read_bytes(), "bomb": Path(bomb).read_bytes()}
         self.headers = {mode: pydicom.dcmread(Path(good), stop_before_pixels=True) for mode in MODES}
         self.authorized: list[tuple[str, bool]] = []  # (host the request was sent to, whether it carried credentials)
+        self.paths: list[str] = []  # every path asked for
         for mode, header in self.headers.items():
             header.StudyInstanceUID, header.SeriesInstanceUID = self.study(mode), f"{self.study(mode)}.1"
             header.SOPInstanceUID = f"{self.study(mode)}.1.1"
@@ -62,6 +64,7 @@ class HostileArchive:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 archive.authorized.append((self.headers.get("Host", "").split(":")[0],
                                            "Authorization" in self.headers))
+                archive.paths.append(self.path)
                 try:
                     archive.answer(self)
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
@@ -104,6 +107,9 @@ class HostileArchive:
                 return self._endless_json(request)
             if mode == "html":
                 return self._send(request, 200, "text/html", b"<html><body>Welcome to the portal</body></html>")
+            if mode == "steering":
+                page = [{"0020000E": {"vr": "UI", "Value": ["../../system"]}}]
+                return self._send(request, 200, "application/dicom+json", json.dumps(page).encode())
             if mode == "endless":
                 offset = int(dict(p.split("=") for p in request.path.split("?")[1].split("&")).get("offset", 0))
                 page = [{"0020000E": {"vr": "UI", "Value": [f"{study}.{offset + k + 1}"]}} for k in range(1000)]

@@ -522,7 +522,7 @@ def test_a_hostile_archive_fails_each_study_in_one_line_within_memory_and_time(t
         result, peak, seconds = run_measured(
             home, "predict", "--output-dir", "runs/a", "--dicomweb", archive.url, *studies, "--sr-dir", "hostile_srs",
             "--predictions-file", "hostile.csv", "--archive-timeout", "3", env={AUTH_ENV: "user:secret-pw"})
-    failing = ("big_json", "big_multipart", "trickle", "endless", "html", "wrong_media", "cut_multipart")
+    failing = ("big_json", "big_multipart", "trickle", "endless", "html", "wrong_media", "cut_multipart", "steering")
     refused(result, f"{len(failing)} of {len(MODES)} studies not done", "listed in hostile_skipped.csv")
     assert peak < PEAK_MIB and seconds < 120, (peak, seconds)
     done = rows(home / "hostile.csv")
@@ -532,12 +532,14 @@ def test_a_hostile_archive_fails_each_study_in_one_line_within_memory_and_time(t
     expected = {"bomb": "Deflated DICOM inflating past 255 MiB", "big_json": "the answer passed the 32 MiB allowed",
                 "big_multipart": "the answer declares 10240 MiB", "trickle": "no complete answer within 3 s",
                 "endless": "more than 1000 series in the study", "html": "answered text/html, not DICOM JSON",
-                "wrong_media": "came as application/octet-stream", "cut_multipart": "cut short"}
+                "wrong_media": "came as application/octet-stream", "cut_multipart": "cut short",
+                "steering": "'../../system' is not a DICOM UID"}
     for mode, reason in expected.items():
         assert reason in reasons[archive.study(mode)], (mode, reasons[archive.study(mode)])
     logged = [line for line in result.stderr.splitlines() if "the others go on" in line]
     assert len(logged) == len(failing) and all(any(archive.study(m) in line for line in logged) for m in failing)
     assert "secret-pw" not in result.stdout + result.stderr
+    assert not any("system" in path for path in archive.paths)  # an answer never steers a request elsewhere
     sent = dict.fromkeys(host for host, _ in archive.authorized)
     assert {"127.0.0.1", "localhost"} <= set(sent)  # the redirect was followed...
     assert not any(carried for host, carried in archive.authorized if host == "localhost")  # ...without the credentials
@@ -578,23 +580,29 @@ NAMES = {  # SpecificCharacterSet -> (PatientName, PatientID)
 }
 
 
-def test_names_are_copied_exactly_into_every_object_written(trained, pacs, tmp_path):
-    """UTF-8, Latin-1 and ideographic / phonetic names, through an archive and through a folder: the SR and the Grad-CAM
-    image hold the source's patient attributes equal after decoding, in a character set that holds them (dciodvfy)."""
+def test_names_are_copied_exactly_into_every_object_written(trained, pacs, real_dicom_dir, tmp_path):
+    """Real radiographs (CR JPEG, DX MONOCHROME1) given UTF-8, Latin-1 and ideographic / phonetic names, through an
+    archive and through a folder: the SR and the evidence image hold the source's patient attributes equal after
+    decoding, in a character set that holds them (dciodvfy)."""
     home = trained["home"]
     folder = home / "names"
     folder.mkdir()
-    sources = [_named(trained["files"][k], folder / f"named{k}.dcm", charset, name, pid)
-               for k, (charset, (name, pid)) in enumerate(NAMES.items())]
+    images = [next(real_dicom_dir.glob("siim_cr_chest_*.dcm")), real_dicom_dir / "highdicom_dx_image.dcm",
+              real_dicom_dir / "txv_Fake_MONOCHROME1_cr_chest.dcm"]
+    sources = [_named(image, folder / f"named{k}.dcm", charset, name, pid)
+               for k, (image, (charset, (name, pid))) in enumerate(zip(images, NAMES.items()))]
     by_study = {str(pydicom.dcmread(p).StudyInstanceUID): pydicom.dcmread(p) for p in sources}
+    rules = home / "radiographs.json"
+    rules.write_text(json.dumps({"Modality": ["CR", "DX"]}))
+    chosen = ["--select", str(rules), "--store-unlike-training"]  # real radiographs, unlike the 64 px training scans
     pacs.upload(sources)
     ok(run(home, "predict", "--output-dir", "runs/a", "--dicomweb", pacs.dicomweb, *[a for s in by_study for a in
-           ("--study", s)], "--heatmaps", "--predictions-file", "names.csv", env={AUTH_ENV: pacs.auth}))
-    ok(run(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "names", "--sr-dir", "names_srs",
+           ("--study", s)], "--heatmaps", *chosen, "--predictions-file", "names.csv", env={AUTH_ENV: pacs.auth}))
+    ok(run(home, "predict", "--output-dir", "runs/a", "--dataset-dir", "names", "--sr-dir", "names_srs", *chosen,
            "--predictions-file", "names_folder.csv"))
     written = [_download(pacs, item["id"], tmp_path / "named") for found in _srs_by_study(pacs).values()
                for item in found] + sorted((home / "names_srs").rglob("*.dcm"))
-    assert len(written) == 3 * 2 + 3  # an SR and a Grad-CAM image per source in the archive, an SR per file
+    assert len(written) == 3 * 2 + 3  # an SR and an evidence image per source in the archive, an SR per file
     for path in written:
         valid(path)
         ds = pydicom.dcmread(path)

@@ -299,11 +299,8 @@ class MLflowTracker(MLFlowHandler):
         metric = best.get("metric", "val_auc")
         tags = {f"best_{metric}": f"{best.get('value', float('nan')):.4f}", "best_epoch": str(best.get("epoch", "")),
                 "collapsed": "yes" if collapsed else "no", "network": self.run_name or ""}
-        selection = best.get("selection") or {}
-        if selection.get("findings"):
-            tags["selected_on"] = f"{selection['average']} AUC of {', '.join(selection['findings'])}"[:5000]
-        elif selection:
-            tags["selected_on"] = "validation loss (no finding had enough validation cases)"
+        if best.get("selection"):
+            tags["selected_on"] = best["selection"]["selected_on"][:5000]
         for key, value in tags.items():
             self.client.set_model_version_tag(self.registered_model_name, version, key, value)
         what = "validation AUC" if metric == "val_auc" else "validation loss (negated)"

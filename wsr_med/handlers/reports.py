@@ -306,8 +306,7 @@ def evaluation_provenance(run: RunFolder, dataset_dir: str | None = None, eval_s
         "model (model.pt sha256)": digest,
         "best epoch": f"{best.get('epoch', '?')} of {settings.get('max_epochs', '?')} ({best.get('metric', '')} "
                       f"{best.get('value', float('nan')):.4f})" if best else "unknown",
-        **({"model selection": best["selection"]["rule"]} if best.get("selection", {}).get("findings") is not None
-           else {}),
+        **({"model selection": best["selection"]["rule"]} if best.get("selection") else {}),
         "network": f"{settings.get('backbone')} {json.dumps(settings.get('backbone_kwargs') or {})}, head "
                    f"{settings.get('head')}, {settings.get('image_size')} px, {settings.get('in_channels')} channel(s)",
         "training": f"lr {settings.get('learning_rate')}, batch {settings.get('batch_size')}, seed {settings.get('seed')}, "

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -223,6 +224,44 @@ def _media(content_type: str) -> tuple[str, dict[str, str]]:
     return kind.strip().lower(), found
 
 
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def _path(*segments: str) -> str:
+    """A DICOMweb path from its words and UIDs (``"studies", uid, "series"``); a UID that is none (an archive may
+    answer ``../../admin``) is refused, so that no answer can steer a request elsewhere."""
+    for segment in segments:
+        if not (segment.isalpha() or (len(segment) <= 64 and _UID.fullmatch(segment))):
+            raise BadAnswer(f"{segment[:80]!r} is not a DICOM UID")
+    return "/" + "/".join(segments)
+
+
+def _dicom_json(content_type: str, body: bytearray) -> list[pydicom.Dataset]:
+    """The data sets of a QIDO-RS / WADO-RS metadata answer (empty for no content)."""
+    if not body.strip():
+        return []  # 204 No Content: nothing matches
+    kind = _media(content_type)[0]
+    if kind not in ("application/dicom+json", "application/json"):
+        raise BadAnswer(f"the archive answered {kind or 'no media type'}, not DICOM JSON (is this a DICOMweb address?)")
+    try:
+        found = json.loads(body)
+    except ValueError:
+        raise BadAnswer("the answer is not valid JSON") from None
+    if not isinstance(found, list):
+        raise BadAnswer("the answer is not DICOM JSON (a list of data sets)")
+    return [header_of(item) for item in found]
+
+
+def _stow_failures(content_type: str, body: bytearray) -> list:
+    """The instances a STOW-RS answer says were refused (FailedSOPSequence)."""
+    try:
+        reply = json.loads(body) if body.strip() else {}
+    except ValueError:
+        raise BadAnswer("the archive's answer to storing is not DICOM JSON") from None
+    failed = reply.get("00081198") if isinstance(reply, dict) else None
+    return (failed.get("Value") or []) if isinstance(failed, dict) else []
+
+
 def _single_dicom_part(content_type: str, body: bytearray) -> bytes:
     """The DICOM file in a WADO-RS ``multipart/related`` answer (its first part), cut out of ``body`` in place."""
     kind, params = _media(content_type)
@@ -258,13 +297,16 @@ class DicomWebArchive:
         self.retry, self.bounds = retry, bounds
         self.session = http_session(auth_file)
 
-    def _request(self, what: str, method: str, path: str, accept: str, limit: int, params: dict | None = None,
-                 body: bytes | None = None, content_type: str | None = None) -> tuple[str, bytearray]:
-        """(media type, body) of one request, retried as :class:`Retry` says; the body read a piece at a time, refused
-        past ``limit`` bytes or :attr:`Bounds.deadline_s` seconds."""
+    def _request(self, what: str, method: str, segments: tuple[str, ...], accept: str, limit: int,
+                 parse: Callable[[str, bytearray], T], params: dict | None = None, body: bytes | None = None,
+                 content_type: str | None = None) -> T:
+        """``parse(media type, body)`` of one request to the path of ``segments`` (:func:`_path`), retried as
+        :class:`Retry` says; the body read a piece at a time, refused past ``limit`` bytes or
+        :attr:`Bounds.deadline_s` seconds. Every :class:`BadAnswer` becomes an :class:`ArchiveError` naming ``what``."""
         deadline_s = self.bounds.deadline_s
 
-        def call() -> tuple[str, bytearray]:
+        def call() -> T:
+            path = _path(*segments)
             deadline = time.monotonic() + deadline_s
             headers = {"Accept": accept, **({"Content-Type": content_type} if content_type else {})}
             timeout = (min(10.0, deadline_s), min(self.retry.timeout_s, deadline_s))
@@ -287,44 +329,28 @@ class DicomWebArchive:
                     got += piece
                     if len(got) > limit:
                         raise BadAnswer(f"the answer passed the {_mib(limit)} allowed")
-                return answer.headers.get("Content-Type", ""), got
+                return parse(answer.headers.get("Content-Type", ""), got)
 
         return self.retry.run(what, call)
 
-    def _json(self, what: str, path: str, params: dict | None = None) -> list:
-        media, body = self._request(what, "GET", path, "application/dicom+json", self.bounds.json_bytes, params)
-        if not body.strip():
-            return []  # 204 No Content: nothing matches
-        if _media(media)[0] not in ("application/dicom+json", "application/json"):
-            raise ArchiveError(f"{what}: the archive answered {_media(media)[0] or 'no media type'}, not DICOM JSON "
-                               "(is this a DICOMweb address?)")
-        try:
-            found = json.loads(body)
-        except ValueError:
-            raise ArchiveError(f"{what}: the answer is not valid JSON") from None
-        if not isinstance(found, list):
-            raise ArchiveError(f"{what}: the answer is not DICOM JSON (a list of data sets)")
-        return found
-
-    def _headers(self, what: str, path: str, params: dict | None = None) -> list[pydicom.Dataset]:
-        try:
-            return [header_of(item) for item in self._json(what, path, params)]
-        except BadAnswer as e:
-            raise ArchiveError(f"{what}: {e}") from None
+    def _headers(self, what: str, segments: tuple[str, ...], params: dict | None = None) -> list[pydicom.Dataset]:
+        return self._request(what, "GET", segments, "application/dicom+json", self.bounds.json_bytes, _dicom_json,
+                             params)
 
     def find_studies(self, query: dict[str, str]) -> list[str]:
         """The StudyInstanceUIDs matching QIDO-RS filters (``{"Modality": "CR", "StudyDate": "20260101-20261231"}``);
         ``Modality`` is asked as the study attribute ``ModalitiesInStudy`` (a study holds several)."""
         filters = {("ModalitiesInStudy" if key == "Modality" else key): value for key, value in query.items()}
-        return self._search("study search", "StudyInstanceUID", "/studies", filters, self.bounds.studies, "studies")
+        return self._search("study search", "StudyInstanceUID", ("studies",), filters, self.bounds.studies, "studies")
 
-    def _search(self, what: str, key: str, path: str, filters: dict, cap: int, counted: str) -> list[str]:
-        """The ``key`` UIDs a QIDO-RS search at ``path`` finds, a page at a time. Some archives ignore ``offset`` for
+    def _search(self, what: str, key: str, segments: tuple[str, ...], filters: dict, cap: int,
+                counted: str) -> list[str]:
+        """The ``key`` UIDs a QIDO-RS search at ``segments`` finds, a page at a time. Some archives ignore ``offset`` for
         some filters and answer the first page again: paging stops at a page that is short or brings nothing new (a
         client that pages until an empty answer loops forever there). More than ``cap``: refused, naming it."""
         found: dict[str, None] = {}
         while True:
-            page = self._headers(what, path, {**filters, "limit": PAGE, "offset": len(found)})
+            page = self._headers(what, segments, {**filters, "limit": PAGE, "offset": len(found)})
             new = [uid for uid in (str(h.get(key, "")) for h in page) if uid and uid not in found]
             found.update(dict.fromkeys(new))
             if len(found) > cap:
@@ -334,28 +360,24 @@ class DicomWebArchive:
 
     def study_headers(self, study: str) -> Iterator[list[pydicom.Dataset]]:
         """The headers of every instance of ``study``, a series at a time (WADO-RS metadata: no pixel data)."""
-        series = self._search(f"study {study}", "SeriesInstanceUID", f"/studies/{study}/series", {},
+        series = self._search(f"study {study}", "SeriesInstanceUID", ("studies", study, "series"), {},
                               self.bounds.series, "series in the study")
         for uid in series:
-            yield self._headers(f"study {study}", f"/studies/{study}/series/{uid}/metadata")
+            yield self._headers(f"study {study}", ("studies", study, "series", uid, "metadata"))
 
     def instance_bytes(self, header: pydicom.Dataset) -> bytes:
         """The instance of ``header`` as a DICOM file's bytes, in its stored transfer syntax (no transcoding, no
         inflating), at most :func:`instance_limit` bytes."""
-        study, series, sop = header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID
-        what = f"study {study}"
-        media, body = self._request(what, "GET", f"/studies/{study}/series/{series}/instances/{sop}",
-                                    'multipart/related; type="application/dicom"; transfer-syntax=*',
-                                    instance_limit(header))
-        try:
-            return _single_dicom_part(media, body)
-        except BadAnswer as e:
-            raise ArchiveError(f"{what}: {e}") from None
+        study, series, sop = (str(header.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                                 "SOPInstanceUID"))
+        return self._request(f"study {study}", "GET", ("studies", study, "series", series, "instances", sop),
+                             'multipart/related; type="application/dicom"; transfer-syntax=*', instance_limit(header),
+                             _single_dicom_part)
 
     # --- as a destination --------------------------------------------------------------------------------
     def holds(self, study: str) -> set[str]:
         """The SOPInstanceUIDs ``study`` holds (to leave out results already stored)."""
-        return set(self._search(f"study {study}", "SOPInstanceUID", f"/studies/{study}/instances",
+        return set(self._search(f"study {study}", "SOPInstanceUID", ("studies", study, "instances"),
                                 {"includefield": "SOPInstanceUID"}, self.bounds.instances, "instances in the study"))
 
     def store(self, datasets: list[pydicom.Dataset]) -> None:
@@ -366,14 +388,9 @@ class DicomWebArchive:
         boundary = uuid.uuid4().hex
         body = b"".join(b"--%s\r\nContent-Type: application/dicom\r\n\r\n%s\r\n" % (boundary.encode(), to_bytes(ds))
                         for ds in datasets) + b"--%s--\r\n" % boundary.encode()
-        media, answer = self._request(what, "POST", f"/studies/{one}" if one else "/studies", "application/dicom+json",
-                                      self.bounds.json_bytes, body=body,
-                                      content_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
-        try:
-            reply = json.loads(answer) if answer.strip() else {}
-        except ValueError:
-            raise ArchiveError(f"{what}: the archive's answer to storing is not DICOM JSON") from None
-        failed = reply.get("00081198", {}).get("Value") if isinstance(reply, dict) else None
+        failed = self._request(what, "POST", ("studies", one) if one else ("studies",), "application/dicom+json",
+                               self.bounds.json_bytes, _stow_failures, body=body,
+                               content_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
         if failed:
             raise ArchiveError(f"{what}: the archive refused {len(failed)} of {len(datasets)} results")
 

@@ -47,7 +47,7 @@ from wsr_med.data.readers import ScanReadError
 from wsr_med.errors import WsrMedError
 from wsr_med.networks import HeadEvidence, strongest_point, to_source_pixels
 from wsr_med.pacs.archive import ArchiveError, Bounds, CStoreDestination, DicomWebArchive
-from wsr_med.pacs.heatmaps import EvidenceOverlay
+from wsr_med.pacs.heatmaps import evidence_image
 from wsr_med.pacs.results import UNLIKE_TRAINING, ClassCodes, ModelIdentity, classification_sr, own_result
 from wsr_med.pacs.selection import Selection
 
@@ -309,8 +309,7 @@ def classify_studies(run_dir: str | Path, source, destination=None, studies: lis
                                               model.multilabel, identity, class_codes, unlike, regions or None)]
                     if heatmaps:
                         name, strongest = next(iter(maps.items()))
-                        made.append(EvidenceOverlay.secondary_capture(
-                            first, pixels.cpu().numpy(), EvidenceOverlay.heat(strongest, image_size), name, identity))
+                        made.append(evidence_image(first, pixels.cpu().numpy(), strongest, name, identity))
                 except Exception as e:  # noqa: BLE001 - a source header highdicom refuses: listed, the rest go on
                     summary.skipped += [_skip_row(h, f"no SR could be made from its header ({type(e).__name__})")
                                         for h in headers]

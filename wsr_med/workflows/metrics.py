@@ -4,7 +4,6 @@ metric that chooses the best epoch (:class:`ModelSelection`)."""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -163,7 +162,9 @@ class ModelSelection:
                 left_out[name] = f"{positives} positive and {negatives} negative cases"
         selection = cls("val_auc" if kept else "val_neg_loss", True, tuple(data.classes[k] for k in kept), tuple(kept),
                         left_out, average, int(min_cases))
-        if int(os.environ.get("RANK", "0")) == 0:
+        from wsr_med.workflows.data import _rank
+
+        if _rank() == 0:
             logger.info("%s", selection.describe())
         return selection
 
@@ -184,9 +185,11 @@ class ModelSelection:
         """What ``best.json`` and MLflow record of it (multi-label; ``{}`` for single-label)."""
         if not self.multilabel:
             return {}  # single-label: the validation AUC, as always
+        selected_on = f"{self.average} AUC of {', '.join(self.findings)}" if self.findings else \
+            "validation loss (no finding had enough validation cases)"
         return {"metric": self.metric, "average": self.average if self.findings else None,
                 "min_cases": self.min_cases, "findings": list(self.findings), "left_out": dict(self.left_out),
-                "rule": self.describe()}
+                "rule": self.describe(), "selected_on": selected_on}
 
     def key_metric(self) -> dict:
         """The evaluator's ``key_val_metric``: ``{name: ignite metric}``."""

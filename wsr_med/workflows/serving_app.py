@@ -105,10 +105,9 @@ class RequestGuard:
 
 def _rows_as_records(body: bytes) -> bytes:
     """The rows of any request shape (``dataframe_records``, ``dataframe_split``, ``inputs``, ``instances``) as
-    ``{"dataframe_records": [row, ...]}`` whenever MLflow would otherwise answer fewer rows than were sent: a row that is
-    no object becomes ``{}``, and a row naming neither ``bytes`` nor ``path`` gets ``"bytes": null`` (MLflow's schema
-    enforcement drops the rows of a frame with no column). Anything else, and bodies that need none of this, as they
-    came.
+    ``{"dataframe_records": [row, ...]}`` in which every row names ``bytes`` (``null`` when it did not; a row that is no
+    object: ``{"bytes": null}``): MLflow's schema enforcement drops the rows of a frame with no column, so that it would
+    answer fewer rows than were sent. ``dataframe_records`` that need none of this, and anything else, as they came.
 
     Raises:
         ValueError: the body is not JSON (the message says where it breaks, without quoting it).
@@ -129,12 +128,10 @@ def _rows_as_records(body: bytes) -> bytes:
         rows = [dict(zip(columns, r)) if isinstance(r, list) else r for r in value["data"]]
     else:
         return body
-    rows = [r if isinstance(r, dict) else {} for r in rows]
-    if shape != "dataframe_records" or any("bytes" not in r and "path" not in r for r in rows) \
-            or any(not isinstance(r, dict) for r in value):
-        rows = [r if "bytes" in r or "path" in r else {**r, "bytes": None} for r in rows]
-        return json.dumps({"dataframe_records": rows}).encode()
-    return body
+    records = [{**r, "bytes": r.get("bytes")} if isinstance(r, dict) else {"bytes": None} for r in rows]
+    if shape == "dataframe_records" and records == rows:
+        return body  # as MLflow takes it: not written again
+    return json.dumps({"dataframe_records": records}).encode()
 
 
 app = RequestGuard(scoring_server.init(scoring_server.load_model_with_mlflow_config(os.environ[scoring_server._SERVER_MODEL_PATH])),
